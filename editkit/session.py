@@ -1,0 +1,264 @@
+"""A session: one model, one editing method and a workspace directory that journals every
+edit. Reopening a workspace restores exactly the state it was closed with."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from editkit.components import Editor, describe_validation_error
+from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
+from editkit.generation import generate as _generate
+from editkit.host import PluginHost, get_host
+from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
+from editkit.schemas import EditRequest
+from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
+
+DEFAULT_METHOD = "ft"
+WORKSPACE_FORMAT = 1
+EDITOR_STATE = "editor"
+
+
+def _model_key(name: str | None) -> str:
+    return DEFAULT_MODEL if name in DEFAULT_ALIASES or name is None else name
+
+
+def as_request(value: EditRequest | dict, index: int | None = None) -> EditRequest:
+    if isinstance(value, EditRequest):
+        return value
+    try:
+        return EditRequest.model_validate(value)
+    except ValidationError as exc:
+        where = "edit request" if index is None else f"edit request {index}"
+        raise InvalidRequest(describe_validation_error(exc, where)) from None
+
+
+def request_seed(request: EditRequest) -> int:
+    """Seed derived from the request itself, so a replay trains exactly as the original did."""
+    digest = hashlib.sha256(request.model_dump_json().encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class Session:
+    def __init__(self, workspace: Path, settings: dict[str, Any], loaded: LoadedModel, editor: Editor,
+                 journal: Journal, store: StateStore, host: PluginHost, lock_file):
+        self.workspace = workspace
+        self.settings = settings
+        self.loaded = loaded
+        self.editor = editor
+        self.journal = journal
+        self.store = store
+        self.host = host
+        self._lock_file = lock_file
+
+    # ---- opening -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, workspace: str | Path, *, model: str | None = None, method: str | None = None,
+             method_config: dict | None = None, device: str = "auto", dtype: str | None = None,
+             device_map: str | dict | None = None, checkpoint_every: int = 10, create: bool = True,
+             loaded: LoadedModel | None = None, host: PluginHost | None = None) -> "Session":
+        """Open (or create) the workspace. Everything is checked before anything is written."""
+        ws = Path(workspace)
+        host = host or get_host()
+        settings_path = ws / "workspace.json"
+        settings = read_settings(ws) if settings_path.exists() else None
+        if settings is None:
+            if not create:
+                raise WorkspaceError(f"no workspace at {ws} (create one with `editkit edit ... --workspace {ws}`)")
+            if checkpoint_every < 1:
+                raise InvalidRequest("checkpoint_every must be at least 1")
+            method = method or DEFAULT_METHOD
+            model_name = loaded.name if loaded is not None and model is None else model
+            editor_cls = host.editor(method)
+            config = editor_cls.make_config(method_config)
+        else:
+            wanted = loaded.name if loaded is not None and model is None else model
+            if wanted is not None and _model_key(wanted) != settings["model"]:
+                raise WorkspaceError(f"workspace {ws} was made with model '{settings['model']}', not '{wanted}'")
+            if method is not None and method != settings["method"]:
+                raise WorkspaceError(f"workspace {ws} uses method '{settings['method']}', not '{method}'")
+            editor_cls = host.editor(settings["method"])
+            config = editor_cls.make_config(settings["method_config"])
+            if method_config is not None and editor_cls.make_config(method_config) != config:
+                raise WorkspaceError(f"workspace {ws} was created with a different {settings['method']} config")
+            model_name = settings["model"]
+
+        if ws.exists() and not ws.is_dir():
+            raise WorkspaceError(f"{ws} exists and is not a directory")
+        lock_file = _lock(ws, create=settings is None)
+        try:
+            if loaded is None:
+                loaded = load_model(model_name, device=device, dtype=dtype, device_map=device_map, host=host)
+            if settings is None:
+                settings = {"format": WORKSPACE_FORMAT, "model": _model_key(model_name),
+                            "fingerprint": loaded.fingerprint, "method": method,
+                            "method_config": config.model_dump(mode="json"),
+                            "checkpoint_every": checkpoint_every, "created_at": time.time()}
+                atomic_write_text(settings_path, json.dumps(settings, indent=2, sort_keys=True))
+            elif loaded.fingerprint != settings["fingerprint"]:
+                raise WorkspaceError(f"workspace {ws} was made with different weights for model "
+                                     f"'{settings['model']}' (fingerprint {settings['fingerprint']}, "
+                                     f"loaded {loaded.fingerprint})")
+            journal = Journal(ws / "journal.sqlite")
+            store = StateStore(ws / "state")
+            store.sweep(journal.referenced_states())
+            editor = editor_cls(loaded, config)
+            editor.attach()
+            try:
+                ref, digests = journal.head()
+                if ref:
+                    editor.load_state_dict(*store.read(ref, digests)[EDITOR_STATE])
+            except BaseException:
+                editor.detach()
+                journal.close()
+                raise
+        except BaseException:
+            lock_file.close()
+            raise
+        return cls(ws, settings, loaded, editor, journal, store, host, lock_file)
+
+    def close(self) -> None:
+        """Detach the editor (the model is as loaded) and release the workspace."""
+        if self._lock_file is None:
+            return
+        self.editor.detach()
+        self.journal.close()
+        self._lock_file.close()
+        self._lock_file = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def method(self) -> str:
+        return self.settings["method"]
+
+    # ---- editing -----------------------------------------------------------------------
+    def edit(self, requests: EditRequest | dict | list, measure: bool = True) -> list[EditRecord]:
+        """Apply requests in order; each is journaled on its own. All are validated and put to
+        the plugins' before_edit hooks before the first one changes anything."""
+        items = requests if isinstance(requests, list) else [requests]
+        reqs = [as_request(r, i if len(items) > 1 else None) for i, r in enumerate(items)]
+        if not reqs:
+            raise InvalidRequest("no edit requests given")
+        for req in reqs:
+            veto = self.host.veto(self, req)
+            if veto:
+                raise EditVetoed(*veto)
+        return [self._apply(req, measure) for req in reqs]
+
+    def _apply(self, req: EditRequest, measure: bool) -> EditRecord:
+        from editkit.evaluation.metrics import edit_scores, locality_baseline
+
+        baseline = locality_baseline(self.loaded, req) if measure else None
+        snapshot = self._editor_state()
+        try:
+            started = time.perf_counter()
+            stats = self._run(self.editor, req)
+            stats["seconds"] = time.perf_counter() - started
+            metrics = edit_scores(self.loaded, req, baseline) if measure else {}
+            ref, digests = self.store.write({EDITOR_STATE: self.editor.state_dict()})
+            checkpoint = (len(self.journal.records(active_only=True)) + 1) % self.settings["checkpoint_every"] == 0
+            record = self.journal.commit_edit(req.model_dump(mode="json"), self.method, metrics, stats,
+                                              ref, digests, checkpoint)
+        except BaseException:
+            self.editor.load_state_dict(*snapshot)  # nothing half-applied stays in the model
+            raise
+        self.store.sweep(self.journal.referenced_states())
+        self.host.notify("after_edit", session=self, request=req, record=record)
+        return record
+
+    @staticmethod
+    def _run(editor: Editor, req: EditRequest) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(request_seed(req))
+            return dict(editor.apply(req))
+
+    def _editor_state(self):
+        tensors, meta = self.editor.state_dict()
+        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+    # ---- rollback ----------------------------------------------------------------------
+    def rollback(self, edit_id: int) -> EditRecord:
+        """Rebuild the editor state without edit `edit_id`: from the latest checkpoint taken
+        before it, replaying the later active edits with their original seeds."""
+        record = self.journal.record(edit_id)
+        if record is None:
+            raise InvalidRequest(f"no edit with id {edit_id}")
+        if record.status != "applied":
+            raise InvalidRequest(f"edit {edit_id} is already rolled back")
+        active = [r for r in self.journal.records(active_only=True) if r.id != edit_id]
+        before = [r.id for r in active if r.id < edit_id]
+        usable = [c for c in self.journal.checkpoints() if c[2] == before[: len(c[2])]]
+        base = max(usable, key=lambda c: len(c[2]), default=None)
+        done = set(base[2]) if base else set()
+
+        old, old_state = self.editor, self._editor_state()
+        old.detach()
+        fresh = type(old)(self.loaded, old.config)
+        fresh.attach()
+        try:
+            if base:
+                fresh.load_state_dict(*self.store.read(base[0], base[1])[EDITOR_STATE])
+            for r in active:
+                if r.id not in done:
+                    self._run(fresh, EditRequest.model_validate(r.request))
+            ref, digests = self.store.write({EDITOR_STATE: fresh.state_dict()})
+            self.journal.commit_rollback(edit_id, ref, digests)
+        except BaseException:
+            fresh.detach()
+            old.attach()
+            old.load_state_dict(*old_state)
+            raise
+        self.editor = fresh
+        self.store.sweep(self.journal.referenced_states())
+        self.host.notify("after_rollback", session=self, edit_id=edit_id)
+        return self.journal.record(edit_id)
+
+    # ---- reading -----------------------------------------------------------------------
+    def history(self, active_only: bool = False) -> list[EditRecord]:
+        return self.journal.records(active_only=active_only)
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        items = [prompts] if isinstance(prompts, str) else list(prompts)
+        if any(not p or not p.strip() for p in items):
+            raise InvalidRequest("prompt must not be empty")
+        return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+
+
+def read_settings(ws: Path) -> dict[str, Any]:
+    path = ws / "workspace.json"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"cannot read {path}: {exc}") from exc
+    missing = {"format", "model", "fingerprint", "method", "method_config", "checkpoint_every"} - set(settings)
+    if missing:
+        raise WorkspaceError(f"{path} lacks {', '.join(sorted(missing))}")
+    if settings["format"] != WORKSPACE_FORMAT:
+        raise WorkspaceError(f"{path} has format {settings['format']}; this editkit reads {WORKSPACE_FORMAT}")
+    return settings
+
+
+def _lock(ws: Path, create: bool):
+    """An exclusive lock on the workspace for the session's lifetime: one writer at a time."""
+    if create:
+        ws.mkdir(parents=True, exist_ok=True)
+    fh = open(ws / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise WorkspaceError(f"workspace {ws} is in use by another process") from None
+    return fh
