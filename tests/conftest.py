@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny from-config models of every family, the real default model, ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from editkit.testing import FAMILIES, save_tiny_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_dirs):
+    """Loaded tiny models by family (shared: tests must leave them as they found them)."""
+    from editkit.model import load_model
+
+    return {family: load_model(str(path), device="cpu") for family, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model, loaded once per test run."""
+    from editkit.errors import ModelLoadError
+    from editkit.model import load_model
+
+    try:
+        return load_model(device="cpu")
+    except ModelLoadError as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs the model wheel; a missing model there is a failure, not a skip
+        pytest.skip(f"default model unavailable: {exc}")
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or a skip (a fail in CI, where ../shared must exist)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing; CI must have ../shared beside the checkout")
+        pytest.skip(f"{path} not found (../shared is absent on this machine)")
+    return path
