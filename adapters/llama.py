@@ -22,4 +22,5 @@ class LlamaAdapter(Adapter):
         "attn.v": "self_attn.v_proj",
         "attn.out": "self_attn.o_proj",
     }
+    rotary_path = "model.rotary_emb"
     qkv_layout = "separate"

@@ -10,7 +10,7 @@ class GPTNeoXAdapter(Adapter):
     layers_path = "gpt_neox.layers"
     embed_path = "gpt_neox.embed_in"
     final_norm_path = "gpt_neox.final_layer_norm"
-    unembed_path = "embed_out"
+    unembed_path = "lm_head"
     block_paths = {
         "mlp": "mlp",
         "mlp.up": "mlp.dense_h_to_4h",
@@ -19,4 +19,5 @@ class GPTNeoXAdapter(Adapter):
         "attn.qkv": "attention.query_key_value",
         "attn.out": "attention.dense",
     }
+    rotary_path = "gpt_neox.rotary_emb"
     qkv_layout = "interleaved"

@@ -8,6 +8,6 @@ class FTConfig(BaseModel):
 
     layer: int | float = Field(0.5, description="Layer of the MLP down-projection to tune: index, negative index, or fraction of depth.")
     lr: float = Field(5e-3, gt=0, description="Adam learning rate.")
-    steps: int = Field(40, ge=1, le=10_000, description="Most optimisation steps per edit.")
-    norm_constraint: float = Field(5e-3, gt=0, description="Bound on every entry of the total weight change (L-infinity).")
+    steps: int = Field(60, ge=1, le=10_000, description="Most optimisation steps per edit.")
+    norm_constraint: float = Field(1e-2, gt=0, description="Bound on every entry of the total weight change (L-infinity).")
     early_stop_loss: float = Field(0.02, ge=0, description="Stop once the target loss falls below this.")
