@@ -27,7 +27,8 @@ def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, 
         kwargs.update(temperature=temperature, top_p=top_p)
     else:  # the model's generation_config may ask for sampling; greedy means greedy
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.random.fork_rng(devices=[]):
+    device = loaded.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
         out = loaded.model.generate(**enc, **kwargs)

@@ -131,8 +131,9 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str | torch
     from editkit.host import get_host
 
     name = name or DEFAULT_MODEL
-    path = str(default_model_dir()) if name in DEFAULT_ALIASES else name
     torch_dtype = resolve_dtype(dtype)
+    target_device = resolve_device(device) if device_map is None else None
+    path = str(default_model_dir()) if name in DEFAULT_ALIASES else name
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -142,8 +143,8 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str | torch
     except (OSError, ValueError) as exc:
         where = "local directory" if os.path.isdir(path) else "model id"
         raise ModelLoadError(f"cannot load {where} '{name}': {str(exc).splitlines()[0]}") from exc
-    if device_map is None:
-        model.to(resolve_device(device))
+    if target_device is not None:
+        model.to(target_device)
     model.eval()
     model.requires_grad_(False)  # editors train parameters of their own, never the base weights
     if tokenizer.pad_token is None:

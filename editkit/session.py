@@ -178,9 +178,9 @@ class Session:
         self.host.notify("after_edit", session=self, request=req, record=record)
         return record
 
-    @staticmethod
-    def _run(editor: Editor, req: EditRequest) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):
+    def _run(self, editor: Editor, req: EditRequest) -> dict[str, Any]:
+        device = self.loaded.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(request_seed(req))
             return dict(editor.apply(req))
 

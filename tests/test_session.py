@@ -177,3 +177,15 @@ def test_superseded_state_is_swept(tmp_path, tiny_loaded):
     with open_session(ws, tiny_loaded["gpt2"], checkpoint_every=100) as s:
         s.edit(EDITS[:3])
         assert len([d for d in (ws / "state").iterdir()]) == 1  # only the head
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_edit_and_generate(tmp_path, tiny_dirs, dtype):
+    from editkit.model import load_model
+
+    loaded = load_model(str(tiny_dirs["llama"]), device="cpu", dtype=dtype)
+    assert loaded.model.dtype == getattr(torch, dtype)
+    with open_session(tmp_path / "ws", loaded, method_config={"steps": 3, "lr": 0.05}) as s:
+        (record,) = s.edit(EDITS[0])
+        assert 0.0 <= record.metrics["reliability"] <= 1.0
+        assert len(s.generate(["The capital of France is"], max_new_tokens=3)) == 1
