@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from editkit.errors import InvalidRequest
 from editkit.sites import LAYER_COMPONENTS, Site
 
 
@@ -29,6 +30,8 @@ class Adapter:
     transposed_weights: ClassVar[bool] = False
     # "separate" (q/k/v projections), "fused" ([q|k|v] blocks), "interleaved" (per head q,k,v)
     qkv_layout: ClassVar[str] = "separate"
+    # Rotary position embedding module (from the model root), for families that use one.
+    rotary_path: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -61,11 +64,11 @@ class Adapter:
         n = self.num_layers
         if isinstance(layer, float):
             if not 0.0 <= layer <= 1.0:
-                raise ValueError(f"fractional layer must lie in [0, 1], got {layer}")
+                raise InvalidRequest(f"fractional layer must lie in [0, 1], got {layer}")
             return int(round(layer * (n - 1)))
         index = layer + n if layer < 0 else layer
         if not 0 <= index < n:
-            raise ValueError(f"layer {layer} out of range for a model with {n} layers")
+            raise InvalidRequest(f"layer {layer} out of range for a model with {n} layers")
         return index
 
     def blocks(self) -> nn.ModuleList:
@@ -80,7 +83,7 @@ class Adapter:
                 return block
             path = self.block_paths.get(key)
             if path is None:
-                raise ValueError(f"{type(self).__name__} has no component '{site.component}'")
+                raise InvalidRequest(f"{type(self).__name__} has no component '{site.component}'")
             return block.get_submodule(path)
         path = {"embed": self.embed_path, "final_norm": self.final_norm_path,
                 "unembed": self.unembed_path}[site.component]
@@ -101,7 +104,7 @@ class Adapter:
     def head_slice(self, head: int) -> slice:
         """Slice of the attention output projection's input that belongs to `head`."""
         if not 0 <= head < self.num_heads:
-            raise ValueError(f"head {head} out of range ({self.num_heads} heads)")
+            raise InvalidRequest(f"head {head} out of range ({self.num_heads} heads)")
         return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
     def qkv_slices(self, layer: int | float, head: int) -> dict[str, tuple[nn.Module, slice]]:
@@ -126,7 +129,42 @@ class Adapter:
         if self.qkv_layout == "interleaved":  # per head: [q_h | k_h | v_h]
             base = head * 3 * hd
             return {part: (fused, slice(base + i * hd, base + (i + 1) * hd)) for i, part in enumerate("qkv")}
-        raise ValueError(f"unknown qkv layout '{self.qkv_layout}'")
+        raise InvalidRequest(f"unknown qkv layout '{self.qkv_layout}'")
+
+    # ---- partial forward passes ------------------------------------------------------
+    def block_kwargs(self, hidden: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> dict:
+        """Keyword arguments a decoder block takes besides the hidden state (no KV cache).
+
+        `attention_mask` is the prepared (4-D or None) causal mask. Families with rotary
+        embeddings get the (cos, sin) pair their model computes once per forward pass."""
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if self.rotary_path:
+            rotary = self.model.get_submodule(self.rotary_path)
+            kwargs["position_embeddings"] = rotary(hidden, position_ids=position_ids)
+        return kwargs
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
+        """Run decoder blocks `start`..end on `hidden`, the residual stream entering block
+        `start` (B, T, H), as the model's own forward would (right padding, no KV cache); then
+        the final norm. Lets a caller that knows the stream below a layer skip recomputing it."""
+        from transformers.masking_utils import create_causal_mask
+
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        kwargs = self.block_kwargs(hidden, mask, position_ids)
+        for block in self.blocks()[self.layer_index(start) if start < self.num_layers else start:]:
+            out = block(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if final_norm:
+            hidden = self.model.get_submodule(self.final_norm_path)(hidden)
+        return hidden
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for final-normed hidden states (any leading shape)."""
+        return self.model.get_submodule(self.unembed_path)(hidden)
 
     def describe(self) -> dict:
         return {"adapter": type(self).__name__, "model_type": self.config.model_type,

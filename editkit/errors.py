@@ -5,8 +5,8 @@ class EditkitError(Exception):
     """Base class: anything raised on purpose by editkit for bad input or bad state."""
 
 
-class InvalidRequest(EditkitError):
-    """An edit request, file or option is malformed; nothing was changed."""
+class InvalidRequest(EditkitError, ValueError):
+    """An edit request, file, option or config value is malformed; nothing was changed."""
 
 
 class EditVetoed(EditkitError):

@@ -123,7 +123,7 @@ class PluginHost:
     def _impls(self, hook: str):
         """(plugin name, call) per implementation, in registration order. Called one by one
         so a failure or a veto can be pinned on the plugin that caused it."""
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             if impl.plugin_name in self.plugins:
                 def call(_impl=impl, **kwargs):  # pluggy lets an impl take a subset of the args
                     return _impl.function(*[kwargs[a] for a in _impl.argnames])

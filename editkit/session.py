@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ EDITOR_STATE = "editor"
 
 
 def _model_key(name: str | None) -> str:
-    return DEFAULT_MODEL if name in DEFAULT_ALIASES or name is None else name
+    """How a workspace records its model: a local directory by absolute path, so `./m`
+    and `m/` name one model."""
+    if name is None or name in DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
 def as_request(value: EditRequest | dict, index: int | None = None) -> EditRequest:
@@ -92,7 +97,8 @@ class Session:
 
         if ws.exists() and not ws.is_dir():
             raise WorkspaceError(f"{ws} exists and is not a directory")
-        lock_file = _lock(ws, create=settings is None)
+        creating, existed = settings is None, ws.exists()
+        lock_file = _lock(ws, create=creating)
         try:
             if loaded is None:
                 loaded = load_model(model_name, device=device, dtype=dtype, device_map=device_map, host=host)
@@ -121,6 +127,8 @@ class Session:
                 raise
         except BaseException:
             lock_file.close()
+            if creating:  # a workspace that failed to come into being leaves nothing behind
+                _remove_new_workspace(ws, existed)
             raise
         return cls(ws, settings, loaded, editor, journal, store, host, lock_file)
 
@@ -249,6 +257,21 @@ def read_settings(ws: Path) -> dict[str, Any]:
     if settings["format"] != WORKSPACE_FORMAT:
         raise WorkspaceError(f"{path} has format {settings['format']}; this editkit reads {WORKSPACE_FORMAT}")
     return settings
+
+
+_CREATED_BY_OPEN = (".lock", "workspace.json", "journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm", "state")
+
+
+def _remove_new_workspace(ws: Path, existed: bool) -> None:
+    if not existed:
+        shutil.rmtree(ws, ignore_errors=True)
+        return
+    for name in _CREATED_BY_OPEN:
+        path = ws / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _lock(ws: Path, create: bool):

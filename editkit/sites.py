@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from editkit.errors import InvalidRequest
+
 # Components every adapter resolves. Per-layer ones need a layer; the rest are model-wide.
 LAYER_COMPONENTS = (
     "block",  # the whole decoder block; its output is the residual stream after the layer
@@ -37,15 +39,15 @@ class Site:
     def __post_init__(self):
         if self.component in LAYER_COMPONENTS:
             if self.layer is None or isinstance(self.layer, bool):
-                raise ValueError(f"site component '{self.component}' needs a layer")
+                raise InvalidRequest(f"site component '{self.component}' needs a layer")
             if isinstance(self.layer, float) and not 0.0 <= self.layer <= 1.0:
-                raise ValueError(f"fractional layer must lie in [0, 1], got {self.layer}")
+                raise InvalidRequest(f"fractional layer must lie in [0, 1], got {self.layer}")
         elif self.component in MODEL_COMPONENTS:
             if self.layer is not None:
-                raise ValueError(f"site component '{self.component}' takes no layer")
+                raise InvalidRequest(f"site component '{self.component}' takes no layer")
         else:
             known = ", ".join(LAYER_COMPONENTS + MODEL_COMPONENTS)
-            raise ValueError(f"unknown site component '{self.component}' (known: {known})")
+            raise InvalidRequest(f"unknown site component '{self.component}' (known: {known})")
 
     @classmethod
     def parse(cls, text: str) -> "Site":
@@ -56,7 +58,7 @@ class Site:
         try:
             value: int | float = float(layer) if "." in layer else int(layer)
         except ValueError:
-            raise ValueError(f"bad layer '{layer}' in site '{text}'") from None
+            raise InvalidRequest(f"bad layer '{layer}' in site '{text}'") from None
         return cls(component, value)
 
     def __str__(self) -> str:

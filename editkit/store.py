@@ -114,7 +114,11 @@ class StateStore:
             path = folder / fname
             if not path.is_file():
                 raise WorkspaceError(f"state file {path} is missing")
-            if sha256_file(path) != expected:
+            try:
+                actual = sha256_file(path)
+            except OSError as exc:
+                raise WorkspaceError(f"cannot read state file {path}: {exc.strerror or exc}") from exc
+            if actual != expected:
                 raise WorkspaceError(f"state file {path} fails its checksum (modified or corrupt)")
         states: ComponentStates = {}
         names = sorted({f.rsplit(".", 1)[0] for f in digests})
@@ -137,11 +141,26 @@ class StateStore:
 class Journal:
     """The SQLite journal of edits, the workspace head and rollback checkpoints."""
 
-    def __init__(self, path: Path):
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+    def __init__(self, path: Path, readonly: bool = False):
+        """`readonly` opens an existing journal for reading only (history, a server's GET
+        handlers): it never takes a write lock, so it can read while an edit is running."""
+        path = Path(path)
+        if readonly and not path.is_file():
+            raise WorkspaceError(f"no journal at {path}")
+        try:
+            if readonly:
+                self.db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                                          isolation_level=None, check_same_thread=False)
+                self.db.execute("SELECT count(*) FROM edits").fetchone()
+                return
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            raise WorkspaceError(f"cannot open journal {path}: {exc}") from exc
 
     def close(self) -> None:
         self.db.close()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from editkit.errors import InvalidRequest
+
 IGNORE = -100  # label value that cross-entropy skips
 
 
@@ -23,7 +25,7 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[in
     prompt_ids = tokenizer(prompt).input_ids
     target_ids = tokenizer(target_text(prompt, target), add_special_tokens=False).input_ids
     if not target_ids:
-        raise ValueError(f"target {target!r} encodes to no tokens")
+        raise InvalidRequest(f"target {target!r} encodes to no tokens")
     return list(prompt_ids), list(target_ids)
 
 
