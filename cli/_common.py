@@ -1,0 +1,162 @@
+"""What the commands share: option types, the plugin host, opening a session, small output
+helpers, and the one error formatter (`fail`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
+
+from editkit.errors import EditkitError, InvalidRequest, WorkspaceError
+
+if TYPE_CHECKING:
+    from editkit.host import PluginHost
+    from editkit.session import Session
+
+DEFAULT_WORKSPACE = Path("editkit-workspace")
+SCORES = ("reliability", "generalization", "locality")
+SCORES_CAPTION = "rel, gen, loc: reliability, generalization, locality, measured right after the edit"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# ---- option types ----------------------------------------------------------------------
+WorkspaceOpt = Annotated[Path, typer.Option(
+    "--workspace", "-w", envvar="EDITKIT_WORKSPACE", file_okay=False, metavar="DIR",
+    help="Workspace directory: the journal of edits and their saved state.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", envvar="EDITKIT_MODEL", metavar="ID_OR_PATH",
+    help="Hugging Face model id or local directory. Default: the workspace's model, "
+         "or the embedded SmolLM2-135M-Instruct for a new workspace.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="Weight dtype (default float32).")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", metavar="MAP",
+    help="Spread the model over devices with accelerate, e.g. auto (then --device is unused).")]
+MethodOpt = Annotated[Optional[str], typer.Option(
+    "--method", metavar="NAME", help="Editing method (see `editkit plugins`). Default: the workspace's, or ft.")]
+ConfigOpt = Annotated[Optional[list[str]], typer.Option(
+    "--config", metavar="KEY=VALUE",
+    help="Method config value, repeatable; VALUE is read as JSON where it parses, else as a string.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+# ---- the one error formatter -----------------------------------------------------------
+def one_line(text: Any) -> str:
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line or "(no reason given)"
+
+
+def fail(exc: BaseException | str) -> NoReturn:
+    """Print `error: <reason>` on one line to stderr and exit with status 1."""
+    if isinstance(exc, ValidationError):
+        from editkit.components import describe_validation_error
+
+        exc = InvalidRequest(describe_validation_error(exc, exc.title))
+    typer.echo(f"error: {one_line(exc)}", err=True)
+    raise typer.Exit(1)
+
+
+class EditkitGroup(TyperGroup):
+    """The root command group: user errors raised anywhere below it (built-in commands,
+    plugin command groups, option callbacks) end in `fail`, never in a traceback."""
+
+    def invoke(self, ctx):
+        quiet_libraries()
+        try:
+            return super().invoke(ctx)
+        except (EditkitError, ValidationError) as exc:
+            fail(exc)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info logs from transformers: stderr is for our messages."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---- shared plumbing -------------------------------------------------------------------
+def host_of(ctx: typer.Context) -> PluginHost:
+    """The host the app was built with (the root context's obj), else the process-wide one."""
+    from editkit.host import PluginHost, get_host
+
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, PluginHost) else get_host()
+
+
+def model_name(model: str | None) -> str | None:
+    """The model as a workspace records it (a local directory by absolute path)."""
+    from editkit.session import _model_key
+
+    return None if model is None else _model_key(model)
+
+
+def parse_config(items: list[str] | None) -> dict[str, Any] | None:
+    """`KEY=VALUE` pairs -> dict; VALUE as JSON where it parses (0.5, 3, true, [1,2]), else a string."""
+    if not items:
+        return None
+    config: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InvalidRequest(f"--config expects KEY=VALUE, got '{item}'")
+        if key in config:
+            raise InvalidRequest(f"--config key '{key}' is given twice")
+        try:
+            config[key] = json.loads(raw)
+        except ValueError:
+            config[key] = raw
+    return config
+
+
+def start_session(ctx: typer.Context, workspace: Path, *, create: bool, model: str | None, device: str,
+                  dtype: Dtype | None, device_map: str | None, method: str | None = None,
+                  method_config: dict | None = None) -> Session:
+    """Session.open with the CLI's options (a failed first open leaves nothing behind)."""
+    from editkit.session import Session
+
+    return Session.open(Path(workspace), model=model, method=method, method_config=method_config,
+                        device=device, dtype=dtype.value if dtype else None, device_map=device_map,
+                        create=create, host=host_of(ctx))
+
+
+@contextmanager
+def open_session(ctx: typer.Context, workspace: Path, **options) -> Iterator[Session]:
+    session = start_session(ctx, workspace, **options)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def fmt_score(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fmt_seconds(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def console():
+    """A rich console for stdout. Markup is off: prompts and generations are printed as typed."""
+    from rich.console import Console
+
+    return Console(markup=False, highlight=False, emoji=False)
+
+
+def echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
