@@ -6,7 +6,7 @@ import typer
 
 from editkit.errors import EditkitError
 
-from . import demo, edit, plugins
+from . import demo, edit, plugins, serve
 from ._common import EditkitGroup, fail
 
 
@@ -24,6 +24,7 @@ def build_app(host=None) -> typer.Typer:
     edit.register(app)
     plugins.register(app)
     demo.register(app)
+    serve.register(app)
     builtin = {info.name for info in app.registered_commands if info.name} | {
         info.callback.__name__ for info in app.registered_commands if info.callback}
     for name, (group, plugin) in sorted(host.registry["commands"].items()):

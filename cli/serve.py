@@ -1,0 +1,45 @@
+"""`editkit serve`: the HTTP service over one workspace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import (DEFAULT_WORKSPACE, ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MethodOpt, ModelOpt,
+                      WorkspaceOpt, parse_config, start_session)
+
+
+def serve(
+    ctx: typer.Context,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; a non-loopback one needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar="EDITKIT_TOKEN", help="Bearer token required by write endpoints.")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (413 above).")] = 1_000_000,
+    max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Longest prompt (422 above).")] = 4000,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per generation.")] = 512,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where /v1/evaluate may read suite files.")] = None,
+    model: ModelOpt = None,
+    method: MethodOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Serve generation with the workspace's edits in force, and take edits while serving
+    (OpenAPI docs at /docs)."""
+    from editkit.service import ServiceConfig, serve as run
+
+    settings = ServiceConfig(token=token, max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                             max_new_tokens=max_new_tokens, data_dir=str(data_dir) if data_dir else None)
+
+    run(lambda: start_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
+                              device_map=device_map, method=method, method_config=parse_config(config)),
+        host=host, port=port, config=settings)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

@@ -1,0 +1,393 @@
+"""The HTTP service: serve the edited model and take edits while serving (FastAPI).
+
+Concurrency: generations share a read lock and run together; edits and rollbacks take the
+write lock, so a generation sees the state before or after an edit, never half of one.
+Health and metrics take no lock. Durability comes from the Session: an edit is journaled
+(committed) before the response acknowledges it."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from editkit.errors import (EditkitError, EditVetoed, InvalidRequest, UnknownComponent,
+                            WorkspaceError)
+from editkit.rwlock import RWLock
+from editkit.schemas import EditRequest
+from editkit.session import Session
+from editkit.store import Journal
+
+
+class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = Field(None, description="Bearer token required by write endpoints; none: open.")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted (413 above).")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest prompt or target accepted (422 above).")
+    max_new_tokens: int = Field(512, ge=1, description="Most tokens one generation may ask for.")
+    max_batch: int = Field(64, ge=1, description="Most prompts or edits in one request.")
+    data_dir: str | None = Field(None, description="Directory /v1/evaluate may read suite files from.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, fields: list[dict] | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.fields = status, reason, fields or []
+
+
+# ---- request bodies ----------------------------------------------------------------------
+class EditBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    edits: list[EditRequest] = Field(min_length=1, description="Edit requests, applied in order.")
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class CompletionBody(BaseModel):
+    """The OpenAI /v1/completions fields editkit honours."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class EvaluateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    suite: str = "builtin"
+    data: str | None = Field(None, description="Suite file, relative to the server's data directory.")
+    limit: int | None = Field(None, ge=1)
+
+
+# ---- metrics ------------------------------------------------------------------------------
+class Metrics:
+    """Counters for /metrics, in the Prometheus text format."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values: dict[str, float] = {
+            "editkit_edits_applied_total": 0, "editkit_edits_rolled_back_total": 0,
+            "editkit_edit_latency_seconds_sum": 0.0, "editkit_edit_latency_seconds_count": 0,
+            "editkit_generate_requests_total": 0,
+            "editkit_generation_latency_seconds_sum": 0.0, "editkit_generation_latency_seconds_count": 0,
+            "editkit_queue_depth": 0, "editkit_generations_in_flight": 0,
+        }
+
+    def add(self, name: str, value: float = 1) -> None:
+        with self._lock:
+            self.values[name] += value
+
+    @contextmanager
+    def gauge(self, name: str):
+        self.add(name)
+        try:
+            yield
+        finally:
+            self.add(name, -1)
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.values[f"{name}_sum"] += seconds
+            self.values[f"{name}_count"] += 1
+
+    HELP = {
+        "editkit_edits_applied_total": ("counter", "Edits applied and journaled."),
+        "editkit_edits_rolled_back_total": ("counter", "Edits rolled back."),
+        "editkit_edit_latency_seconds": ("summary", "Seconds per edit request, queueing included."),
+        "editkit_generate_requests_total": ("counter", "Generation requests served."),
+        "editkit_generation_latency_seconds": ("summary", "Seconds per generation request."),
+        "editkit_queue_depth": ("gauge", "Edit and rollback requests waiting or running."),
+        "editkit_generations_in_flight": ("gauge", "Generation requests running."),
+    }
+
+    def render(self) -> str:
+        with self._lock:
+            values = dict(self.values)
+        lines = []
+        for name, (kind, text) in self.HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "summary":
+                lines += [f"{name}_sum {values[name + '_sum']}", f"{name}_count {int(values[name + '_count'])}"]
+            else:
+                lines.append(f"{name} {values[name]:g}")
+        return "\n".join(lines) + "\n"
+
+
+# ---- the app ------------------------------------------------------------------------------
+def _error(status: int, reason: str, fields: list[dict] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"status": status, "reason": reason}}
+    if fields:
+        body["error"]["fields"] = fields
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_STATUS = [(EditVetoed, 409), (UnknownComponent, 404), (InvalidRequest, 422), (WorkspaceError, 409),
+           (EditkitError, 400)]
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the limit (413), declared or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, f"request body over {self.limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except ApiError as exc:
+            await _error(exc.status, exc.reason)(scope, receive, send)
+
+
+def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI:
+    config = config or ServiceConfig()
+    lock, metrics = RWLock(), Metrics()
+    journal_path = session.workspace / "journal.sqlite"
+    app = FastAPI(title="editkit", version="1", description="Lifelong model editing service")
+    app.state.session, app.state.metrics, app.state.lock = session, metrics, lock
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, exc: ApiError):
+        return _error(exc.status, exc.reason, exc.fields)
+
+    @app.exception_handler(EditkitError)
+    async def _editkit_error(_, exc: EditkitError):
+        status = next(code for cls, code in _STATUS if isinstance(exc, cls))
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        fields = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "reason": e["msg"]}
+                  for e in exc.errors()]
+        return _error(422, "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def require_token(request: Request) -> None:
+        if not config.token:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), config.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token")
+
+    def check_texts(field: str, texts: list[str]) -> None:
+        if len(texts) > config.max_batch:
+            raise ApiError(422, f"{field}: at most {config.max_batch} items", [{"field": field, "reason": "too many items"}])
+        for i, text in enumerate(texts):
+            if len(text) > config.max_prompt_chars:
+                reason = f"longer than {config.max_prompt_chars} characters"
+                raise ApiError(422, f"{field}.{i}: {reason}", [{"field": f"{field}.{i}", "reason": reason}])
+
+    def check_tokens(field: str, value: int) -> None:
+        if value > config.max_new_tokens:
+            reason = f"at most {config.max_new_tokens}"
+            raise ApiError(422, f"{field}: {reason}", [{"field": field, "reason": reason}])
+
+    def generate(prompts: list[str], **kwargs) -> list[str]:
+        started = time.perf_counter()
+        with metrics.gauge("editkit_generations_in_flight"), lock.read():
+            out = session.generate(prompts, **kwargs)
+        metrics.add("editkit_generate_requests_total")
+        metrics.observe("editkit_generation_latency_seconds", time.perf_counter() - started)
+        return out
+
+    def read_journal() -> Journal:
+        return Journal(journal_path, readonly=True)
+
+    # Handlers are plain `def`: FastAPI runs them in its thread pool, so a long edit
+    # holds one worker thread, never the event loop that answers /health.
+    @app.get("/health")
+    def health() -> dict:
+        journal = read_journal()
+        try:
+            active = len(journal.records(active_only=True))
+        finally:
+            journal.close()
+        return {"status": "ok", "model": session.settings["model"], "method": session.method,
+                "active_edits": active, "queue_depth": int(metrics.values["editkit_queue_depth"])}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> str:
+        return metrics.render()
+
+    @app.post("/v1/edits", dependencies=[Depends(require_token)])
+    def post_edits(body: EditBatch) -> dict:
+        if len(body.edits) > config.max_batch:
+            raise ApiError(422, f"edits: at most {config.max_batch} items", [{"field": "edits", "reason": "too many items"}])
+        for i, e in enumerate(body.edits):
+            check_texts(f"edits.{i}", [e.prompt, e.target_new, *e.rephrases, *[p.prompt for p in e.locality]])
+        started = time.perf_counter()
+        with metrics.gauge("editkit_queue_depth"), lock.write():
+            records = session.edit(body.edits)
+        metrics.add("editkit_edits_applied_total", len(records))
+        metrics.observe("editkit_edit_latency_seconds", time.perf_counter() - started)
+        return {"edits": [{"id": r.id, "status": r.status, **r.metrics,
+                           "seconds": r.stats.get("seconds")} for r in records]}
+
+    @app.get("/v1/edits")
+    def list_edits(offset: int = 0, limit: int = 50, status: str | None = None) -> dict:
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise ApiError(422, "offset must be >= 0 and limit within 1..1000")
+        if status not in (None, "applied", "rolled_back"):
+            raise ApiError(422, "status: one of applied, rolled_back", [{"field": "status", "reason": "unknown status"}])
+        journal = read_journal()
+        try:
+            records = journal.records()
+        finally:
+            journal.close()
+        if status:
+            records = [r for r in records if r.status == status]
+        return {"total": len(records), "offset": offset, "limit": limit,
+                "edits": [r.to_dict() for r in records[offset: offset + limit]]}
+
+    @app.delete("/v1/edits/{edit_id}", dependencies=[Depends(require_token)])
+    def rollback(edit_id: int) -> dict:
+        journal = read_journal()
+        try:
+            known = journal.record(edit_id) is not None
+        finally:
+            journal.close()
+        if not known:
+            raise ApiError(404, f"no edit with id {edit_id}")
+        with metrics.gauge("editkit_queue_depth"), lock.write():
+            record = session.rollback(edit_id)
+        metrics.add("editkit_edits_rolled_back_total")
+        return record.to_dict()
+
+    @app.post("/v1/generate")
+    def post_generate(body: GenerateBody) -> dict:
+        check_texts("prompts", body.prompts)
+        check_tokens("max_new_tokens", body.max_new_tokens)
+        texts = generate(body.prompts, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                         top_p=body.top_p, seed=body.seed)
+        return {"completions": texts}
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionBody) -> dict:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        check_texts("prompt", prompts)
+        check_tokens("max_tokens", body.max_tokens)
+        texts = generate(prompts, max_new_tokens=body.max_tokens, temperature=body.temperature,
+                         top_p=body.top_p, seed=body.seed)
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        tok = session.loaded.tokenizer
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):
+            finish = "length"
+            for stop in stops:
+                if stop and stop in text:
+                    text, finish = text[: text.index(stop)], "stop"
+            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": finish})
+            prompt_tokens += len(tok(prompt).input_ids)
+            completion_tokens += len(tok(text, add_special_tokens=False).input_ids)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model or session.settings["model"], "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/evaluate", dependencies=[Depends(require_token)])
+    def evaluate(body: EvaluateBody) -> dict:
+        from editkit.evaluation.metrics import teacher_forced_accuracy
+
+        path = None
+        if body.data is not None:
+            if not config.data_dir:
+                raise ApiError(422, "data: this server has no data directory (start it with --data-dir)")
+            root = Path(config.data_dir).resolve()
+            path = (root / body.data).resolve()
+            if root not in path.parents or not path.is_file():
+                raise ApiError(422, "data: not a file inside the server's data directory",
+                               [{"field": "data", "reason": "outside the data directory or missing"}])
+        requests = session.host.suite(body.suite)().load(str(path) if path else None, limit=body.limit)
+        with lock.read():
+            items = []
+            for req in requests:
+                rel = teacher_forced_accuracy(session.loaded, [req.prompt], [req.target_new])[0]
+                gen = teacher_forced_accuracy(session.loaded, req.rephrases, [req.target_new] * len(req.rephrases))
+                probes = [p for p in req.locality if p.answer]
+                loc = teacher_forced_accuracy(session.loaded, [p.prompt for p in probes], [p.answer for p in probes])
+                items.append({"prompt": req.prompt, "reliability": rel,
+                              "generalization": sum(gen) / len(gen) if gen else None,
+                              "locality_accuracy": sum(loc) / len(loc) if loc else None})
+
+        def mean(key):
+            values = [i[key] for i in items if i[key] is not None]
+            return sum(values) / len(values) if values else None
+
+        return {"suite": body.suite, "definition": "teacher-forced token accuracy on the current model",
+                "count": len(items), "reliability": mean("reliability"),
+                "generalization": mean("generalization"), "locality_accuracy": mean("locality_accuracy"),
+                "items": items}
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(session_factory, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None,
+          log_level: str = "info") -> None:
+    """Check the bind address, open the session, and run uvicorn until interrupted."""
+    import uvicorn
+
+    config = config or ServiceConfig()
+    if not is_loopback(host) and not config.token:
+        raise InvalidRequest(f"refusing to bind {host} (not a loopback address) without a token; "
+                             "pass --token or set EDITKIT_TOKEN")
+    session = session_factory()
+    try:
+        uvicorn.run(create_app(session, config), host=host, port=port, log_level=log_level)
+    finally:
+        session.close()
