@@ -6,7 +6,7 @@ import typer
 
 from editkit.errors import EditkitError
 
-from . import demo, edit, plugins, serve
+from . import demo, edit, eval, plugins, serve
 from ._common import EditkitGroup, fail
 
 
@@ -25,6 +25,7 @@ def build_app(host=None) -> typer.Typer:
     plugins.register(app)
     demo.register(app)
     serve.register(app)
+    eval.register(app)
     builtin = {info.name for info in app.registered_commands if info.name} | {
         info.callback.__name__ for info in app.registered_commands if info.callback}
     for name, (group, plugin) in sorted(host.registry["commands"].items()):

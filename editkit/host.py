@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = {
     "adapters": "editkit.adapters",
     "evaluation": "editkit.evaluation.suites",
     "ft": "editkit.plugins.ft",
+    "grace": "editkit.plugins.grace",
 }
 
 KINDS = ("editors", "interventions", "adapters", "suites", "commands")

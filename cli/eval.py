@@ -1,0 +1,95 @@
+"""`editkit eval` (run or resume a lifelong evaluation) and `editkit report` (render a run's
+report again). Logic: editkit.evaluation.runner and editkit.evaluation.report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, host_of, model_name, quiet_libraries
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+                    console=console(), transient=False)
+
+
+def eval_command(
+    ctx: typer.Context,
+    suite: Annotated[str, typer.Option("--suite", metavar="NAME",
+                                       help="Suite: zsre, counterfact, jsonl, builtin, or one a plugin registers.")] = "builtin",
+    data: Annotated[Optional[str], typer.Option(
+        "--data", metavar="FILE", help="Data file (JSON / JSONL) for the suite, or a hub dataset name.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        "--method", metavar="NAME", help="Editing method; repeat for a comparison table.")] = None,
+    edits: Annotated[int, typer.Option("--edits", min=1, help="Number of edits in the stream (T).")] = 100,
+    protocol: Annotated[str, typer.Option(
+        "--protocol", metavar="NAME", help="final | immediate | retention | groups.")] = "final",
+    every: Annotated[Optional[int], typer.Option(
+        "--every", min=1, help="retention: re-measure every k edits (default T/10).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(
+        "--group-size", min=1, help="groups: edits per group before rolling back (default 10).")] = None,
+    out: Annotated[Path, typer.Option("--out", file_okay=False, metavar="DIR",
+                                      help="Run directory: workspaces, measurements and the report. Rerun "
+                                           "with the same arguments to resume.")] = Path("editkit-eval"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed for torch and for --select random.")] = 0,
+    select: Annotated[str, typer.Option("--select", metavar="HOW",
+                                        help="first: the first T valid records; random: T drawn with --seed.")] = "first",
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip malformed records (and report how many) instead of stopping.")] = False,
+    config: Annotated[Optional[list[str]], typer.Option(
+        "--config", metavar="METHOD.KEY=VALUE", help="Method config value, repeatable; VALUE read as JSON "
+                                                     "where it parses.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+) -> None:
+    """Evaluate editing methods over a lifelong edit stream and write a report."""
+    from editkit.evaluation.report import markdown
+    from editkit.evaluation.runner import parse_method_configs, run_eval
+
+    quiet_libraries()
+    methods = method or ["ft"]
+    configs = parse_method_configs(config, methods)
+    with _progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int, note: str) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, note="")
+            bar.update(tasks[name], completed=done, note=note)
+
+        report = run_eval(out, suite=suite, data=data, methods=methods, edits=edits, protocol=protocol,
+                          every=every, group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
+                          model=model_name(model), configs=configs, device=device,
+                          dtype=dtype.value if dtype else None, progress=progress, host=host_of(ctx), plots=plots)
+    typer.echo(markdown(report))
+    if report["skipped"]:
+        typer.echo(f"skipped {len(report['skipped'])} invalid record(s)", err=True)
+    typer.echo(f"report: {Path(out) / 'report.md'}", err=True)
+
+
+def report_command(
+    out: Annotated[Path, typer.Argument(metavar="DIR", help="A run directory written by `editkit eval`.",
+                                        file_okay=False)],
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild report.json from the run's files first.")] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+) -> None:
+    """Render a run's report again (report.md and the PNG plots) from its report.json."""
+    from editkit.evaluation.report import build_report, load_report, markdown, render_report
+
+    report = build_report(out) if rebuild else load_report(out)
+    paths = render_report(report, out, plots=plots)
+    typer.echo(markdown(report))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("report")(report_command)

@@ -1,0 +1,297 @@
+"""Lifelong evaluation runs: one suite, one or more methods, one protocol.
+
+Protocols (when figures are taken):
+
+- ``final``: apply the T edits in order, then measure every edit (the papers' tables).
+- ``immediate``: measure each edit right after it is applied.
+- ``retention``: every k edits (and after the last), re-measure every edit made so far,
+  with its locality probes; gives retention curves.
+- ``groups``: apply the stream in groups of G edits, each group in a fresh workspace (the
+  exact and cheapest rollback: nothing to replay), measure the group's edits after its last
+  one, and average over the stream.
+
+Layout of OUT (everything needed to resume and to re-render the report)::
+
+    run.json                     the plan: suite, data, protocol, seed, the selected cases
+    baseline.json                the unedited model on every case (pre-edit predictions)
+    methods/<name>/workspace/    the session workspace (journal + state); groups/gNNNN/ for groups
+    methods/<name>/measurements.jsonl   one line per measurement point
+    report.json, report.md, *.png       written by evaluation.report
+
+Resuming: a rerun with the same arguments opens each method's workspace, checks that its
+journaled edits are the planned ones, skips them, and continues; measurement points already
+written are not taken again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editkit.errors import InvalidRequest, WorkspaceError
+from editkit.host import PluginHost, get_host
+from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
+from editkit.store import atomic_write_text
+
+from .metrics import ItemBaseline, item_baseline, measure_item
+from .suites import EditCase
+
+PROTOCOLS = {
+    "final": "T sequential edits, then every edit measured once after the last",
+    "immediate": "every edit measured right after it is applied",
+    "retention": "every k edits, all edits so far re-measured (with their locality probes)",
+    "groups": "edits applied in groups of G from the unedited model (fresh workspace per group), "
+              "each group measured after its last edit, averaged over the stream",
+}
+RUN_FORMAT = 1
+# A progress callback: (method, edits done, edits in total, what just happened).
+Progress = Callable[[str, int, int, str], None]
+
+
+def parse_method_configs(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """`method.key=value` items -> {method: {key: value}}; value read as JSON where it parses."""
+    configs: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items or []:
+        left, sep, raw = item.partition("=")
+        method, dot, key = left.strip().partition(".")
+        if not sep or not dot or not key:
+            raise InvalidRequest(f"--config expects METHOD.KEY=VALUE, got '{item}'")
+        if method not in configs:
+            raise InvalidRequest(f"--config '{item}' names method '{method}', which is not among --method "
+                                 f"({', '.join(methods)})")
+        try:
+            configs[method][key] = json.loads(raw)
+        except ValueError:
+            configs[method][key] = raw
+    return configs
+
+
+def _model_key(name: str | None) -> str:
+    if name is None or name in DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line from an interruption: that point is taken again
+            break
+    return rows
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def select_cases(cases: list[EditCase], edits: int, seed: int, select: str) -> list[EditCase]:
+    if select == "first":
+        return cases[:edits]
+    if select == "random":
+        chosen = random.Random(seed).sample(range(len(cases)), min(edits, len(cases)))
+        return [cases[i] for i in chosen]
+    raise InvalidRequest(f"unknown selection '{select}' (use first or random)")
+
+
+class EvalRun:
+    """One evaluation run in directory `out`. Use run_eval() for the whole thing."""
+
+    def __init__(self, out: str | Path, *, suite: str, data: str | None, edits: int = 100,
+                 protocol: str = "final", every: int | None = None, group_size: int | None = None,
+                 seed: int = 0, select: str = "first", skip_invalid: bool = False, model: str | None = None,
+                 host: PluginHost | None = None):
+        if protocol not in PROTOCOLS:
+            raise InvalidRequest(f"unknown protocol '{protocol}' (use one of {', '.join(PROTOCOLS)})")
+        if edits < 1:
+            raise InvalidRequest("--edits must be at least 1")
+        self.out = Path(out)
+        self.host = host or get_host()
+        suite_obj = self.host.suite(suite)()
+        read = suite_obj.read(data if data is None else str(data), None if select == "random" else edits,
+                              skip_invalid)
+        cases = select_cases(read.cases, edits, seed, select)
+        if not cases:
+            raise InvalidRequest(f"suite '{suite}' gave no valid edit cases from {data}")
+        n = len(cases)
+        if protocol == "retention":
+            every = every or max(1, n // 10)
+        if protocol == "groups":
+            group_size = group_size or min(n, 10)
+        if (every is not None and every < 1) or (group_size is not None and group_size < 1):
+            raise InvalidRequest("--every and --group-size must be at least 1")
+        self.cases = cases
+        self.skipped = read.skipped
+        self.plan = {
+            "format": RUN_FORMAT, "suite": suite, "data": None if data is None else str(data),
+            "protocol": protocol, "edits": n, "edits_requested": edits,
+            "every": every if protocol == "retention" else None,
+            "group_size": group_size if protocol == "groups" else None, "seed": seed, "select": select,
+            "model": _model_key(model), "skip_invalid": skip_invalid, "records_read": read.total,
+            "skipped": [{"index": i, "reason": r} for i, r in read.skipped],
+            "cases": [c.to_dict() for c in cases], "methods": {},
+        }
+        self.model = model
+
+    # ---- plan and resumption ------------------------------------------------------------
+    def _check_plan(self, methods: dict[str, dict]) -> None:
+        path = self.out / "run.json"
+        if path.exists():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise WorkspaceError(f"{path} is unreadable ({exc}); use another --out") from None
+            for key in ("format", "suite", "protocol", "edits", "every", "group_size", "seed", "select",
+                        "model", "cases"):
+                if old.get(key) != self.plan[key]:
+                    raise WorkspaceError(f"{self.out} holds a different run ({key} differs: {old.get(key)!r:.80} "
+                                         f"there); use another --out, or the same arguments to resume")
+            for name, cfg in methods.items():
+                if name in old["methods"] and old["methods"][name] != cfg:
+                    raise WorkspaceError(f"{self.out} ran method '{name}' with config {old['methods'][name]}, "
+                                         f"not {cfg}; use another --out")
+            self.plan["methods"] = old["methods"]
+        self.plan["methods"].update(methods)
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.plan, indent=1, sort_keys=True))
+
+    def _baselines(self, loaded: LoadedModel) -> list[ItemBaseline]:
+        path = self.out / "baseline.json"
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("fingerprint") == loaded.fingerprint and len(data.get("items", [])) == len(self.cases):
+                return [ItemBaseline.from_dict(item["baseline"]) for item in data["items"]]
+        items = []
+        for case in self.cases:
+            base = item_baseline(loaded, case.request)
+            items.append({"baseline": base.to_dict(),
+                          "metrics": measure_item(loaded, case.request, base, list(case.portability))})
+        atomic_write_text(path, json.dumps({"fingerprint": loaded.fingerprint, "items": items}, sort_keys=True))
+        return [ItemBaseline.from_dict(item["baseline"]) for item in items]
+
+    # ---- running ------------------------------------------------------------------------
+    def run(self, methods: list[str], configs: dict[str, dict] | None = None, loaded: LoadedModel | None = None,
+            device: str = "auto", dtype: str | None = None, progress: Progress | None = None) -> Path:
+        if not methods:
+            raise InvalidRequest("name at least one --method")
+        if len(set(methods)) != len(methods):
+            raise InvalidRequest("a method is named twice")
+        configs = configs or {}
+        resolved = {}
+        for m in methods:  # validate every method and config before any work
+            cls = self.host.editor(m)
+            resolved[m] = cls.make_config(configs.get(m)).model_dump(mode="json")
+        self._check_plan(resolved)
+        if loaded is None:
+            loaded = load_model(self.model, device=device, dtype=dtype, host=self.host)
+        baselines = self._baselines(loaded)
+        for m in methods:
+            torch.manual_seed(self.plan["seed"])
+            runner = self._run_groups if self.plan["protocol"] == "groups" else self._run_stream
+            runner(m, resolved[m], loaded, baselines, progress)
+        return self.out
+
+    def _measure(self, loaded, baselines, indices: list[int]) -> dict[str, dict]:
+        return {str(i): measure_item(loaded, self.cases[i].request, baselines[i], list(self.cases[i].portability))
+                for i in indices}
+
+    def _open(self, ws: Path, method: str, config: dict, loaded: LoadedModel, first: int):
+        from editkit.session import Session
+
+        session = Session.open(ws, loaded=loaded, method=method, method_config=config, host=self.host)
+        done = session.history(active_only=True)
+        for k, record in enumerate(done):
+            want = self.cases[first + k].request.model_dump(mode="json") if first + k < len(self.cases) else None
+            if record.request != want:
+                session.close()
+                raise WorkspaceError(f"{ws} holds edits other than this run's (edit {k + 1} differs); "
+                                     "use another --out")
+        return session, len(done)
+
+    def _run_stream(self, method, config, loaded, baselines, progress) -> None:
+        folder = self.out / "methods" / method
+        folder.mkdir(parents=True, exist_ok=True)
+        mfile = folder / "measurements.jsonl"
+        measured = {row["step"] for row in _read_jsonl(mfile)}
+        protocol, n, every = self.plan["protocol"], len(self.cases), self.plan["every"]
+        session, done = self._open(folder / "workspace", method, config, loaded, 0)
+        try:
+            for i in range(n):
+                t = i + 1
+                if i >= done:
+                    started = time.perf_counter()
+                    session.edit(self.cases[i].request, measure=False)
+                    if progress:
+                        progress(method, t, n, f"edit {t} in {time.perf_counter() - started:.1f}s")
+                elif progress:
+                    progress(method, t, n, "journaled")
+                if protocol == "final":
+                    due = list(range(n)) if t == n else []
+                elif protocol == "immediate":
+                    due = [i]
+                else:  # retention
+                    due = list(range(t)) if (t % every == 0 or t == n) else []
+                if due and t not in measured:
+                    if t < done:  # later edits are applied already: this point cannot be taken now
+                        continue
+                    _append_jsonl(mfile, {"step": t, "group": None, "items": self._measure(loaded, baselines, due)})
+        finally:
+            session.close()
+
+    def _run_groups(self, method, config, loaded, baselines, progress) -> None:
+        folder = self.out / "methods" / method
+        folder.mkdir(parents=True, exist_ok=True)
+        mfile = folder / "measurements.jsonl"
+        measured = {row["group"] for row in _read_jsonl(mfile)}
+        n, size = len(self.cases), self.plan["group_size"]
+        for g, start in enumerate(range(0, n, size)):
+            stop = min(n, start + size)
+            if g in measured:
+                if progress:
+                    progress(method, stop, n, "journaled")
+                continue
+            session, done = self._open(folder / "groups" / f"g{g:04d}", method, config, loaded, start)
+            try:
+                for i in range(start, stop):
+                    if i - start >= done:
+                        started = time.perf_counter()
+                        session.edit(self.cases[i].request, measure=False)
+                        if progress:
+                            progress(method, i + 1, n, f"edit {i + 1} in {time.perf_counter() - started:.1f}s")
+                    elif progress:
+                        progress(method, i + 1, n, "journaled")
+                _append_jsonl(mfile, {"step": stop, "group": g,
+                                      "items": self._measure(loaded, baselines, list(range(start, stop)))})
+            finally:
+                session.close()
+
+
+def run_eval(out: str | Path, *, suite: str, data: str | None, methods: list[str], edits: int = 100,
+             protocol: str = "final", every: int | None = None, group_size: int | None = None, seed: int = 0,
+             select: str = "first", skip_invalid: bool = False, model: str | None = None,
+             configs: dict[str, dict] | None = None, loaded: LoadedModel | None = None, device: str = "auto",
+             dtype: str | None = None, progress: Progress | None = None, host: PluginHost | None = None,
+             plots: bool = True) -> dict:
+    """Run (or resume) an evaluation into `out` and write its report; returns the report dict."""
+    from .report import build_report, render_report
+
+    run = EvalRun(out, suite=suite, data=data, edits=edits, protocol=protocol, every=every,
+                  group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
+                  model=model if loaded is None or model is not None else loaded.name, host=host)
+    run.run(methods, configs, loaded=loaded, device=device, dtype=dtype, progress=progress)
+    report = build_report(out)
+    render_report(report, out, plots=plots)
+    return report

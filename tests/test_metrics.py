@@ -1,0 +1,115 @@
+"""Metrics on hand-made logits and tokens with known answers, and the per-item figures on a
+tiny model (unchanged model: locality 1 under both definitions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editkit.evaluation.metrics import (METRICS, ItemBaseline, agreement, exact_match, greedy_token_ids,
+                                        item_baseline, mean, measure_item, normalise, summarise, token_hits,
+                                        token_predictions)
+from editkit.schemas import EditRequest, LocalityProbe
+from editkit.tokens import IGNORE
+
+
+def one_hot_logits(rows: list[list[int]], vocab: int = 10) -> torch.Tensor:
+    """Logits whose argmax at position t is rows[b][t]."""
+    logits = torch.zeros(len(rows), len(rows[0]), vocab)
+    for b, row in enumerate(rows):
+        for t, tok in enumerate(row):
+            logits[b, t, tok] = 5.0
+    return logits
+
+
+def test_token_hits_uses_the_previous_position():
+    # Sequence of 5; target tokens at positions 3 and 4 (labels 7, 8). Position 2 predicts 7
+    # (hit), position 3 predicts 1 (miss).
+    logits = one_hot_logits([[0, 0, 7, 1, 0]])
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 7, 8]])
+    assert token_hits(logits, labels) == [[True, False]]
+    assert token_predictions(logits, labels) == [[7, 1]]
+
+
+def test_token_hits_per_row_with_padding():
+    logits = one_hot_logits([[0, 4, 5, 0], [0, 2, 0, 0]])
+    labels = torch.tensor([[IGNORE, 4, 5, IGNORE], [IGNORE, IGNORE, 3, IGNORE]])
+    # row 0: pos0 -> 0 vs 4 miss, pos1 -> 4 vs 5 miss; row 1: pos1 -> 2 vs 3 miss
+    assert token_hits(logits, labels) == [[False, False], [False]]
+    labels = torch.tensor([[IGNORE, 0, 4, IGNORE], [IGNORE, IGNORE, 2, IGNORE]])
+    assert token_hits(logits, labels) == [[True, True], [True]]
+
+
+def test_agreement():
+    assert agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    assert agreement([5], [5]) == 1.0
+    assert agreement([], []) == 0.0
+
+
+@pytest.mark.parametrize("generated, target, expected", [
+    ("  Paris ", "Paris", 1.0),
+    ("PARIS.", "paris", 1.0),
+    ("unmanned   aircraft", "Unmanned aircraft", 1.0),
+    ("Walter-Sobchak", "Walter Sobchak", 1.0),
+    ("Paris, France", "Paris", 0.0),
+    ("Rome", "Paris", 0.0),
+])
+def test_exact_match_normalises(generated, target, expected):
+    assert exact_match(generated, target) == expected
+
+
+def test_normalise():
+    assert normalise("  The  Quick,\tBrown!! fox ") == "the quick brown fox"
+    assert normalise("...") == ""
+
+
+def test_mean_and_summarise_skip_missing():
+    assert mean([1.0, None, 0.0]) == 0.5
+    assert mean([None]) is None
+    rows = [{"rel_tf": 1.0, "gen_tf": None}, {"rel_tf": 0.5, "gen_tf": 0.25}]
+    s = summarise(rows)
+    assert s["rel_tf"] == 0.75 and s["gen_tf"] == 0.25 and s["port_em"] is None
+    assert set(s) == set(METRICS)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_loaded):
+    return tiny_loaded["gpt2"]
+
+
+REQ = EditRequest(prompt="The capital of France is", target_new="Rome", rephrases=["France's capital is"],
+                  locality=[{"prompt": "The capital of Italy is", "answer": "Rome"},
+                            {"prompt": "Who wrote Hamlet?"}])
+
+
+def test_greedy_token_ids_prefix_consistent(gpt2):
+    prompts = ["The capital of France is", "Who wrote Hamlet? William"]
+    batched = greedy_token_ids(gpt2, prompts, [2, 5])
+    alone = [greedy_token_ids(gpt2, [p], [n])[0] for p, n in zip(prompts, [2, 5])]
+    assert all(len(r) <= n for r, n in zip(batched, [2, 5]))
+    assert batched == alone
+
+
+def test_measure_item_on_unchanged_model(gpt2):
+    base = item_baseline(gpt2, REQ)
+    assert base.answers[0] == "Rome" and base.has_answer == [True, False]
+    assert base.answers[1]  # the pre-edit continuation stands in for the missing answer
+    scores = measure_item(gpt2, REQ, base)
+    assert set(scores) == set(METRICS)
+    assert scores["loc_tf"] == 1.0 and scores["loc_em"] == 1.0  # nothing changed
+    for key in ("rel_tf", "rel_em", "gen_tf", "gen_em", "loc_acc_tf", "loc_acc_em"):
+        assert 0.0 <= scores[key] <= 1.0
+    assert scores["port_tf"] is None and scores["port_em"] is None
+    # The baseline round-trips through JSON; portability probes are scored where given.
+    assert measure_item(gpt2, REQ, ItemBaseline.from_dict(base.to_dict())) == scores
+    ported = measure_item(gpt2, REQ, base, [LocalityProbe(prompt="Rome is the capital of", answer="France")])
+    assert 0.0 <= ported["port_tf"] <= 1.0 and ported["port_em"] in (0.0, 1.0)
+
+
+def test_measure_item_detects_a_changed_prediction(gpt2):
+    base = item_baseline(gpt2, REQ)
+    forged = ItemBaseline(base.answers, base.has_answer,
+                          [[t + 1 for t in row] for row in base.tf_predictions],
+                          [[t + 1 for t in row] for row in base.generations])
+    scores = measure_item(gpt2, REQ, forged)
+    assert scores["loc_tf"] == 0.0 and scores["loc_em"] == 0.0
