@@ -8,12 +8,11 @@ from editkit.model import LoadedModel
 
 
 @torch.no_grad()
-def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> list[str]:
-    """Continuations of `prompts` (greedy when temperature is 0). Left padding keeps every
-    row's last prompt token at the same position, which batched decoding needs."""
-    if not prompts:
-        return []
+def generate_ids(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> torch.Tensor:
+    """New token ids (B, max_new_tokens; padded after an early end) continuing `prompts`,
+    greedy when temperature is 0. Left padding keeps every row's last prompt token at the
+    same position, which batched decoding needs."""
     tok = loaded.tokenizer
     side = tok.padding_side
     tok.padding_side = "left"
@@ -32,5 +31,13 @@ def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, 
         if seed is not None:
             torch.manual_seed(seed)
         out = loaded.model.generate(**enc, **kwargs)
-    new = out[:, enc.input_ids.shape[1]:]
-    return tok.batch_decode(new, skip_special_tokens=True)
+    return out[:, enc.input_ids.shape[1]:]
+
+
+def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> list[str]:
+    """Text continuations of `prompts` (see generate_ids)."""
+    if not prompts:
+        return []
+    new = generate_ids(loaded, prompts, max_new_tokens, temperature, top_p, seed)
+    return loaded.tokenizer.batch_decode(new, skip_special_tokens=True)

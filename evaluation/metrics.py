@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editkit.generation import generate, generate_ids
 from editkit.model import LoadedModel
 from editkit.schemas import EditRequest
 from editkit.tokens import IGNORE, teacher_forced_batch
@@ -62,8 +63,6 @@ def agreement(before: list[int], after: list[int]) -> float:
 
 @torch.no_grad()
 def greedy_continuations(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
-    from editkit.generation import generate
-
     return generate(loaded, prompts, max_new_tokens=max_new_tokens)
 
 
@@ -154,17 +153,8 @@ def greedy_token_ids(loaded: LoadedModel, prompts: list[str], lengths: list[int]
     generating the longest length and cutting each row equals generating each on its own."""
     if not prompts:
         return []
-    tok = loaded.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True).to(loaded.device)
-    finally:
-        tok.padding_side = side
-    out = loaded.model.generate(**enc, max_new_tokens=max(lengths), do_sample=False, temperature=None,
-                                top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-    new = out[:, enc.input_ids.shape[1]:].tolist()
-    eos = tok.eos_token_id
+    new = generate_ids(loaded, prompts, max_new_tokens=max(lengths)).tolist()
+    eos = loaded.tokenizer.eos_token_id
     rows = []
     for ids, n in zip(new, lengths):
         ids = ids[:n]

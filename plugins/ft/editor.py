@@ -14,6 +14,7 @@ from editkit.errors import WorkspaceError
 from editkit.schemas import EditRequest
 from editkit.sites import Site
 from editkit.tokens import shifted_loss, teacher_forced_batch
+from editkit.training import minimise
 
 from .config import FTConfig
 
@@ -46,20 +47,17 @@ class FTEditor(Editor):
         batch = teacher_forced_batch(self.tokenizer, [request.prompt], [request.target_new]).to(self.loaded.device)
         start = self.delta.detach().clone()
         self.delta.requires_grad_(True)
-        opt = torch.optim.Adam([self.delta], lr=cfg.lr)
-        loss_value, steps = float("nan"), 0
+
+        def loss():
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return shifted_loss(logits, batch.labels)
+
+        def constrain():  # the norm constraint bounds the total change
+            self.delta.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
+
         try:
-            for steps in range(1, cfg.steps + 1):
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = shifted_loss(logits, batch.labels)
-                loss_value = loss.item()
-                if loss_value < cfg.early_stop_loss:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():  # the norm constraint bounds the total change
-                    self.delta.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
+            loss_value, steps = minimise([self.delta], loss, steps=cfg.steps, lr=cfg.lr,
+                                         early_stop_loss=cfg.early_stop_loss, after_step=constrain)
         finally:
             self.delta.requires_grad_(False)
             self.delta.grad = None

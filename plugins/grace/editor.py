@@ -27,6 +27,7 @@ from editkit.evaluation.metrics import normalise
 from editkit.schemas import EditRequest
 from editkit.sites import Site
 from editkit.tokens import IGNORE, shifted_loss, teacher_forced_batch
+from editkit.training import minimise
 
 from .config import GraceConfig
 
@@ -151,23 +152,19 @@ class GraceEditor(Editor):
             labels[entry] = label
 
         value = values[entry].detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([value], lr=cfg.lr)
         old = (self.keys, self.values, self.radii, self.labels)
         # Train with the other entries in force (their radii as planned), the new value at `pos`.
         self.keys, self.values, self.radii, self.labels = keys, values.detach(), radii, labels
         self._index = None
         self._train = (pos, value)
-        loss_value, steps = float("nan"), 0
+
+        def loss():
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return shifted_loss(logits, batch.labels)
+
         try:
-            for steps in range(1, cfg.steps + 1):
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = shifted_loss(logits, batch.labels)
-                loss_value = loss.item()
-                if loss_value < cfg.early_stop_loss:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            loss_value, steps = minimise([value], loss, steps=cfg.steps, lr=cfg.lr,
+                                         early_stop_loss=cfg.early_stop_loss)
         except BaseException:
             self.keys, self.values, self.radii, self.labels = old
             self._index = None
