@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from editkit.components import Editor, describe_validation_error
+from editkit.components import Editor, Intervention, describe_validation_error
 from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
 from editkit.generation import generate as _generate
 from editkit.host import PluginHost, get_host
@@ -25,6 +25,7 @@ from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
 DEFAULT_METHOD = "ft"
 WORKSPACE_FORMAT = 1
 EDITOR_STATE = "editor"
+INTERVENTION_STATE = "intervention."  # + name; its JSON holds {"config": ..., "state": ...}
 
 
 def _model_key(name: str | None) -> str:
@@ -53,8 +54,10 @@ def request_seed(request: EditRequest) -> int:
 
 class Session:
     def __init__(self, workspace: Path, settings: dict[str, Any], loaded: LoadedModel, editor: Editor,
-                 journal: Journal, store: StateStore, host: PluginHost, lock_file):
+                 journal: Journal, store: StateStore, host: PluginHost, lock_file,
+                 interventions: dict[str, Intervention]):
         self.workspace = workspace
+        self.interventions = interventions  # name -> attached intervention, in attach order
         self.settings = settings
         self.loaded = loaded
         self.editor = editor
@@ -117,11 +120,22 @@ class Session:
             store.sweep(journal.referenced_states())
             editor = editor_cls(loaded, config)
             editor.attach()
+            interventions: dict[str, Intervention] = {}
             try:
                 ref, digests = journal.head()
+                states = store.read(ref, digests) if ref else {}
                 if ref:
-                    editor.load_state_dict(*store.read(ref, digests)[EDITOR_STATE])
+                    editor.load_state_dict(*states[EDITOR_STATE])
+                for key, (tensors, meta) in states.items():
+                    if key.startswith(INTERVENTION_STATE):
+                        name = key[len(INTERVENTION_STATE):]
+                        intervention = host.intervention(name)(loaded, meta.get("config"))
+                        intervention.attach()
+                        interventions[name] = intervention
+                        intervention.load_state_dict(tensors, meta.get("state", {}))
             except BaseException:
+                for intervention in reversed(interventions.values()):
+                    intervention.detach()
                 editor.detach()
                 journal.close()
                 raise
@@ -130,12 +144,14 @@ class Session:
             if creating:  # a workspace that failed to come into being leaves nothing behind
                 _remove_new_workspace(ws, existed)
             raise
-        return cls(ws, settings, loaded, editor, journal, store, host, lock_file)
+        return cls(ws, settings, loaded, editor, journal, store, host, lock_file, interventions)
 
     def close(self) -> None:
         """Detach the editor (the model is as loaded) and release the workspace."""
         if self._lock_file is None:
             return
+        for intervention in reversed(self.interventions.values()):
+            intervention.detach()
         self.editor.detach()
         self.journal.close()
         self._lock_file.close()
@@ -175,7 +191,7 @@ class Session:
             stats = self._run(self.editor, req)
             stats["seconds"] = time.perf_counter() - started
             metrics = edit_scores(self.loaded, req, baseline) if measure else {}
-            ref, digests = self.store.write({EDITOR_STATE: self.editor.state_dict()})
+            ref, digests = self.store.write(self._states(self.editor))
             checkpoint = (len(self.journal.records(active_only=True)) + 1) % self.settings["checkpoint_every"] == 0
             record = self.journal.commit_edit(req.model_dump(mode="json"), self.method, metrics, stats,
                                               ref, digests, checkpoint)
@@ -191,6 +207,55 @@ class Session:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(request_seed(req))
             return dict(editor.apply(req))
+
+    def _states(self, editor: Editor):
+        """Everything the workspace head records: the editor and each intervention."""
+        states = {EDITOR_STATE: editor.state_dict()}
+        for name, intervention in self.interventions.items():
+            tensors, meta = intervention.state_dict()
+            states[INTERVENTION_STATE + name] = (
+                tensors, {"config": intervention.config.model_dump(mode="json"), "state": meta})
+        return states
+
+    def _commit_head(self) -> None:
+        ref, digests = self.store.write(self._states(self.editor))
+        self.journal.commit_head(ref, digests)
+        self.store.sweep(self.journal.referenced_states())
+
+    # ---- interventions -----------------------------------------------------------------
+    def add_intervention(self, name: str, config: dict | None = None,
+                         state: tuple[dict, dict] | None = None) -> Intervention:
+        """Attach intervention `name` (with a state from its own calibration or training, if
+        any) and record it in the workspace; it stays attached across reopenings."""
+        if name in self.interventions:
+            raise InvalidRequest(f"intervention '{name}' is already attached; remove it first")
+        intervention = self.host.intervention(name)(self.loaded, config)
+        intervention.attach()
+        try:
+            if state is not None:
+                intervention.load_state_dict(*state)
+            self.interventions[name] = intervention
+            self._commit_head()
+        except BaseException:
+            self.interventions.pop(name, None)
+            intervention.detach()
+            raise
+        return intervention
+
+    def remove_intervention(self, name: str) -> None:
+        """Detach intervention `name` and drop it from the workspace."""
+        if name not in self.interventions:
+            attached = ", ".join(self.interventions) or "none"
+            raise InvalidRequest(f"intervention '{name}' is not attached (attached: {attached})")
+        intervention = self.interventions.pop(name)
+        intervention.detach()
+        try:
+            self._commit_head()
+        except BaseException:
+            intervention.attach()
+            intervention.load_state_dict(*intervention.state_dict())
+            self.interventions[name] = intervention
+            raise
 
     def _editor_state(self):
         tensors, meta = self.editor.state_dict()
@@ -221,7 +286,7 @@ class Session:
             for r in active:
                 if r.id not in done:
                     self._run(fresh, EditRequest.model_validate(r.request))
-            ref, digests = self.store.write({EDITOR_STATE: fresh.state_dict()})
+            ref, digests = self.store.write(self._states(fresh))
             self.journal.commit_rollback(edit_id, ref, digests)
         except BaseException:
             fresh.detach()

@@ -210,6 +210,11 @@ class Journal:
                                 (ref, json.dumps(digests), json.dumps(ids)))
         return EditRecord(edit_id, request, method, "applied", now, None, metrics, stats)
 
+    def commit_head(self, ref: str, digests: dict[str, str]) -> None:
+        """Point the workspace at new state without an edit (e.g. an intervention changed)."""
+        with self._transaction():
+            self._set_head(ref, digests)
+
     def commit_rollback(self, edit_id: int, ref: str, digests: dict[str, str]) -> None:
         with self._transaction():
             self.db.execute("UPDATE edits SET status = 'rolled_back', rolled_back_at = ? WHERE id = ?",
