@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = {
     "evaluation": "editkit.evaluation.suites",
     "ft": "editkit.plugins.ft",
     "grace": "editkit.plugins.grace",
+    "ph3": "editkit.plugins.ph3",
 }
 
 KINDS = ("editors", "interventions", "adapters", "suites", "commands")

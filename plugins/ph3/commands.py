@@ -1,0 +1,140 @@
+"""`editkit ph3 ...`: locate heads, apply them to a workspace, remove them."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from editkit.cli._common import (DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, WorkspaceOpt, console,
+                                 echo_json, host_of, open_session)
+from editkit.errors import InvalidRequest, WorkspaceError
+
+
+class Favour(str, Enum):
+    memory = "memory"
+    context = "context"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(help="PH3: prune memory or context heads to settle knowledge conflicts.", no_args_is_help=True)
+
+    @app.callback()
+    def ph3() -> None:
+        """PH3 (arXiv 2402.18154): choose whether the model follows its memory or a conflicting
+        context by pruning attention heads."""
+
+    @app.command()
+    def locate(
+        ctx: typer.Context,
+        out: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, help="Heads file (JSON) to write.")],
+        items: Annotated[str, typer.Option(
+            "--items", metavar="FILE|builtin|known|counterfact",
+            help="Facts to build conflict items from: the built-in set, the known-facts or CounterFact file "
+                 "under ../shared/data, or a JSON/JSONL file (prompt, answer, optional context_answer, relation).")]
+        = "builtin",
+        limit: Annotated[Optional[int], typer.Option("--limit", min=6, help="Most conflict items to use.")] = None,
+        full_patching: Annotated[bool, typer.Option(
+            "--full-patching", help="Score all paths (one forward pass per head) instead of the direct path.")] = False,
+        tolerance: Annotated[float, typer.Option(
+            "--tolerance", min=0.0, max=1.0, help="Most clean-accuracy loss allowed when choosing k.")] = 0.1,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the splits and of conflicting answers.")] = 0,
+        model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+        device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Build conflict items, score every head, choose k per direction, measure on held-out items."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from editkit.model import load_model
+
+        from .items import build_items, load_facts
+        from .pipeline import run_ph3, write_heads
+
+        facts = load_facts(items)  # a bad --items fails before the model loads
+        loaded = load_model(model, device=device, dtype=dtype.value if dtype else None, device_map=device_map,
+                            host=host_of(ctx))
+        stats: dict = {}
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console(), transient=True, disable=as_json) as bar:
+            tasks: dict[str, int] = {}
+
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            built = build_items(loaded, facts, limit=limit, seed=seed, stats=stats,
+                                progress=lambda d, t: report("known facts", d, t))
+            doc = run_ph3(loaded, built, seed=seed, full_patching=full_patching, tolerance=tolerance,
+                          progress=report)
+        doc["items"] = {**stats, "source": items}
+        write_heads(doc, out)
+        if as_json:
+            echo_json({k: v for k, v in doc.items() if k not in ("scores", "split_items")})
+            return
+        _print_summary(doc, out)
+
+    @app.command()
+    def apply(
+        ctx: typer.Context,
+        heads: Annotated[Path, typer.Option("--heads", exists=False, dir_okay=False, help="Heads file from `ph3 locate`.")],
+        favour: Annotated[Favour, typer.Option("--favour", help="memory: prune context heads; context: prune memory heads.")],
+        workspace: WorkspaceOpt,
+        k: Annotated[Optional[int], typer.Option("--k", min=1, help="Heads to prune (default: the k chosen on validation).")] = None,
+        model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
+    ) -> None:
+        """Prune the heads in a workspace (kept across reopenings, combined with its edits)."""
+        from .pipeline import heads_to_prune, read_heads, state_for
+
+        doc = read_heads(heads)
+        chosen, k = heads_to_prune(doc, favour.value, k)
+        with open_session(ctx, workspace, create=True, model=model or doc.get("model"), device=device,
+                          dtype=dtype, device_map=device_map) as session:
+            if session.loaded.fingerprint != doc.get("fingerprint"):
+                raise WorkspaceError(f"heads file {heads} was located on other weights (fingerprint "
+                                     f"{doc.get('fingerprint')}, workspace model {session.loaded.fingerprint})")
+            if "ph3" in session.interventions:
+                raise InvalidRequest("ph3 is already applied in this workspace; run `editkit ph3 remove` first")
+            config, tensors, meta = state_for(chosen, favour.value, k, source=f"{heads.name} k={k}")
+            session.add_intervention("ph3", config, state=(tensors, meta))
+        typer.echo(f"pruned {k} {meta['kind']} heads (favouring {favour.value}) in {workspace}: "
+                   + ", ".join(f"L{layer}H{head}" for layer, head in chosen))
+
+    @app.command()
+    def remove(ctx: typer.Context, workspace: WorkspaceOpt) -> None:
+        """Restore the pruned heads in a workspace."""
+        with open_session(ctx, workspace, create=False, model=None, device="auto", dtype=None,
+                          device_map=None) as session:
+            session.remove_intervention("ph3")
+        typer.echo(f"removed ph3 from {workspace}")
+
+    return app
+
+
+def _print_summary(doc: dict, out: Path) -> None:
+    from rich.table import Table
+
+    con = console()
+    items = doc.get("items", {})
+    con.print(f"{items.get('items')} conflict items from {items.get('considered')} facts "
+              f"({items.get('known')} known); splits {doc['splits']}; scoring: {doc['mode']} path")
+    for kind in ("memory", "context"):
+        top = doc[f"{kind}_heads"][:8]
+        con.print(f"top {kind} heads: " + (", ".join(f"L{l}H{h} ({s:+.2f})" for l, h, s in top) or "none"))
+    table = Table("test split", "memory rate", "context rate", "clean acc", "perplexity", "k")
+    before = doc["test"]["before"]
+    table.add_row("no pruning", _pct(before["memory_rate"]), _pct(before["context_rate"]),
+                  _pct(before["clean_accuracy"]), f"{before['perplexity']:.2f}", "0")
+    for favour, row in doc["test"].items():
+        if favour == "before":
+            continue
+        table.add_row(f"favour {favour}", _pct(row["memory_rate"]), _pct(row["context_rate"]),
+                      _pct(row["clean_accuracy"]), f"{row['perplexity']:.2f}", str(doc["choice"][favour]["k"]))
+    con.print(table)
+    con.print(f"wrote {out}")

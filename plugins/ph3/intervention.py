@@ -1,0 +1,122 @@
+"""The PH3 intervention: prune attention heads by masking their slice of the attention
+output projection's input (a forward pre-hook), so it works with every attention
+implementation (eager, SDPA, flash) and never changes a weight."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from editkit.components import Intervention
+from editkit.errors import InvalidRequest
+from editkit.model import LoadedModel
+from editkit.sites import Site
+
+from .config import PH3Config
+
+STATE_FORMAT = 1
+
+
+def heads_tensor(heads: Iterable[tuple[int, int]] | torch.Tensor) -> torch.Tensor:
+    """(n, 2) int64 tensor of (layer, head) pairs."""
+    if isinstance(heads, torch.Tensor):
+        return heads.reshape(0, 2) if heads.numel() == 0 else heads  # validate_heads checks the rest
+    rows = [(int(layer), int(head)) for layer, head, *_ in heads]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+
+
+def head_mask(adapter, heads: list[int], features: int) -> torch.Tensor:
+    """Boolean (features,) mask, True on the given heads' slices of the output projection's input."""
+    mask = torch.zeros(features, dtype=torch.bool)
+    for head in heads:
+        mask[adapter.head_slice(head)] = True
+    return mask
+
+
+class HeadPruning(Intervention):
+    """Zeroes the chosen heads' outputs before the attention output projection."""
+
+    name = "ph3"
+    Config = PH3Config
+    description = ("PH3: prune memory or context attention heads (masked output-projection input) to choose "
+                   "whether the model follows its memory or a conflicting context")
+
+    def attach(self) -> None:
+        self.heads = torch.zeros((0, 2), dtype=torch.int64)
+        self.meta: dict[str, Any] = {}
+        self._handles: list = []
+        self.attached = True
+
+    def detach(self) -> None:
+        self._remove_hooks()
+        self.attached = False
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ---- heads -------------------------------------------------------------------------
+    def validate_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        if heads.dim() != 2 or heads.shape[1] != 2 or heads.dtype not in (torch.int64, torch.int32):
+            raise InvalidRequest(f"ph3 heads must be an integer (n, 2) tensor of (layer, head), got "
+                                 f"{tuple(heads.shape)} {heads.dtype}")
+        layers, nheads = self.adapter.num_layers, self.adapter.num_heads
+        pairs = [tuple(int(v) for v in row) for row in heads.tolist()]
+        for layer, head in pairs:
+            if not (0 <= layer < layers and 0 <= head < nheads):
+                raise InvalidRequest(f"ph3 head ({layer}, {head}) is out of range for a model with {layers} "
+                                     f"layers of {nheads} heads")
+        if len(set(pairs)) != len(pairs):
+            raise InvalidRequest("ph3 heads contain a duplicate (layer, head)")
+        return heads.to(torch.int64).clone()
+
+    def set_heads(self, heads: Iterable[tuple[int, int]] | torch.Tensor) -> None:
+        """Prune exactly `heads` from now on (validated before anything changes)."""
+        heads = self.validate_heads(heads_tensor(heads))
+        self._remove_hooks()
+        self.heads = heads
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in heads.tolist():
+            by_layer.setdefault(layer, []).append(head)
+        for layer, layer_heads in sorted(by_layer.items()):
+            module = self.adapter.module(Site("attn.out", layer))
+            in_features = self.adapter.weight(Site("attn.out", layer)).shape[1]
+            mask = head_mask(self.adapter, layer_heads, in_features).to(module.weight.device)
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(mask), with_kwargs=True))
+
+    @staticmethod
+    def _make_hook(mask: torch.Tensor):
+        def hook(module, args, kwargs):
+            if args:
+                return (args[0].masked_fill(mask, 0), *args[1:]), kwargs
+            key = next(iter(kwargs))  # called with the input as a keyword
+            return args, {**kwargs, key: kwargs[key].masked_fill(mask, 0)}
+        return hook
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"heads": self.heads.clone()}, {"format": STATE_FORMAT, **self.meta}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("format", STATE_FORMAT) != STATE_FORMAT:
+            raise InvalidRequest(f"ph3 state has format {meta.get('format')}; this editkit reads {STATE_FORMAT}")
+        if set(tensors) != {"heads"}:
+            raise InvalidRequest(f"ph3 state must hold exactly one tensor 'heads', got {sorted(tensors)}")
+        self.set_heads(tensors["heads"])
+        self.meta = {k: v for k, v in meta.items() if k != "format"}
+
+
+@contextmanager
+def pruned(loaded: LoadedModel, heads: Iterable[tuple[int, int]] | torch.Tensor) -> Iterator[HeadPruning]:
+    """Prune `heads` for the duration of the block (no session, nothing persisted)."""
+    pruning = HeadPruning(loaded)
+    pruning.attach()
+    try:
+        pruning.set_heads(heads)
+        yield pruning
+    finally:
+        pruning.detach()

@@ -1,0 +1,301 @@
+"""Locating memory heads and context heads by path patching.
+
+Sign convention. For an item, the logit difference is
+
+    LD = logit(first token of the memorised answer) - logit(first token of the context's answer)
+
+at the last position of the conflict prompt. A head's score is the effect on LD of that head's
+output in the conflict run *versus* the reference run (which states the true answer instead):
+
+    score(l, h) = LD(conflict run) - LD(conflict run with head (l, h)'s output taken from the reference run)
+
+averaged over items. score > 0: in the conflict the head pushes towards the memorised answer
+(a memory head); score < 0: it pushes towards the context's answer (a context head).
+
+Direct-path mode (default): only the path head output -> output projection slice -> final norm
+-> unembedding counts, with the final norm linearised at the conflict run (its scale, and
+centering for LayerNorm, taken from the conflict run's final-norm input). Then
+
+    score(l, h) = g . W_O[:, slice(h)] (z_conflict(l, h) - z_reference(l, h)),
+    g = P (w_norm * (W_U[memory] - W_U[context])) / s_conflict
+
+so one cached forward pass per prompt (the output projection's input at every layer,
+captured with hooks) serves every head. Full path-patching mode patches the head's slice of
+the output projection's input from the reference run into the conflict run, over the repeated
+prompt's positions (the two prompts agree there, aligned from the end), and measures LD: all
+paths, one forward pass per head (items batched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.errors import InvalidRequest
+from editkit.model import LoadedModel
+from editkit.sites import Site
+
+from .items import ConflictItem
+
+SIGN_CONVENTION = ("score = LD(conflict) - LD(conflict with the head's output from the reference run), "
+                   "LD = logit(memory answer) - logit(context answer), first answer token, last position; "
+                   "> 0 memory head, < 0 context head")
+
+
+# ---- batched forward passes ------------------------------------------------------------
+def encode_left(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """Left-padded batch (every row's last token at the last position) with explicit position
+    ids, so a padded row runs as it would alone."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    mask = enc.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": enc.input_ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}
+
+
+@torch.no_grad()
+def last_logits(loaded: LoadedModel, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """(N, vocab) next-token logits after each prompt (float32, on CPU)."""
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        enc = encode_left(loaded.tokenizer, prompts[start:start + batch_size], loaded.device)
+        rows.append(loaded.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(rows) if rows else torch.zeros(0)
+
+
+def logit_diff(logits: torch.Tensor, items: list[ConflictItem]) -> torch.Tensor:
+    mem = torch.tensor([it.memory_token for it in items])
+    ctx = torch.tensor([it.context_token for it in items])
+    rows = torch.arange(len(items))
+    return logits[rows, mem] - logits[rows, ctx]
+
+
+# ---- the final norm, linearised ------------------------------------------------------
+def _norm_parts(norm: nn.Module):
+    """(weight, bias, eps, centers) of a LayerNorm or an RMSNorm-style final norm."""
+    centers = isinstance(norm, nn.LayerNorm)
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    if eps is None or weight is None:
+        raise InvalidRequest(f"ph3 cannot linearise the final norm {type(norm).__name__} (no weight / eps)")
+    bias = getattr(norm, "bias", None)
+    return weight.detach().float(), (None if bias is None else bias.detach().float()), float(eps), centers
+
+
+def norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-row scale s with norm(x) = w * P x / s + b (P: centering for LayerNorm), (N, 1);
+    checked against the module itself so an unfamiliar norm fails loudly instead of silently."""
+    weight, bias, eps, centers = _norm_parts(norm)
+    x = x.float()
+    xc = x - x.mean(-1, keepdim=True) if centers else x
+    scale = torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    rebuilt = weight.to(x.device) * xc / scale + (0 if bias is None else bias.to(x.device))
+    with torch.no_grad():
+        actual = norm(x.to(next(norm.parameters()).dtype)).float()
+    if not torch.allclose(rebuilt, actual, rtol=1e-3, atol=1e-4 * (1 + actual.abs().max().item())):
+        raise InvalidRequest(f"ph3 cannot linearise the final norm {type(norm).__name__}: it is neither "
+                             "LayerNorm nor RMSNorm as written w * x / rms(x)")
+    return scale
+
+
+# ---- capturing -------------------------------------------------------------------------
+@dataclass
+class Capture:
+    """What one forward pass over a batch of prompts leaves behind, at the last `positions`
+    positions: every layer's output-projection input, and the final norm's input."""
+
+    z: torch.Tensor  # (N, L, positions, D_in)
+    final: torch.Tensor  # (N, hidden) final-norm input at the last position
+    logits: torch.Tensor  # (N, vocab) at the last position
+
+
+@torch.no_grad()
+def capture(loaded: LoadedModel, prompts: list[str], positions: int = 1, batch_size: int = 16) -> Capture:
+    adapter = loaded.adapter
+    layers = range(adapter.num_layers)
+    zs, finals, logits = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        got: dict[Any, torch.Tensor] = {}
+        handles = []
+        for layer in layers:
+            def grab(module, args, kwargs, _layer=layer):
+                x = args[0] if args else next(iter(kwargs.values()))
+                got[_layer] = x[:, -positions:].detach().float().cpu()
+            handles.append(adapter.module(Site("attn.out", layer)).register_forward_pre_hook(grab, with_kwargs=True))
+
+        def grab_final(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            got["final"] = x[:, -1].detach().float().cpu()
+        handles.append(adapter.module(Site("final_norm")).register_forward_pre_hook(grab_final, with_kwargs=True))
+        try:
+            enc = encode_left(loaded.tokenizer, prompts[start:start + batch_size], loaded.device)
+            out = loaded.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+        zs.append(torch.stack([got[layer] for layer in layers], dim=1))
+        finals.append(got["final"])
+        logits.append(out)
+    return Capture(torch.cat(zs), torch.cat(finals), torch.cat(logits))
+
+
+# ---- scores ----------------------------------------------------------------------------
+@dataclass
+class HeadScores:
+    """Mean score per (layer, head) and how it was measured."""
+
+    scores: torch.Tensor  # (L, H) float32
+    mode: str  # "direct" or "full"
+    n_items: int
+    per_item: torch.Tensor | None = field(default=None, repr=False)  # (N, L, H)
+    logit_diff_conflict: float | None = None
+    logit_diff_reference: float | None = None
+
+    def ranked(self, kind: str) -> list[tuple[int, int, float]]:
+        """'memory': positive scores, strongest first; 'context': negative, most negative first."""
+        if kind not in ("memory", "context"):
+            raise InvalidRequest(f"head kind must be 'memory' or 'context', not '{kind}'")
+        flat = self.scores.flatten()
+        order = torch.argsort(flat, descending=(kind == "memory")).tolist()
+        heads = self.scores.shape[1]
+        out = [(i // heads, i % heads, float(flat[i])) for i in order]
+        return [h for h in out if (h[2] > 0 if kind == "memory" else h[2] < 0)]
+
+    def top(self, kind: str, k: int) -> list[tuple[int, int]]:
+        return [(layer, head) for layer, head, _ in self.ranked(kind)[:k]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "n_items": self.n_items, "sign_convention": SIGN_CONVENTION,
+                "logit_diff_conflict": self.logit_diff_conflict, "logit_diff_reference": self.logit_diff_reference,
+                "scores": [[round(float(v), 6) for v in row] for row in self.scores],
+                "memory_heads": [[l, h, round(s, 6)] for l, h, s in self.ranked("memory")],
+                "context_heads": [[l, h, round(s, 6)] for l, h, s in self.ranked("context")]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadScores":
+        try:
+            scores = torch.tensor(data["scores"], dtype=torch.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"heads file has no valid 'scores' matrix ({exc})") from None
+        if scores.dim() != 2:
+            raise InvalidRequest("heads file 'scores' must be a (layers, heads) matrix")
+        return cls(scores, data.get("mode", "direct"), int(data.get("n_items", 0)),
+                   logit_diff_conflict=data.get("logit_diff_conflict"),
+                   logit_diff_reference=data.get("logit_diff_reference"))
+
+
+def unembed_direction(loaded: LoadedModel, items: list[ConflictItem]) -> torch.Tensor:
+    """(N, hidden): W_U[memory token] - W_U[context token] per item."""
+    w_u = loaded.adapter.weight(Site("unembed")).detach().float()
+    mem = torch.tensor([it.memory_token for it in items], device=w_u.device)
+    ctx = torch.tensor([it.context_token for it in items], device=w_u.device)
+    return (w_u[mem] - w_u[ctx]).cpu()
+
+
+def direct_effects(loaded: LoadedModel, items: list[ConflictItem], z: torch.Tensor,
+                   final_conflict: torch.Tensor) -> torch.Tensor:
+    """(N, L, H): each head's direct contribution to LD for per-layer o_proj inputs `z`
+    (N, L, D_in) at the last position, through the final norm linearised at `final_conflict`."""
+    adapter = loaded.adapter
+    norm = adapter.module(Site("final_norm"))
+    weight, _, _, centers = _norm_parts(norm)
+    scale = norm_scale(norm, final_conflict.to(weight.device)).cpu()  # (N, 1)
+    g = weight.cpu() * unembed_direction(loaded, items)  # (N, hidden)
+    if centers:
+        g = g - g.mean(-1, keepdim=True)
+    g = g / scale
+    out = torch.zeros(len(items), adapter.num_layers, adapter.num_heads)
+    for layer in range(adapter.num_layers):
+        w_o = adapter.weight(Site("attn.out", layer)).detach().float().cpu()  # (hidden, D_in)
+        read = g @ w_o  # (N, D_in): what each input feature adds to LD
+        contrib = read * z[:, layer]
+        for head in range(adapter.num_heads):
+            out[:, layer, head] = contrib[:, adapter.head_slice(head)].sum(-1)
+    return out
+
+
+def direct_scores(loaded: LoadedModel, items: list[ConflictItem], conflict: Capture,
+                  reference: Capture) -> torch.Tensor:
+    """(N, L, H) direct-path scores from cached captures of both runs (see module doc)."""
+    return (direct_effects(loaded, items, conflict.z[:, :, -1], conflict.final)
+            - direct_effects(loaded, items, reference.z[:, :, -1], conflict.final))
+
+
+@torch.no_grad()
+def full_scores(loaded: LoadedModel, items: list[ConflictItem], conflict: Capture, reference: Capture,
+                batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """(N, L, H) full path-patching scores: per head, one batched forward of the conflict
+    prompts with that head's slice of the output projection's input replaced by the reference
+    run's over the repeated prompt (the items' shared trailing tokens)."""
+    adapter = loaded.adapter
+    positions = conflict.z.shape[2]
+    suffix = torch.tensor([min(it.suffix_tokens, positions) for it in items])
+    # (N, positions): True where the position belongs to the shared suffix (aligned from the end)
+    in_suffix = torch.arange(positions).flip(0)[None, :] < suffix[:, None]
+    base = logit_diff(conflict.logits, items)
+    prompts = [it.conflict_prompt for it in items]
+    encs = [(start, encode_left(loaded.tokenizer, prompts[start:start + batch_size], loaded.device))
+            for start in range(0, len(items), batch_size)]
+    out = torch.zeros(len(items), adapter.num_layers, adapter.num_heads)
+    total, done = adapter.num_layers * adapter.num_heads, 0
+    for layer in range(adapter.num_layers):
+        module = adapter.module(Site("attn.out", layer))
+        for head in range(adapter.num_heads):
+            sl = adapter.head_slice(head)
+            for start, enc in encs:
+                rows = slice(start, start + enc["input_ids"].shape[0])
+                ref = reference.z[rows, layer, :, sl].to(loaded.device)
+                keep = in_suffix[rows].to(loaded.device)[..., None]
+
+                def patch(mod, args, kwargs, _ref=ref, _keep=keep, _sl=sl):
+                    x = args[0].clone()
+                    tail = x[:, -positions:, _sl]
+                    x[:, -positions:, _sl] = torch.where(_keep, _ref.to(x.dtype), tail)
+                    return (x, *args[1:]), kwargs
+
+                handle = module.register_forward_pre_hook(patch, with_kwargs=True)
+                try:
+                    logits = loaded.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()
+                finally:
+                    handle.remove()
+                out[rows, layer, head] = base[rows] - logit_diff(logits, items[rows])
+            done += 1
+            if progress:
+                progress(done, total)
+    return out
+
+
+def locate_heads(loaded: LoadedModel, items: list[ConflictItem], full_patching: bool = False,
+                 batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> HeadScores:
+    """Score every (layer, head) on `items` (see the module doc for the sign convention)."""
+    if not items:
+        raise InvalidRequest("no conflict items to locate heads with")
+    positions = max(it.suffix_tokens for it in items) if full_patching else 1
+    conflict = capture(loaded, [it.conflict_prompt for it in items], positions, batch_size)
+    total = 2 + (loaded.adapter.num_layers * loaded.adapter.num_heads if full_patching else 0)
+    if progress:
+        progress(1, total)
+    reference = capture(loaded, [it.reference_prompt for it in items], positions, batch_size)
+    if progress:
+        progress(2, total)
+    if full_patching:
+        step = (lambda done, _: progress(2 + done, total)) if progress else None
+        per_item = full_scores(loaded, items, conflict, reference, batch_size * 2, step)
+        mode = "full"
+    else:
+        per_item = direct_scores(loaded, items, conflict, reference)
+        mode = "direct"
+    return HeadScores(per_item.mean(0), mode, len(items), per_item,
+                      float(logit_diff(conflict.logits, items).mean()),
+                      float(logit_diff(reference.logits, items).mean()))

@@ -1,0 +1,220 @@
+"""PH3 head pruning: mechanics on tiny models of every family (masking equals zeroing the
+weight slice, bit-identical detach, state through a Session reopen, the direct-path scores
+against a measured swap, the CLI), and the effect on the real default model."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from editkit.cli.main import build_app
+from editkit.errors import InvalidRequest
+from editkit.host import PluginHost, builtin_candidates
+from editkit.plugins.ph3 import (HeadPruning, build_items, choose_k, evaluate_rates, locate_heads, perplexity,
+                                 pruned, random_baseline, rates_with, split_items)
+from editkit.plugins.ph3.items import Fact, _make_item, load_facts
+from editkit.plugins.ph3.locate import capture, direct_scores, encode_left, full_scores, logit_diff
+from editkit.session import Session
+from editkit.sites import Site
+
+from conftest import shared_path
+
+FAST = {"steps": 3, "lr": 0.05, "early_stop_loss": 0.0}
+HEADS = [(1, 0), (2, 3), (3, 1)]
+TINY_FACTS = [Fact("The capital of France is", "Paris", "capital", context_answer="Rome"),
+              Fact("The capital of Italy is", "Rome", "capital", context_answer="Berlin"),
+              Fact("The capital of Germany is", "Berlin", "capital", context_answer="Paris"),
+              Fact("The Eiffel Tower is located in the city of", "Paris", "city", context_answer="Rome")]
+
+
+@pytest.fixture
+def loaded(tiny_loaded, tiny_family):
+    return tiny_loaded[tiny_family]
+
+
+@torch.no_grad()
+def logits(loaded, text="The capital of France is Rome. The capital of France is"):
+    return loaded.model(loaded.tokenizer(text, return_tensors="pt").input_ids).logits
+
+
+def tiny_items(loaded):
+    rng = random.Random(0)
+    items = [_make_item(loaded.tokenizer, f, [], rng) for f in TINY_FACTS]
+    assert all(items)
+    return items
+
+
+def test_mask_equals_zeroed_weight_and_detach_is_exact(loaded):
+    pristine = logits(loaded)
+    weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    with pruned(loaded, HEADS):
+        masked = logits(loaded)
+    assert torch.equal(logits(loaded), pristine)
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
+    with torch.no_grad():
+        for layer, head in HEADS:
+            loaded.adapter.weight(Site("attn.out", layer))[:, loaded.adapter.head_slice(head)] = 0
+    try:
+        zeroed = logits(loaded)
+    finally:
+        loaded.model.load_state_dict(weights)
+    assert not torch.allclose(masked, pristine)
+    assert torch.allclose(masked, zeroed, atol=1e-5, rtol=1e-4)
+    assert torch.equal(logits(loaded), pristine)
+
+
+def test_bad_heads_change_nothing(loaded):
+    pruning = HeadPruning(loaded)
+    pruning.attach()
+    try:
+        pruning.set_heads([(0, 1)])
+        before = logits(loaded)
+        for bad in ([(99, 0)], [(0, 99)], [(0, 1), (0, 1)]):
+            with pytest.raises(InvalidRequest):
+                pruning.set_heads(bad)
+        with pytest.raises(InvalidRequest):
+            pruning.load_state_dict({"heads": torch.zeros(3)}, {"format": 1})
+        assert torch.equal(logits(loaded), before) and pruning.heads.tolist() == [[0, 1]]
+    finally:
+        pruning.detach()
+
+
+def test_state_round_trip_through_session(tmp_path, tiny_loaded):
+    loaded = tiny_loaded["llama"]
+    pristine = logits(loaded)
+    with pruned(loaded, HEADS):
+        expected = logits(loaded)
+    ws = tmp_path / "ws"
+    state = ({"heads": torch.tensor(HEADS)}, {"k": 3, "kind": "context"})
+    with Session.open(ws, loaded=loaded, method="ft", method_config=FAST) as s:
+        s.add_intervention("ph3", {"favour": "memory"}, state=state)
+        assert torch.equal(logits(loaded), expected)
+    assert torch.equal(logits(loaded), pristine)
+    with Session.open(ws, loaded=loaded) as s:
+        ph3 = s.interventions["ph3"]
+        assert ph3.config.favour == "memory" and ph3.heads.tolist() == [list(h) for h in HEADS]
+        assert ph3.state_dict()[1] == {"format": 1, "k": 3, "kind": "context"}
+        assert torch.equal(logits(loaded), expected)
+        s.edit({"prompt": "The capital of France is", "target_new": "Rome"}, measure=False)
+        s.remove_intervention("ph3")
+    with Session.open(ws, loaded=loaded) as s:
+        assert s.interventions == {}
+
+
+def test_direct_scores_match_a_measured_swap(loaded):
+    """score(l, h) = LD(conflict) - LD(conflict with the head's direct contribution swapped for
+    the reference run's): the sign convention, measured through the real final norm."""
+    items = tiny_items(loaded)
+    adapter = loaded.adapter
+    conflict = capture(loaded, [it.conflict_prompt for it in items])
+    reference = capture(loaded, [it.reference_prompt for it in items])
+    scores = direct_scores(loaded, items, conflict, reference)  # (N, L, H)
+    base = logit_diff(conflict.logits, items)
+    enc = encode_left(loaded.tokenizer, [it.conflict_prompt for it in items], loaded.device)
+    norm = adapter.module(Site("final_norm"))
+    for layer, head in [(0, 0), (1, 2), (adapter.num_layers - 1, 3)]:
+        sl = adapter.head_slice(head)
+        w_o = adapter.weight(Site("attn.out", layer)).detach()
+        delta = (reference.z[:, layer, -1, sl] - conflict.z[:, layer, -1, sl]) @ w_o[:, sl].T  # (N, hidden)
+
+        def swap(module, args):
+            x = args[0].clone()
+            x[:, -1] += delta
+            return (x,)
+
+        handle = norm.register_forward_pre_hook(swap)
+        try:
+            with torch.no_grad():
+                swapped = loaded.model(**enc).logits[:, -1]
+        finally:
+            handle.remove()
+        measured = base - logit_diff(swapped, items)
+        assert torch.allclose(scores[:, layer, head], measured, rtol=0.05, atol=2e-3 * (1 + measured.abs().max())), \
+            (layer, head, scores[:, layer, head], measured)
+
+
+def test_full_patching(loaded):
+    """Patching from a run identical to the conflict run changes nothing; in GPT-NeoX's parallel
+    blocks a last-layer head reaches the logits only directly, so there full path patching and
+    the direct-path score agree (up to the norm's linearisation)."""
+    items = tiny_items(loaded)
+    conflict = capture(loaded, [it.conflict_prompt for it in items], positions=8)
+    same = full_scores(loaded, items, conflict, conflict)
+    assert same.abs().max() < 1e-4
+    direct = locate_heads(loaded, items)
+    full = locate_heads(loaded, items, full_patching=True)
+    assert full.mode == "full" and direct.mode == "direct" and full.scores.shape == direct.scores.shape
+    assert all(s > 0 for *_, s in direct.ranked("memory")) and all(s < 0 for *_, s in direct.ranked("context"))
+    if loaded.adapter.name == "gpt_neox":
+        last = loaded.adapter.num_layers - 1
+        a, b = direct.per_item[:, last], full.per_item[:, last]
+        assert torch.allclose(a, b, rtol=0.05, atol=2e-3 * (1 + b.abs().max())), (a, b)
+
+
+def test_splits_do_not_overlap(tiny_loaded):
+    items = tiny_items(tiny_loaded["gpt2"]) * 5
+    items = [type(it)(**{**it.to_dict(), "prompt": f"{i} {it.prompt}"}) for i, it in enumerate(items)]
+    parts = split_items(items, seed=3)
+    prompts = [{it.prompt for it in part} for part in parts.values()]
+    assert sum(map(len, prompts)) == len(items) and not (prompts[0] & prompts[1] or prompts[1] & prompts[2])
+    assert split_items(items, seed=3) == parts and split_items(items, seed=4) != parts
+    assert len(load_facts("builtin")) >= 30
+
+
+def test_cli_apply_and_remove(tmp_path, tiny_dirs, tiny_loaded):
+    host = PluginHost([c for c in builtin_candidates() if c.name in {"adapters", "ft", "ph3"}], env={})
+    app, runner = build_app(host), CliRunner()
+    loaded = tiny_loaded["gpt2"]
+    scores = torch.linspace(-1, 1, 16).reshape(4, 4).tolist()
+    heads = {"format": 1, "method": "ph3", "model": str(tiny_dirs["gpt2"]), "fingerprint": loaded.fingerprint,
+             "scores": scores, "mode": "direct", "n_items": 4, "choice": {"memory": {"k": 2}}}
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps(heads))
+    ws, model = str(tmp_path / "ws"), ["--model", str(tiny_dirs["gpt2"]), "--device", "cpu"]
+    result = runner.invoke(app, ["ph3", "apply", "--heads", str(path), "--favour", "memory", "-w", ws, *model])
+    assert result.exit_code == 0, result.output
+    assert "pruned 2 context heads" in result.output and "L0H0, L0H1" in result.output
+    result = runner.invoke(app, ["ph3", "apply", "--heads", str(path), "--favour", "context", "--k", "1",
+                                 "-w", ws, *model])
+    assert result.exit_code == 1 and "already applied" in result.output
+    result = runner.invoke(app, ["ph3", "apply", "--heads", str(path), "--favour", "context",
+                                 "-w", str(tmp_path / "ws2"), *model])
+    assert result.exit_code == 1 and "no chosen k for favouring context" in result.output
+    result = runner.invoke(app, ["ph3", "remove", "-w", ws])
+    assert result.exit_code == 0 and "removed ph3" in result.output
+    result = runner.invoke(app, ["ph3", "remove", "-w", ws])
+    assert result.exit_code == 1 and "not attached" in result.output
+    result = runner.invoke(app, ["ph3", "locate", "--items", str(tmp_path / "nope.json"), "--out",
+                                 str(tmp_path / "h.json"), *model])
+    assert result.exit_code == 1 and "--items must be one of" in result.output
+
+
+@pytest.mark.model
+@pytest.mark.shared
+def test_default_model_heads_beat_random(default_model):
+    """Held-out items from the known-facts file: pruning the located heads moves the favoured
+    rate more than pruning as many random heads (mean of 5 draws), with guardrails."""
+    shared_path("data", "known", "known_1000.json")
+    loaded, started = default_model, time.perf_counter()
+    items = build_items(loaded, "known", limit=120, seed=0)  # splits 48 / 36 / 36
+    parts = split_items(items, seed=0)
+    scores = locate_heads(loaded, parts["locate"])
+    base_val = evaluate_rates(loaded, parts["validation"])
+    before = {**evaluate_rates(loaded, parts["test"]), "perplexity": perplexity(loaded)}
+    rows = {"before": before}
+    for favour, kind in (("memory", "context"), ("context", "memory")):
+        k = choose_k(loaded, scores, favour, parts["validation"], ks=(1, 2, 4), baseline=base_val)["k"]
+        assert k >= 1, f"validation found no usable k to favour {favour}"
+        after = rates_with(loaded, parts["test"], scores.top(kind, k), with_perplexity=True)
+        rand = random_baseline(loaded, parts["test"], k, draws=5, clean=False)["mean"]
+        rows[favour] = {"k": k, **after, "random": rand}
+        rate = f"{favour}_rate"
+        assert after[rate] - before[rate] > rand[rate] - before[rate], (favour, rows)
+        assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.25, rows
+        assert after["perplexity"] < 1.5 * before["perplexity"], rows
+    print(json.dumps(rows, indent=1), f"{time.perf_counter() - started:.0f} s")
