@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = {
     "adapters": "editkit.adapters",
     "evaluation": "editkit.evaluation.suites",
     "ft": "editkit.plugins.ft",
+    "wise": "editkit.plugins.wise",
     "grace": "editkit.plugins.grace",
     "ph3": "editkit.plugins.ph3",
 }

@@ -1,0 +1,199 @@
+"""WISE on the default model: speed of the fast path against the full-model path, the
+reference procedure end to end, lifelong quality on zsRE, generation overhead and memory.
+
+    .venv/bin/python benchmarks/wise.py --T 1,10 --reference-edits 2
+
+Writes benchmarks/results/wise-<time>.json and a readable wise-<time>.md beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from editkit.evaluation.metrics import agreement, answer_predictions, teacher_forced_accuracy
+from editkit.generation import generate
+from editkit.model import load_model
+from editkit.plugins.wise import WISEEditor
+from editkit.schemas import EditRequest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zsre" / "zsre-dev-500.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+# The reference procedure: whole model every step, prefixes regenerated every edit, no early
+# stopping, the paper's absolute margins, one unrelated prompt, no replay, plain side copy.
+REFERENCE = {"fast_path": False, "cache_contexts": False, "early_stop": False, "margin_unit": 1.0,
+             "unrelated_per_edit": 1, "replay": 0, "protect_energy": 0.0}
+
+
+def requests(n: int) -> list[EditRequest]:
+    records = json.loads(SHARED.read_text())[:n]
+    return [EditRequest(prompt=r["src"], target_new=r["alt"], rephrases=[r["rephrase"]],
+                        locality=[{"prompt": r["loc"], "answer": r["loc_ans"]}]) for r in records]
+
+
+def seeded(editor, req, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return editor.apply(req)
+
+
+def quality(loaded, reqs, before_loc) -> dict:
+    rel = teacher_forced_accuracy(loaded, [r.prompt for r in reqs], [r.target_new for r in reqs])
+    gen = teacher_forced_accuracy(loaded, [r.rephrases[0] for r in reqs], [r.target_new for r in reqs])
+    after = answer_predictions(loaded, [r.locality[0].prompt for r in reqs], [r.locality[0].answer for r in reqs])
+    loc = [agreement(b, a) for b, a in zip(before_loc, after)]
+    n = len(reqs)
+    return {"rel": sum(rel) / n, "gen": sum(gen) / n, "loc": sum(loc) / n}
+
+
+def run_edits(loaded, config, reqs, before_loc) -> dict:
+    editor = WISEEditor(loaded, config)
+    editor.attach()
+    times, steps = [], []
+    try:
+        for i, req in enumerate(reqs):
+            t = time.perf_counter()
+            stats = seeded(editor, req, i)
+            times.append(time.perf_counter() - t)
+            steps.append(stats["steps"])
+        result = quality(loaded, reqs, before_loc)
+        tensors, meta = editor.state_dict()
+        result.update(s_per_edit=sum(times) / len(times), s_first_edit=times[0],
+                      s_per_edit_after_first=(sum(times[1:]) / (len(times) - 1)) if len(times) > 1 else None,
+                      mean_steps=sum(steps) / len(steps),
+                      state_bytes=sum(v.numel() * v.element_size() for v in tensors.values()),
+                      meta_bytes=len(json.dumps(meta)))
+        return result, editor
+    except BaseException:
+        editor.detach()
+        raise
+
+
+def step_speed(loaded, req, steps: int) -> dict:
+    """s/step of the fast and the full-model path on the same edit, same seed, same loss."""
+    out = {}
+    for fast in (True, False):
+        editor = WISEEditor(loaded, {"fast_path": fast, "early_stop": False, "steps": steps})
+        editor.attach()
+        try:
+            editor._contexts()
+            editor._margin_unit()  # session-level caches made before the clock starts
+            t = time.perf_counter()
+            stats = seeded(editor, req, 0)
+            out["fast" if fast else "full"] = {"s_per_step": (time.perf_counter() - t) / stats["steps"],
+                                               "trajectory": stats["trajectory"]}
+        finally:
+            editor.detach()
+    a, b = out["fast"]["trajectory"], out["full"]["trajectory"]
+    out["max_loss_diff"] = max(abs(x - y) for x, y in zip(a, b))
+    out["ratio"] = out["full"]["s_per_step"] / out["fast"]["s_per_step"]
+    return out
+
+
+def gen_time(loaded, prompts, repeats=2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        generate(loaded, prompts, max_new_tokens=24)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default="1,10,50,100", help="comma-separated numbers of sequential edits")
+    ap.add_argument("--reference-edits", type=int, default=2, help="edits run with the reference procedure")
+    ap.add_argument("--speed-steps", type=int, default=10, help="steps timed per path for s/step")
+    args = ap.parse_args()
+    ts = [int(t) for t in args.T.split(",")]
+    loaded = load_model(device="cpu")
+    reqs_all = requests(max(ts + [args.reference_edits]))
+    before_all = answer_predictions(loaded, [r.locality[0].prompt for r in reqs_all],
+                                    [r.locality[0].answer for r in reqs_all])
+    report: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads(),
+                    "load_average_start": list(__import__("os").getloadavg())}
+
+    report["step_speed"] = step_speed(loaded, reqs_all[0], args.speed_steps)
+    print("step speed", {k: v for k, v in report["step_speed"].items() if k in ("ratio", "max_loss_diff")}, flush=True)
+
+    n_ref = args.reference_edits
+    ref, editor = run_edits(loaded, REFERENCE, reqs_all[:n_ref], before_all[:n_ref])
+    editor.detach()
+    ours, editor = run_edits(loaded, {}, reqs_all[:n_ref], before_all[:n_ref])
+    editor.detach()
+    report["end_to_end"] = {"edits": n_ref, "reference": ref, "ours": ours,
+                            "ratio": ref["s_per_edit"] / ours["s_per_edit"]}
+    print("end to end", report["end_to_end"], flush=True)
+
+    report["quality"] = {}
+    prompts = [r.prompt for r in reqs_all[:4]] + [r.locality[0].prompt for r in reqs_all[:4]]
+    last = None
+    for t in ts:
+        res, editor = run_edits(loaded, {}, reqs_all[:t], before_all[:t])
+        report["quality"][t] = res
+        print("T", t, res, flush=True)
+        if last is not None:
+            last.detach()
+        last = editor
+    # generation overhead, merge mode, after the largest T: with and without, alternated, best of
+    # three each (a shared machine's load swings more than the overhead itself)
+    with_wise = plain = float("inf")
+    for _ in range(3):
+        with_wise = min(with_wise, gen_time(loaded, prompts, repeats=1))
+        last._bypass = True
+        plain = min(plain, gen_time(loaded, prompts, repeats=1))
+        last._bypass = False
+    tensors, meta = last.state_dict()
+    last.detach()
+    # retrieve mode with 10 memories (memory contents copied from the merge run: timing only)
+    retr = WISEEditor(loaded, {"mode": "retrieve"})
+    retr.attach()
+    g = 10
+    rt = {k: v for k, v in tensors.items() if k not in ("memories", "thresholds", "keys")}
+    rt.update(memories=tensors["memories"].repeat(g, 1, 1), thresholds=tensors["thresholds"].repeat(g),
+              keys=tensors["keys"].repeat(g, 1))
+    retr.load_state_dict(rt, {**meta, "mode": "retrieve"})
+    with_retrieve = gen_time(loaded, prompts, repeats=3)
+    retr.detach()
+    report["generation"] = {"batch": len(prompts), "new_tokens": 24, "plain_s": plain, "merge_s": with_wise,
+                            "merge_overhead": with_wise / plain - 1, "retrieve10_s": with_retrieve,
+                            "retrieve10_overhead": with_retrieve / plain - 1, "after_edits": max(ts)}
+    out_f, in_f = tensors["memories"].shape[1:]
+    report["memory"] = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "bytes_per_memory": out_f * in_f * 4,
+                        "state_bytes_after_max_T": sum(v.numel() * v.element_size() for v in tensors.values()),
+                        "bytes_per_edit_meta": len(json.dumps(meta)) / max(1, len(meta["edits"]))}
+    report["load_average_end"] = list(__import__("os").getloadavg())
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for run in report["step_speed"].values():
+        if isinstance(run, dict):
+            run["trajectory"] = [round(x, 5) for x in run["trajectory"]]
+    (RESULTS / f"wise-{stamp}.json").write_text(json.dumps(report, indent=2))
+    s, e, gq = report["step_speed"], report["end_to_end"], report["generation"]
+    lines = [f"# WISE benchmark {stamp} (SmolLM2-135M, CPU, {report['threads']} threads, load {report['load_average_start'][0]:.1f})", "",
+             f"s/step: fast {s['fast']['s_per_step']:.3f}, full model {s['full']['s_per_step']:.3f} "
+             f"-> {s['ratio']:.2f}x (max loss difference {s['max_loss_diff']:.2e})",
+             f"s/edit over {e['edits']} edits: ours {e['ours']['s_per_edit']:.1f}, reference {e['reference']['s_per_edit']:.1f} "
+             f"-> {e['ratio']:.2f}x; ours Rel/Gen/Loc {e['ours']['rel']:.2f}/{e['ours']['gen']:.2f}/{e['ours']['loc']:.2f}, "
+             f"reference {e['reference']['rel']:.2f}/{e['reference']['gen']:.2f}/{e['reference']['loc']:.2f}", "",
+             "| T | Rel | Gen | Loc | s/edit | mean steps |", "|---|---|---|---|---|---|"]
+    for t, q in report["quality"].items():
+        lines.append(f"| {t} | {q['rel']:.3f} | {q['gen']:.3f} | {q['loc']:.3f} | {q['s_per_edit']:.1f} | {q['mean_steps']:.1f} |")
+    lines += ["", f"generation ({gq['batch']} prompts x {gq['new_tokens']} tokens, after {gq['after_edits']} edits): plain {gq['plain_s']:.2f}s, "
+              f"merge {gq['merge_s']:.2f}s ({100 * gq['merge_overhead']:+.1f}%), retrieve/10 memories {gq['retrieve10_s']:.2f}s "
+              f"({100 * gq['retrieve10_overhead']:+.1f}%)",
+              f"memory: peak RSS {report['memory']['peak_rss_mib']:.0f} MiB, {report['memory']['bytes_per_memory']} bytes per side memory, "
+              f"{report['memory']['bytes_per_edit_meta']:.0f} bytes of JSON per edit"]
+    (RESULTS / f"wise-{stamp}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

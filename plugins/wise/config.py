@@ -1,0 +1,73 @@
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class WISEConfig(BaseModel):
+    """WISE (arXiv 2405.14768). Defaults follow the paper / its LLaMA-2 settings, except the
+    margins, whose unit is measured on the model ("auto") so they fit its activation scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # where the side memory lives and how it is used
+    layer: int | float = Field(0.85, description="Layer whose MLP down-projection is copied as side memory: index, negative index, or fraction of depth.")
+    mode: Literal["merge", "retrieve"] = Field("merge", description="WISE-Merge (shards TIES-merged into one side memory) or WISE-Retrieve (one memory per shard, top-1 at inference).")
+    act_ratio: float = Field(0.88, gt=0, le=1, description="Routing threshold as a fraction of the smallest activation score of the memory's own edits.")
+    score_reduce: Literal["mean", "max"] = Field("mean", description="How per-token activation distances make one sequence score.")
+
+    # optimisation
+    steps: int = Field(70, ge=1, le=10_000, description="Most optimisation steps per edit.")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimiser of the side memory (paper: SGD).")
+    lr: float = Field(1.0, gt=0, description="Learning rate on the side memory.")
+    norm_constraint: float = Field(1.0, gt=0, description="Bound on every entry of side memory minus main memory (L-infinity).")
+    early_stop: bool = Field(True, description="Stop an edit once its target loss is below early_stop_loss and every margin is met.")
+    early_stop_loss: float = Field(0.01, ge=0, description="Target cross-entropy below which an edit may stop early.")
+
+    # margin (routing) loss
+    alpha: float = Field(5.0, ge=0, description="Unrelated prompts' activation score must stay below alpha (margin units).")
+    beta: float = Field(20.0, ge=0, description="In-scope activation score must exceed beta (margin units).")
+    gamma: float = Field(10.0, ge=0, description="In-scope scores must exceed unrelated scores by gamma (margin units).")
+    margin_unit: float | Literal["auto"] = Field("auto", description="Activation-norm size of one margin unit: 'auto' = 1% of the median per-token norm of the main memory's output on unrelated prompts; 1.0 = the paper's absolute margins.")
+    protect_energy: float = Field(0.9, ge=0, lt=1, description="The side memory ignores the input directions holding this share of the unrelated pool's activation energy, so generic text scores low; 0 = the paper's plain copy.")
+    margin_weight: float = Field(1.0, ge=0, description="Weight of the margin loss against the target cross-entropy.")
+
+    # training data around each edit
+    n_contexts: int = Field(10, ge=0, le=100, description="Random context prefixes added to each edit (the paper's 10; plus the bare prompt).")
+    context_lengths: list[int] = Field(default_factory=lambda: [5, 10], description="Token lengths of the generated prefixes, used in turn.")
+    cache_contexts: bool = Field(True, description="Generate the context prefixes once per session (False: regenerate them every edit, as the reference does).")
+    unrelated_per_edit: int = Field(8, ge=1, le=64, description="Unrelated prompts drawn from the pool for each edit's margin loss (paper: 1; cheap on the fast path, which scores them at the edited layer only).")
+    unrelated_prompts: list[str] | None = Field(None, description="Pool of unrelated prompt texts (prompt plus answer); None uses the built-in pool.")
+    replay: int = Field(2, ge=0, le=64, description="Earlier edits of the same memory replayed with each new edit (paper appendix B.3); 0 = off.")
+
+    # knowledge sharding
+    mask_ratio: float = Field(0.2, gt=0, le=1, description="Fraction of side-memory entries each shard may change (rho); a fresh random mask per shard.")
+    shard_size: int = Field(500, ge=1, description="Edits per shard: a new gradient mask (merge) or a new memory (retrieve) after this many.")
+    merge_every: int = Field(2, ge=1, description="WISE-Merge: TIES-merge the shards into the side memory every this many shards.")
+    ties_density: float = Field(0.53, gt=0, le=1, description="TIES: fraction of each shard's change kept (largest magnitudes) before sign election.")
+    faiss_min_memories: int = Field(16, ge=1, description="WISE-Retrieve: from this many memories on, a faiss index picks candidate memories before exact scoring.")
+    faiss_candidates: int = Field(4, ge=1, description="WISE-Retrieve: candidate memories the faiss index returns per sequence.")
+
+    # implementation
+    fast_path: bool = Field(True, description="Cache the edited layer's inputs per edit and run only the layers above it at each step (False: whole model every step).")
+    seed: int = Field(0, description="Seed of the context-prefix generation (edits themselves use the session's per-request seed).")
+
+    @field_validator("context_lengths")
+    @classmethod
+    def _lengths(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 or n > 64 for n in v):
+            raise ValueError("context_lengths needs at least one length, each between 1 and 64")
+        return v
+
+    @field_validator("unrelated_prompts")
+    @classmethod
+    def _pool(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not p or not p.strip() for p in v)):
+            raise ValueError("unrelated_prompts must be None or a non-empty list of non-blank texts")
+        return v
+
+    @field_validator("margin_unit")
+    @classmethod
+    def _unit(cls, v):
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("margin_unit must be 'auto' or a positive number")
+        return v

@@ -1,0 +1,240 @@
+"""WISE: mechanics on tiny models of every family, effects on the real default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from editkit.errors import InvalidRequest
+from editkit.plugins.wise import WISEEditor
+from editkit.plugins.wise.editor import make_rows, reduce_scores, ties_merge
+from editkit.schemas import EditRequest
+from editkit.session import Session
+
+from conftest import shared_path
+
+# Small and quick: mechanics only (a tiny random model learns nothing useful anyway).
+TINY = {"steps": 4, "n_contexts": 2, "context_lengths": [3], "lr": 0.1, "unrelated_per_edit": 2, "replay": 1}
+EDIT = EditRequest(prompt="The capital of France is", target_new="Rome")
+EDIT2 = EditRequest(prompt="The largest planet is", target_new="Paris")
+OTHER = "the quick brown fox jumps over the lazy dog"
+
+
+def logits(loaded, texts: list[str]) -> torch.Tensor:
+    enc = loaded.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return loaded.model(**enc).logits
+
+
+def seeded_apply(editor, request, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return editor.apply(request)
+
+
+def sequence_scores(editor, texts: list[str]) -> torch.Tensor:
+    """Each text's activation score against the first memory, as the router computes it."""
+    rows = make_rows(editor.tokenizer, [(t, None, None) for t in texts])
+    x = editor._project(editor._capture(rows, block_out=False)["x"].float())
+    return reduce_scores(F.linear(x, editor.memories[0]).norm(dim=-1), rows.attn, editor.config.score_reduce)
+
+
+def test_attach_apply_detach_is_bit_identical(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    texts = [EDIT.prompt, OTHER]
+    before = logits(loaded, texts)
+    editor = WISEEditor(loaded, TINY)
+    editor.attach()
+    stats = seeded_apply(editor, EDIT)
+    assert stats["steps"] >= 1 and stats["threshold"] is not None
+    editor.detach()
+    assert torch.equal(logits(loaded, texts), before)
+
+
+def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    runs = []
+    for fast in (True, False):
+        editor = WISEEditor(loaded, {**TINY, "steps": 6, "early_stop": False, "fast_path": fast})
+        editor.attach()
+        try:
+            seeded_apply(editor, EDIT)  # a second edit trains on top of a non-zero side memory
+            runs.append((seeded_apply(editor, EDIT2, seed=1)["trajectory"], editor.memories.clone()))
+        finally:
+            editor.detach()
+    (fast_traj, fast_mem), (slow_traj, slow_mem) = runs
+    assert len(fast_traj) == len(slow_traj) == 6
+    assert torch.allclose(torch.tensor(fast_traj), torch.tensor(slow_traj), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(fast_mem, slow_mem, rtol=1e-3, atol=1e-4)
+
+
+def test_routing_is_per_row_in_a_mixed_batch_and_in_generation(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    with_edit, without = EDIT.prompt, OTHER
+    editor = WISEEditor(loaded, TINY)
+    editor.attach()
+    try:
+        seeded_apply(editor, EDIT)
+        scores = sequence_scores(editor, [with_edit, without])
+        assert scores[0] != scores[1]
+        # Put the threshold between the two rows so one is routed and the other is not.
+        hi, lo = (0, 1) if scores[0] > scores[1] else (1, 0)
+        editor.thresholds = ((scores[0] + scores[1]) / 2).reshape(1)
+        texts = [with_edit, without]
+        tok = loaded.tokenizer
+        enc = tok(texts, return_tensors="pt", padding=True)  # right padding: the shorter row has pads
+        with torch.no_grad():
+            batched = loaded.model(**enc).logits
+        route = editor._route[0]
+        assert route.tolist() == [i == hi for i in range(2)]
+        for i, text in enumerate(texts):
+            alone = logits(loaded, [text])[0]
+            n = alone.shape[0]
+            assert torch.allclose(batched[i, :n], alone, atol=1e-5), f"row {i} differs in the batch"
+        # Routed rows really go through the side memory; the other is exactly the main model.
+        editor._bypass = True
+        main_only = logits(loaded, [texts[lo]])[0], logits(loaded, [texts[hi]])[0]
+        editor._bypass = False
+        assert torch.equal(logits(loaded, [texts[lo]])[0], main_only[0])
+        assert not torch.allclose(logits(loaded, [texts[hi]])[0], main_only[1])
+
+        from editkit.generation import generate
+
+        together = generate(loaded, texts, max_new_tokens=6)
+        alone = [generate(loaded, [t], max_new_tokens=6)[0] for t in texts]
+        assert together == alone
+        assert editor._route[0].tolist() == [hi == 1]  # the last call's decision was kept for its tokens
+    finally:
+        editor.detach()
+
+
+def test_state_round_trip_through_session_reopen(tiny_loaded, tiny_family, tmp_path):
+    loaded = tiny_loaded[tiny_family]
+    texts = [EDIT.prompt, EDIT2.prompt, OTHER]
+    config = {**TINY, "shard_size": 1}
+    with Session.open(tmp_path / "ws", loaded=loaded, method="wise", method_config=config) as session:
+        session.edit([EDIT, EDIT2], measure=False)
+        first = logits(loaded, texts)
+        tensors, meta = session.editor.state_dict()
+    assert meta["edits"] and meta["contexts"]
+    with Session.open(tmp_path / "ws", loaded=loaded) as session:
+        assert torch.equal(logits(loaded, texts), first)
+        again, meta2 = session.editor.state_dict()
+        assert meta2 == meta and all(torch.equal(again[k], v) for k, v in tensors.items())
+
+
+def test_rollback_replays_to_the_same_state(tiny_loaded, tmp_path):
+    loaded = tiny_loaded["llama"]
+    with Session.open(tmp_path / "a", loaded=loaded, method="wise", method_config=TINY) as session:
+        first, _ = session.edit([EDIT, EDIT2], measure=False)
+        session.rollback(first.id)
+        rolled = session.editor.state_dict()[0]["memories"].clone()
+    with Session.open(tmp_path / "b", loaded=loaded, method="wise", method_config=TINY) as session:
+        session.edit(EDIT2, measure=False)
+        direct = session.editor.state_dict()[0]["memories"]
+    assert torch.equal(rolled, direct)
+
+
+def test_merge_mode_ties_merges_shards(tiny_loaded):
+    loaded = tiny_loaded["gpt2"]
+    editor = WISEEditor(loaded, {**TINY, "shard_size": 1, "merge_every": 2})
+    editor.attach()
+    try:
+        for i, req in enumerate([EDIT, EDIT2, EDIT]):
+            seeded_apply(editor, req, seed=i)
+        # shards 1 and 2 were merged; shard 3 waits for its partner
+        assert editor.shards == 3 and len(editor.pending) == 1 and editor.memories.shape[0] == 1
+        assert torch.allclose(editor.memories[0], editor.merge_base + editor.pending[0])
+        assert torch.isfinite(editor.thresholds).all()
+    finally:
+        editor.detach()
+    a = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    b = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    merged = ties_merge([a, b], density=1.0)
+    assert merged.tolist() == [[1.0, 0.0], [0.5, 3.0]]  # (0, 1): no elected sign
+
+
+def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded):
+    loaded = tiny_loaded["gpt_neox"]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "faiss_min_memories": 3,
+                                 "faiss_candidates": 2})
+    editor.attach()
+    try:
+        for i, req in enumerate([EDIT, EDIT2, EDIT]):
+            seeded_apply(editor, req, seed=i)
+        assert editor.memories.shape[0] == 4  # three shards plus the empty one that takes the next edit
+        assert torch.isfinite(editor.thresholds[:3]).all() and torch.isinf(editor.thresholds[3])
+        from editkit.generation import generate
+
+        texts = [EDIT.prompt, OTHER, EDIT2.prompt]
+        together = generate(loaded, texts, max_new_tokens=4)
+        assert editor._index is not None  # the faiss path picked the candidates
+        assert together == [generate(loaded, [t], max_new_tokens=4)[0] for t in texts]
+        tensors, meta = editor.state_dict()
+        other = WISEEditor(loaded, editor.config)
+        editor.detach()
+        other.attach()
+        other.load_state_dict(tensors, meta)
+        assert generate(loaded, texts, max_new_tokens=4) == together
+        other.detach()
+    finally:
+        editor.detach()
+
+
+@pytest.mark.parametrize("values, field", [({"mask_ratio": 1.5}, "mask_ratio"), ({"mode": "both"}, "mode"),
+                                           ({"context_lengths": []}, "context_lengths"),
+                                           ({"margin_unit": -1}, "margin_unit"), ({"bogus": 1}, "bogus")])
+def test_config_errors_name_the_field(values, field):
+    with pytest.raises(InvalidRequest, match=field):
+        WISEEditor.make_config(values)
+
+
+def test_every_config_field_is_described():
+    for name, info in WISEEditor.Config.model_fields.items():
+        assert info.description, name
+
+
+def test_state_that_does_not_fit_is_refused(tiny_loaded):
+    from editkit.errors import WorkspaceError
+
+    editor = WISEEditor(tiny_loaded["llama"], TINY)
+    editor.attach()
+    try:
+        tensors, meta = editor.state_dict()
+        with pytest.raises(WorkspaceError):
+            editor.load_state_dict({**tensors, "memories": torch.zeros(1, 3, 3)}, meta)
+        with pytest.raises(WorkspaceError):
+            editor.load_state_dict(tensors, {**meta, "layer": meta["layer"] - 1})
+    finally:
+        editor.detach()
+
+
+@pytest.mark.model
+@pytest.mark.shared
+def test_five_sequential_zsre_edits_on_the_default_model(default_model):
+    """A floor, not the goal: issue 3 asks for Rel >= 0.9 / Loc >= 0.95 after 5 edits; measured
+    0.79 / 0.92 with the defaults (the reference port: ~0.34 Rel after 10). This guards what
+    works until the goal is met, then its thresholds move up to the goal."""
+    from editkit.evaluation.metrics import answer_predictions, agreement, teacher_forced_accuracy
+
+    records = json.loads(shared_path("data", "zsre", "zsre-dev-500.json").read_text())[:5]
+    loaded = default_model
+    loc_prompts = [r["loc"] for r in records]
+    loc_answers = [r["loc_ans"] for r in records]
+    before = answer_predictions(loaded, loc_prompts, loc_answers)
+    editor = WISEEditor(loaded, {})
+    editor.attach()
+    try:
+        for i, r in enumerate(records):
+            seeded_apply(editor, EditRequest(prompt=r["src"], target_new=r["alt"], rephrases=[r["rephrase"]],
+                                             locality=[{"prompt": r["loc"], "answer": r["loc_ans"]}]), seed=i)
+        rel = teacher_forced_accuracy(loaded, [r["src"] for r in records], [r["alt"] for r in records])
+        after = answer_predictions(loaded, loc_prompts, loc_answers)
+        loc = [agreement(b, a) for b, a in zip(before, after)]
+    finally:
+        editor.detach()
+    assert sum(rel) / len(rel) >= 0.7, rel
+    assert sum(loc) / len(loc) >= 0.85, loc
