@@ -1,7 +1,7 @@
 """Throughput and latency of `editkit serve`: generate with and without edits in force,
 and edit latency under generate load. A real server (uvicorn subprocess) on loopback.
 
-    python benchmarks/serve.py [--model default] [--method ft] [--requests 40] [--concurrency 4]
+    python benchmarks/serve.py [--model default] [--method grace] [--requests 40] [--concurrency 4]
 
 Writes benchmarks/results/serve.json and serve.md."""
 
@@ -81,7 +81,7 @@ def generate_load(url: str, requests: int, concurrency: int, max_new_tokens: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model id or directory (default: the embedded model)")
-    parser.add_argument("--method", default="ft")
+    parser.add_argument("--method", default="grace")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)

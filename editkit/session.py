@@ -22,7 +22,8 @@ from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_mode
 from editkit.schemas import EditRequest
 from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
 
-DEFAULT_METHOD = "ft"
+# GRACE until WISE meets its quality bar (issue 3): the method whose edits reliably hold.
+DEFAULT_METHOD = "grace"
 WORKSPACE_FORMAT = 1
 EDITOR_STATE = "editor"
 INTERVENTION_STATE = "intervention."  # + name; its JSON holds {"config": ..., "state": ...}

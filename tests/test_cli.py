@@ -17,8 +17,8 @@ from editkit.errors import InvalidRequest
 from editkit.hookspecs import hookimpl
 from editkit.host import Candidate, PluginHost, builtin_candidates
 
-FAST = ["--config", "steps=3", "--config", "lr=0.01"]
-BUILTIN = {"adapters", "evaluation", "ft"}
+FAST = ["--method", "ft", "--config", "steps=3", "--config", "lr=0.01"]
+BUILTIN = {"adapters", "evaluation", "ft", "grace"}
 runner = CliRunner()
 
 
@@ -204,7 +204,7 @@ def test_bad_input_changes_nothing(app, gpt2, tiny_dirs, edited, tmp_path, monke
     empty_model.mkdir()
     for args, reasons in [
         (("edit", "p q", "r", "--method", "nope", *gpt2), ["unknown editor 'nope'", "available: ft"]),
-        (("edit", "p q", "r", "--config", "lr=-1", *gpt2), ["invalid ft config", "lr"]),
+        (("edit", "p q", "r", "--method", "ft", "--config", "lr=-1", *gpt2), ["invalid ft config", "lr"]),
         (("edit", "p q", "r", "--model", empty_model, "--device", "cpu"), ["cannot load", "empty-model"]),
         (("generate", "x", *gpt2), ["no workspace at"]),
         (("history",), ["no workspace at"]),
@@ -348,6 +348,6 @@ def test_demo_on_a_tiny_model(app, tiny_dirs, tmp_path, capsys):
 def test_demo_prints_a_table_in_a_temporary_workspace(app, tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = ok(run(app, "demo", "--model", tiny_dirs["llama"], "--device", "cpu", "--max-new-tokens", 2,
-                 "--config", "steps=1"))
+                 "--method", "ft", "--config", "steps=1"))
     assert "a temporary workspace" in out and "edit 3:" in out and "scores" in out
     assert list(tmp_path.iterdir()) == []  # nothing left behind
