@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = {
     "wise": "editkit.plugins.wise",
     "grace": "editkit.plugins.grace",
     "ph3": "editkit.plugins.ph3",
+    "reweave": "editkit.plugins.reweave",
 }
 
 KINDS = ("editors", "interventions", "adapters", "suites", "commands")

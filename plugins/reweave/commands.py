@@ -1,0 +1,170 @@
+"""`editkit reweave ...`: train a reweaver into a workspace or a file, apply a file, remove it."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from editkit.cli._common import (ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console,
+                                 echo_json, host_of, open_session, parse_config)
+from editkit.errors import InvalidRequest, WorkspaceError
+
+
+class Data(str, Enum):
+    passkey = "passkey"
+    counterfact = "counterfact"
+    zsre = "zsre"
+    mixed = "mixed"
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(help="Contextual memory reweaving: memory of earlier chunks without re-reading them.",
+                      no_args_is_help=True)
+
+    @app.callback()
+    def reweave() -> None:
+        """Contextual memory reweaving (arXiv 2502.02046): capture hidden states of earlier chunks in a
+        bounded per-conversation buffer and weave them back into a later layer (trained adapter)."""
+
+    @app.command("train")
+    def train_cmd(
+        ctx: typer.Context,
+        workspace: Annotated[Optional[Path], typer.Option(
+            "--workspace", "-w", file_okay=False, metavar="DIR",
+            help="Workspace to attach the trained reweaver to (kept across reopenings).")] = None,
+        out: Annotated[Optional[Path], typer.Option(
+            "--out", "-o", dir_okay=False, help="Standalone safetensors file to write instead.")] = None,
+        steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps.")] = 200,
+        examples: Annotated[int, typer.Option("--examples", min=2, help="Training episodes.")] = 256,
+        held_out: Annotated[int, typer.Option("--held-out", min=0, help="Held-out episodes to measure.")] = 64,
+        data: Annotated[Data, typer.Option("--data", help="Episodes: built-in passkeys, CounterFact or zsRE "
+                                           "facts from ../shared/data, or a mix.")] = Data.passkey,
+        distance: Annotated[int, typer.Option("--distance", min=1, help="Chunks between fact and query.")] = 1,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 2e-3,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        config: ConfigOpt = None,
+        model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+        device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Train the reweaver (base model frozen) on cross-chunk recall episodes; measure held-out recall."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from editkit.model import load_model
+
+        from .data import episodes
+        from .files import save_file
+        from .intervention import MemoryReweaving
+        from .train import evaluate, prepare, train
+
+        if (workspace is None) == (out is None):
+            raise InvalidRequest("give exactly one of --workspace and --out")
+        values = parse_config(config)
+        MemoryReweaving.make_config(values)  # a bad --config fails before the model loads
+        items = episodes(data.value, examples + held_out, seed=seed, distance=distance)
+        train_items, test_items = items[:examples], items[examples:]
+
+        def run(loaded, rw) -> dict:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console(),
+                          transient=True, disable=as_json) as bar:
+                prep_task = bar.add_task("capturing", total=len(train_items), info="")
+                prepared = prepare(rw, train_items, progress=lambda d, t: bar.update(prep_task, completed=d))
+                task = bar.add_task("training", total=steps, info="")
+                stats = train(rw, prepared, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                              progress=lambda s, t, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
+            report = {"train": stats}
+            if test_items:
+                report["held_out"] = {"baseline": evaluate(rw, test_items, use_memory=False),
+                                      "reweave": evaluate(rw, test_items, use_memory=True)}
+            return report
+
+        if out is not None:
+            loaded = load_model(model, device=device, dtype=dtype.value if dtype else None, device_map=device_map,
+                                host=host_of(ctx))
+            rw = MemoryReweaving(loaded, values)
+            rw.attach()
+            try:
+                report = run(loaded, rw)
+                tensors, meta = rw.state_dict()
+                save_file(out, tensors, rw.config.model_dump(mode="json"), meta, loaded.fingerprint)
+            finally:
+                rw.detach()
+            where = str(out)
+        else:
+            with open_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
+                              device_map=device_map) as session:
+                old = session.interventions.get("reweave")
+                if old is not None and values is not None and old.make_config(values) != old.config:
+                    raise WorkspaceError("the workspace's reweaver has another config; run `editkit reweave "
+                                         "remove` first or leave out --config")
+                rw = MemoryReweaving(session.loaded, old.config if old else values)
+                rw.attach()
+                try:
+                    if old is not None:  # continue training the workspace's reweaver
+                        rw.load_state_dict(*old.state_dict())
+                    report = run(session.loaded, rw)
+                    state = rw.state_dict()
+                finally:
+                    rw.detach()
+                if old is not None:
+                    session.remove_intervention("reweave")
+                session.add_intervention("reweave", rw.config.model_dump(mode="json"), state=state)
+            where = str(workspace)
+        report["saved_to"] = where
+        if as_json:
+            echo_json(report)
+            return
+        _print_report(report)
+
+    @app.command()
+    def apply(
+        ctx: typer.Context,
+        file: Annotated[Path, typer.Argument(dir_okay=False, help="File written by `reweave train --out`.")],
+        workspace: Annotated[Path, typer.Option("--workspace", "-w", file_okay=False, metavar="DIR",
+                                                help="Workspace to attach it to.")],
+        model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+        device_map: DeviceMapOpt = None,
+    ) -> None:
+        """Attach a trained reweaver file to a workspace."""
+        from .files import load_file
+
+        tensors, doc = load_file(file)
+        with open_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
+                          device_map=device_map) as session:
+            if doc.get("fingerprint") and session.loaded.fingerprint != doc["fingerprint"]:
+                raise WorkspaceError(f"{file} was trained on other weights (fingerprint {doc['fingerprint']}, "
+                                     f"workspace model {session.loaded.fingerprint})")
+            session.add_intervention("reweave", doc.get("config"), state=(tensors, doc.get("state", {})))
+        typer.echo(f"attached reweave from {file} to {workspace}")
+
+    @app.command()
+    def remove(ctx: typer.Context,
+               workspace: Annotated[Path, typer.Option("--workspace", "-w", file_okay=False, metavar="DIR")]) -> None:
+        """Detach the reweaver from a workspace."""
+        with open_session(ctx, workspace, create=False, model=None, device="auto", dtype=None,
+                          device_map=None) as session:
+            session.remove_intervention("reweave")
+        typer.echo(f"removed reweave from {workspace}")
+
+    return app
+
+
+def _print_report(report: dict) -> None:
+    from rich.table import Table
+
+    con = console()
+    t = report["train"]
+    con.print(f"trained {t['steps']} steps on {t['examples']} episodes in {t['seconds']:.1f}s: "
+              f"loss {t['first_loss']:.3f} -> {t['last5_loss']:.3f} (last 5), gate {t['gate']:.3f}")
+    held = report.get("held_out")
+    if held:
+        table = Table("held-out", "key exact", "token acc", "answer log-prob")
+        for name, row in held.items():
+            table.add_row(name, f"{100 * row['exact']:.1f}%", f"{100 * row['token_accuracy']:.1f}%",
+                          f"{row['answer_logprob']:.3f}")
+        con.print(table)
+    con.print(f"saved to {report['saved_to']}")

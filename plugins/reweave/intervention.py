@@ -1,0 +1,394 @@
+"""The reweaving intervention: capture hooks, per-conversation bounded buffers, and the gated
+cross-attention that adds what the buffer holds back into a later layer's hidden states.
+
+Concrete choices (the paper gives no equations; see docs/reweave.md):
+
+* Capture: the output hidden state of each capture block, one entry per token, detached and
+  copied. With `value_from="next"` (default) an entry is [the token's state | the next
+  token's state]: keys read the first half, values the second, so recall returns what
+  followed a context like the current one (the induction-head pattern; with values from the
+  token itself the default model's training loss stayed at chance). Per forward pass and
+  layer the `keep_per_chunk` highest-scored tokens are kept; the score is the z-score of the
+  token's L2 norm within the chunk ('norm') or a linear probe on the layer-normed state
+  ('learned'). A layer's buffer holds at most `capacity` entries; beyond that the
+  lowest-scored ('score') or the oldest ('fifo') goes. Pad positions are never kept.
+* Captures of one forward pass are staged and committed when the whole model's forward ends,
+  so a chunk never reads its own (future) tokens: the memory a pass reads is from earlier passes.
+* Reweave: after block `reweave_layer`,
+  h <- h + tanh(g) * rms(h) * W_o MHA(q = W_q LN(h), k = W_k (LN(m_key) + e_layer),
+  v = W_v (LN(m_value) + e_layer)), plus a learned null key with value 0 (a query may take
+  nothing). Logits are scaled by a learned factor starting at `attention_scale` (4: a sharp
+  start) and W_k starts equal to W_q, so attention starts by similarity. rms(h) makes the
+  update relative to the residual stream's scale, which differs by orders of magnitude between
+  models and depths. W_o starts at zero, so the contribution is exactly 0 until trained
+  (g starts at 0.1, not 0, or neither could learn); with an empty buffer the hook returns the
+  block output untouched.
+* Memory belongs to a conversation: reads and writes happen only while a conversation is
+  selected (`conversation(id)` / `set_conversation(id)`, thread-local); with none selected the
+  model behaves exactly as without the plugin. Buffers are runtime memory, not saved state; the
+  saved state is the reweaver's parameters.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.components import Intervention
+from editkit.errors import InvalidRequest
+from editkit.sites import Site
+
+from .config import ReweaveConfig
+
+STATE_FORMAT = 1
+
+
+class Reweaver(nn.Module):
+    """Gated cross-attention from hidden states onto buffered latent states (identity at init)."""
+
+    def __init__(self, hidden: int, sources: int, heads: int, head_dim: int, gate_init: float,
+                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.hidden, self.paired = hidden, paired
+        self.heads, self.head_dim = heads, head_dim
+        self.norm_q = nn.LayerNorm(hidden)
+        self.norm_m = nn.LayerNorm(hidden)
+        self.source = nn.Parameter(torch.zeros(sources, hidden))  # layer tag of each buffered state
+        self.q = nn.Linear(hidden, inner, bias=False)
+        self.k = nn.Linear(hidden, inner, bias=False)
+        self.v = nn.Linear(hidden, inner, bias=False)
+        self.o = nn.Linear(inner, hidden, bias=False)
+        with torch.no_grad():  # keys start as the query projection: attention starts by similarity
+            self.k.weight.copy_(self.q.weight)
+        nn.init.zeros_(self.o.weight)  # exactly the identity until trained
+        self.null_key = nn.Parameter(torch.zeros(heads, head_dim))
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.log_scale = nn.Parameter(torch.tensor(float(attention_scale)).log())  # attention sharpness
+        self.scorer = nn.Linear(hidden, 1) if learned_scorer else None
+        if self.scorer is not None:
+            nn.init.zeros_(self.scorer.weight)
+            nn.init.zeros_(self.scorer.bias)
+
+    def score(self, states: torch.Tensor) -> torch.Tensor:
+        """Learned relevance of stored states (..., H or 2H: the key half is scored) -> (...)."""
+        return self.scorer(self.norm_m(states[..., :self.hidden].float())).squeeze(-1)
+
+    def delta(self, hidden: torch.Tensor, memory: torch.Tensor, sources: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What reweaving adds to `hidden` (B, T, H), given memory (B, M, H; or 2H when paired:
+        [the token's state | the next token's state]), its layer tags (B, M) and a validity mask
+        (B, M); float32, same shape as hidden."""
+        b, t, _ = hidden.shape
+        m = memory.shape[1]
+        nh, hd = self.heads, self.head_dim
+        q = self.q(self.norm_q(hidden.float())).view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
+        tag = self.source[sources]
+        keys = memory[..., :self.hidden].float()
+        values = memory[..., self.hidden:].float() if self.paired else keys
+        k = self.k(self.norm_m(keys) + tag).view(b, m, nh, hd).transpose(1, 2)
+        v = self.v(self.norm_m(values) + tag).view(b, m, nh, hd).transpose(1, 2)
+        k = torch.cat([self.null_key.view(1, nh, 1, hd).expand(b, nh, 1, hd), k], dim=2)
+        v = torch.cat([v.new_zeros(b, nh, 1, hd), v], dim=2)
+        logits = q @ k.transpose(-1, -2) * (self.log_scale.exp() / hd ** 0.5)  # B nh T (1+M)
+        bias = logits.new_zeros(b, 1 + m)
+        if self.scorer is not None:
+            bias[:, 1:] = self.score(memory)
+        if mask is not None:
+            bias[:, 1:] = bias[:, 1:].masked_fill(~mask, float("-inf"))
+        logits = logits + bias[:, None, None, :]
+        out = torch.softmax(logits, dim=-1) @ v  # B nh T hd
+        out = out.transpose(1, 2).reshape(b, t, nh * hd)
+        scale = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # relative to the residual's size
+        return torch.tanh(self.gate) * scale * self.o(out)
+
+    def forward(self, hidden, memory, sources, mask=None):
+        return hidden + self.delta(hidden, memory, sources, mask).to(hidden.dtype)
+
+
+@dataclass
+class LayerBuffer:
+    """Captured states of one layer in one conversation (all detached)."""
+
+    states: torch.Tensor | None = None  # (n, H)
+    scores: torch.Tensor | None = None  # (n,)
+    order: torch.Tensor | None = None  # (n,) insertion counter, for fifo
+    added: int = 0  # states ever added to this layer
+
+    def __len__(self) -> int:
+        return 0 if self.states is None else self.states.shape[0]
+
+
+@dataclass
+class MemoryBuffer:
+    """One conversation's memory: a bounded buffer per capture layer."""
+
+    layers: dict[int, LayerBuffer] = field(default_factory=dict)
+    chunks: int = 0  # forward passes committed
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.layers.values())
+
+    def nbytes(self) -> int:
+        total = 0
+        for buf in self.layers.values():
+            for t in (buf.states, buf.scores, buf.order):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def add(self, layer: int, states: torch.Tensor, scores: torch.Tensor, capacity: int, eviction: str) -> None:
+        buf = self.layers.setdefault(layer, LayerBuffer())
+        order = torch.arange(buf.added, buf.added + states.shape[0], device=states.device)
+        buf.added += states.shape[0]
+        if buf.states is None:
+            buf.states, buf.scores, buf.order = states, scores, order
+        else:
+            buf.states = torch.cat([buf.states, states])
+            buf.scores = torch.cat([buf.scores, scores])
+            buf.order = torch.cat([buf.order, order])
+        if len(buf) > capacity:
+            key = buf.scores if eviction == "score" else buf.order.to(buf.scores.dtype)
+            keep = torch.topk(key, capacity).indices.sort().values
+            buf.states, buf.scores, buf.order = buf.states[keep], buf.scores[keep], buf.order[keep]
+
+    def memory(self, layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(states (M, H), source index (M,)) over all layers, or None when empty."""
+        states, sources = [], []
+        for i, layer in enumerate(layer_ids):
+            buf = self.layers.get(layer)
+            if buf is not None and len(buf):
+                states.append(buf.states)
+                sources.append(torch.full((len(buf),), i, dtype=torch.long, device=buf.states.device))
+        if not states:
+            return None
+        return torch.cat(states), torch.cat(sources)
+
+
+def _hidden_of(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(output, hidden):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class MemoryReweaving(Intervention):
+    """Captures hidden states into a bounded per-conversation buffer and reweaves them into a
+    later layer with a zero-initialised gated cross-attention (trained; base model frozen)."""
+
+    name = "reweave"
+    Config = ReweaveConfig
+    description = ("contextual memory reweaving: capture hidden states of earlier chunks in a bounded "
+                   "per-conversation buffer and add them back at a later layer with a trained gated "
+                   "cross-attention (`editkit reweave train`)")
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def attach(self) -> None:
+        cfg: ReweaveConfig = self.config
+        adapter = self.adapter
+        self.capture_ids = sorted({adapter.layer_index(layer) for layer in cfg.capture_layers})
+        self.reweave_id = adapter.layer_index(cfg.reweave_layer)
+        if cfg.keep_per_chunk > cfg.capacity:
+            raise InvalidRequest(f"reweave keep_per_chunk ({cfg.keep_per_chunk}) exceeds capacity ({cfg.capacity})")
+        block = adapter.module(Site("block", self.reweave_id))
+        device = next(block.parameters()).device  # right under device_map too
+        self.device = device
+        self.module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
+                               cfg.gate_init, cfg.scorer == "learned", cfg.value_from == "next",
+                               cfg.attention_scale).to(device)
+        self.module.requires_grad_(False)
+        self.meta: dict[str, Any] = {}
+        self.buffers: OrderedDict[str, MemoryBuffer] = OrderedDict()
+        self._local = threading.local()  # per thread: conversation, staged captures, pad mask
+        self._handles = []
+        model = self.model
+        self._handles.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
+        for layer in self.capture_ids:
+            block = adapter.module(Site("block", layer))
+            self._handles.append(block.register_forward_hook(self._make_capture(layer)))
+        self._handles.append(block.register_forward_hook(self._reweave_hook))
+        self.attached = True
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.buffers.clear()
+        self._local = threading.local()
+        self.attached = False
+
+    # ---- conversations -----------------------------------------------------------------
+    @property
+    def _pending(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        if not hasattr(self._local, "pending"):
+            self._local.pending = {}
+        return self._local.pending
+
+    @_pending.setter
+    def _pending(self, value) -> None:
+        self._local.pending = value
+
+    @property
+    def _pad_mask(self) -> torch.Tensor | None:
+        return getattr(self._local, "pad_mask", None)
+
+    @_pad_mask.setter
+    def _pad_mask(self, value) -> None:
+        self._local.pad_mask = value
+
+    @property
+    def current(self) -> str | None:
+        """The conversation this thread reads and writes, or None (the plugin is then inert)."""
+        return getattr(self._local, "conversation", None)
+
+    def set_conversation(self, conversation: str | None) -> None:
+        """Select which conversation's buffer the following forward passes read and write
+        (None: none; the model then behaves exactly as without the plugin)."""
+        self._local.conversation = None if conversation is None else str(conversation)
+        self._pending = {}
+
+    @contextmanager
+    def conversation(self, conversation: str) -> Iterator[MemoryBuffer]:
+        """Read and write `conversation`'s memory for the duration of the block."""
+        previous = self.current
+        self.set_conversation(conversation)
+        try:
+            yield self.buffer(conversation)
+        finally:
+            self.set_conversation(previous)
+
+    def buffer(self, conversation: str | None = None) -> MemoryBuffer:
+        """The buffer of `conversation` (default: the current one), created when missing."""
+        key = str(conversation if conversation is not None else self.current)
+        if key == "None":
+            raise InvalidRequest("no conversation selected")
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = MemoryBuffer()
+            while len(self.buffers) > self.config.max_conversations:
+                self.buffers.popitem(last=False)
+        self.buffers.move_to_end(key)
+        return buf
+
+    def clear(self, conversation: str | None = None) -> None:
+        """Forget everything `conversation` (default: the current one) remembers."""
+        key = str(conversation if conversation is not None else self.current)
+        self.buffers.pop(key, None)
+        self._pending = {}
+
+    # ---- hooks -------------------------------------------------------------------------
+    def _on_model_start(self, module, args, kwargs):
+        self._pending = {}
+        mask = kwargs.get("attention_mask")
+        self._pad_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _on_model_end(self, module, args, kwargs, output):
+        if self.current is not None and self._pending:
+            buf = self.buffer()
+            for layer, (states, scores) in self._pending.items():
+                buf.add(layer, states, scores, self.config.capacity, self.config.eviction)
+            buf.chunks += 1
+        self._pending = {}
+
+    def select(self, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """From one layer's hidden states (B, T, H), the (states (k, H), scores (k,)) to keep:
+        the `keep_per_chunk` best-scored non-pad tokens, detached copies."""
+        with torch.no_grad():
+            hidden = hidden.detach()
+            if valid is not None and valid.shape != hidden.shape[:2]:
+                valid = None
+            valid = None if valid is None else valid.to(device=hidden.device, dtype=torch.bool)
+            own = hidden.reshape(-1, hidden.shape[-1])
+            keep = torch.ones(own.shape[0], dtype=torch.bool, device=own.device) if valid is None \
+                else valid.reshape(-1)
+            flat = own
+            if self.config.value_from == "next":  # [own state | next token's state (own at the end)]
+                nxt = torch.cat([hidden[:, 1:], hidden[:, -1:]], dim=1)
+                has_next = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+                has_next[:, -1] = False
+                if valid is not None:
+                    has_next &= torch.cat([valid[:, 1:], valid[:, -1:] & False], dim=1)
+                nxt = torch.where(has_next[..., None], nxt, hidden)
+                flat = torch.cat([own, nxt.reshape(-1, hidden.shape[-1])], dim=-1)
+            if self.config.scorer == "learned":
+                scores = self.module.score(flat)
+            else:
+                norms = own.float().norm(dim=-1)
+                sel = norms[keep]
+                std = sel.std() if sel.numel() > 1 else sel.new_ones(())
+                scores = (norms - sel.mean()) / (std + 1e-6)
+            scores = scores.masked_fill(~keep, float("-inf"))
+            k = min(self.config.keep_per_chunk, int(keep.sum()))
+            idx = torch.topk(scores, k).indices.sort().values
+            return flat[idx].to(self.device, copy=True), scores[idx].float().to(self.device, copy=True)
+
+    def _make_capture(self, layer: int):
+        def hook(module, args, output):
+            if self.current is None:
+                return None
+            hidden = _hidden_of(output)
+            valid = self._pad_mask
+            if valid is not None and valid.shape[:2] != hidden.shape[:2]:
+                valid = valid[:, -hidden.shape[1]:] if valid.shape[0] == hidden.shape[0] else None
+            self._pending[layer] = self.select(hidden, valid)
+            return None
+        return hook
+
+    def _reweave_hook(self, module, args, output):
+        if self.current is None:
+            return None
+        buf = self.buffers.get(self.current)
+        found = None if buf is None else buf.memory(self.capture_ids)
+        if found is None:
+            return None  # empty memory: the block output is returned untouched
+        states, sources = found
+        hidden = _hidden_of(output)
+        b = hidden.shape[0]
+        memory = states.unsqueeze(0).expand(b, -1, -1)
+        return _with_hidden(output, self.module(hidden, memory, sources.unsqueeze(0).expand(b, -1)))
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return tensors, {"format": STATE_FORMAT, "capture_layers": self.capture_ids,
+                         "reweave_layer": self.reweave_id, **self.meta}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("format", STATE_FORMAT) != STATE_FORMAT:
+            raise InvalidRequest(f"reweave state has format {meta.get('format')}; this editkit reads {STATE_FORMAT}")
+        own = self.module.state_dict()
+        if set(tensors) != set(own):
+            raise InvalidRequest(f"reweave state tensors {sorted(tensors)} do not match the config's "
+                                 f"{sorted(own)}")
+        for key, value in own.items():
+            if tuple(tensors[key].shape) != tuple(value.shape):
+                raise InvalidRequest(f"reweave state tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                                     f"expected {tuple(value.shape)} (other model or config?)")
+        self.module.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in tensors.items()})
+        self.meta = {k: v for k, v in meta.items() if k not in ("format", "capture_layers", "reweave_layer")}
+
+    def memory_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.buffers.values())
+
+
+@contextmanager
+def reweaving(loaded, config: ReweaveConfig | dict | None = None,
+              state: tuple[dict, dict] | None = None) -> Iterator[MemoryReweaving]:
+    """Reweave for the duration of the block (no session, nothing persisted)."""
+    rw = MemoryReweaving(loaded, config)
+    rw.attach()
+    try:
+        if state is not None:
+            rw.load_state_dict(*state)
+        yield rw
+    finally:
+        rw.detach()

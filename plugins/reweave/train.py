@@ -1,0 +1,234 @@
+"""Training and measuring the reweaver. The base model stays frozen; only the reweaver trains.
+
+Cheap by construction: per episode, the memory (captured from the earlier chunks through the
+same hooks serving uses) and the query's hidden states at the reweave layer do not depend on
+the reweaver, so both are computed once with no grad. Each step then runs only the reweaver,
+the blocks above the reweave layer (adapter.run_blocks) and the vocabulary projection at the
+answer positions."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from editkit.sites import Site
+
+from .data import Episode
+from .intervention import MemoryBuffer, MemoryReweaving
+
+
+@dataclass
+class Prepared:
+    ids: torch.Tensor  # (T,) query + answer tokens, without the last one
+    targets: torch.Tensor  # (A,) answer tokens scored
+    positions: torch.Tensor  # (A,) positions whose next-token prediction is scored
+    hidden: torch.Tensor  # (T, H) output of the reweave block, frozen model
+    memory: torch.Tensor  # (M, H), or (M, 2H) when paired with the next token
+    sources: torch.Tensor  # (M,)
+
+
+def encode(tokenizer, query: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of query + answer and the index of the first scored answer token (leading
+    whitespace-only tokens, like a lone space before digits, count as prompt)."""
+    full = tokenizer(query + answer).input_ids
+    q = tokenizer(query).input_ids
+    if full[:len(q)] != q:
+        full = q + tokenizer(answer, add_special_tokens=False).input_ids
+    start = len(q)
+    while start < len(full) - 1 and not tokenizer.decode([full[start]]).strip():
+        start += 1
+    return full, start
+
+
+@torch.no_grad()
+def _forward_batch(rw: MemoryReweaving, texts: list[list[int]], layers: list[int]) -> tuple[dict, torch.Tensor]:
+    """Right-padded forward of token lists with no conversation (the reweaver is inert);
+    returns {layer: block output (B, T, H)} and the attention mask (B, T)."""
+    device = rw.loaded.device
+    pad = rw.tokenizer.pad_token_id if rw.tokenizer.pad_token_id is not None else 0
+    n = max(len(t) for t in texts)
+    ids = torch.full((len(texts), n), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(texts), n), dtype=torch.long, device=device)
+    for i, t in enumerate(texts):
+        ids[i, :len(t)] = torch.tensor(t, device=device)
+        mask[i, :len(t)] = 1
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        block = rw.adapter.module(Site("block", layer))
+        handles.append(block.register_forward_hook(
+            lambda m, a, o, layer=layer: seen.__setitem__(layer, o[0] if isinstance(o, tuple) else o)))
+    try:
+        rw.model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, mask
+
+
+@torch.no_grad()
+def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
+            progress: Callable[[int, int], None] | None = None) -> list[Prepared]:
+    """Capture each episode's memory and its query's frozen states at the reweave layer, batched.
+    Capture uses the serving selection (MemoryReweaving.select on each chunk alone, then
+    MemoryBuffer.add), so training sees what serving would store."""
+    out: list[Prepared] = []
+    device, tok, cfg = rw.loaded.device, rw.tokenizer, rw.config
+    previous = rw.current
+    rw.set_conversation(None)
+    try:
+        for lo in range(0, len(items), batch_size):
+            group = items[lo:lo + batch_size]
+            buffers = [MemoryBuffer() for _ in group]
+            for j in range(max(len(ep.chunks) for ep in group)):
+                rows = [i for i, ep in enumerate(group) if j < len(ep.chunks)]
+                seen, mask = _forward_batch(rw, [tok(group[i].chunks[j]).input_ids for i in rows], rw.capture_ids)
+                for r, i in enumerate(rows):
+                    for layer in rw.capture_ids:
+                        states, scores = rw.select(seen[layer][r:r + 1], mask[r:r + 1])
+                        buffers[i].add(layer, states, scores, cfg.capacity, cfg.eviction)
+            encoded = [encode(tok, ep.query, ep.answer) for ep in group]
+            seen, _ = _forward_batch(rw, [full[:-1] for full, _ in encoded], [rw.reweave_id])
+            for r, ((full, start), buf) in enumerate(zip(encoded, buffers)):
+                found = buf.memory(rw.capture_ids)
+                if found is None:
+                    width = rw.adapter.hidden_size * (2 if rw.module.paired else 1)
+                    found = (torch.zeros(0, width, device=device),
+                             torch.zeros(0, dtype=torch.long, device=device))
+                out.append(Prepared(torch.tensor(full[:-1], device=device), torch.tensor(full[start:], device=device),
+                                    torch.arange(start - 1, len(full) - 1, device=device),
+                                    seen[rw.reweave_id][r, :len(full) - 1].clone(), found[0], found[1]))
+            if progress:
+                progress(len(out), len(items))
+    finally:
+        rw.set_conversation(previous)
+    return out
+
+
+def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (n_i, ...) tensors to (B, max n, ...); mask (B, max n)."""
+    n = max(1, max(t.shape[0] for t in tensors))
+    out = tensors[0].new_zeros((len(tensors), n, *tensors[0].shape[1:]))
+    mask = torch.zeros(len(tensors), n, dtype=torch.bool, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        out[i, :t.shape[0]] = t
+        mask[i, :t.shape[0]] = True
+    return out, mask
+
+
+def batch_loss(rw: MemoryReweaving, batch: list[Prepared]) -> torch.Tensor:
+    """Mean answer-token cross-entropy with the reweaver applied (grad flows to it only)."""
+    hidden, attn = _pad([p.hidden for p in batch])
+    memory, mmask = _pad([p.memory for p in batch])
+    sources, _ = _pad([p.sources for p in batch])
+    woven = rw.module(hidden, memory, sources, mmask)
+    top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
+    rows = torch.cat([torch.full_like(p.positions, i) for i, p in enumerate(batch)])
+    cols = torch.cat([p.positions for p in batch])
+    logits = rw.adapter.unembed(top[rows, cols]).float()
+    return torch.nn.functional.cross_entropy(logits, torch.cat([p.targets for p in batch]))
+
+
+def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: float = 2e-3, batch_size: int = 8,
+          seed: int = 0, progress: Callable[[int, int, float], None] | None = None) -> dict:
+    """Adam on the reweaver's parameters; the base model is frozen (its grads are never needed)."""
+    model_params = [p for p in rw.model.parameters() if p.requires_grad]
+    for p in model_params:
+        p.requires_grad_(False)
+    rw.module.requires_grad_(True)
+    rng = random.Random(seed)
+    opt = torch.optim.Adam(rw.module.parameters(), lr=lr)
+    losses = []
+    started = time.perf_counter()
+    try:
+        rw.module.train()
+        for step in range(1, steps + 1):
+            batch = rng.sample(prepared, min(batch_size, len(prepared)))
+            loss = batch_loss(rw, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if progress:
+                progress(step, steps, losses[-1])
+    finally:
+        rw.module.eval()
+        rw.module.requires_grad_(False)
+        for p in model_params:
+            p.requires_grad_(True)
+    stats = {"steps": steps, "lr": lr, "batch_size": batch_size, "examples": len(prepared),
+             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+             "last5_loss": sum(losses[-5:]) / max(1, len(losses[-5:])), "seconds": time.perf_counter() - started,
+             "gate": float(torch.tanh(rw.module.gate))}
+    rw.meta = {**rw.meta, "trained_steps": int(rw.meta.get("trained_steps", 0)) + steps,
+               "last_loss": stats["last_loss"]}
+    return stats
+
+
+@torch.no_grad()
+def evaluate(rw: MemoryReweaving, items: list[Episode], use_memory: bool = True) -> dict:
+    """Teacher-forced recall through the serving path: feed the earlier chunks in a fresh
+    conversation, then score the answer after the query. use_memory=False: the frozen baseline
+    (no conversation selected, so the plugin is inert)."""
+    tok, device = rw.tokenizer, rw.loaded.device
+    exact = tokens = correct = 0
+    logprob = 0.0
+    previous = rw.current
+    try:
+        for i, ep in enumerate(items):
+            conv = f"__eval__{i}"
+            full, start = encode(tok, ep.query, ep.answer)
+            ids = torch.tensor([full[:-1]], device=device)
+            if use_memory:
+                rw.clear(conv)
+                rw.set_conversation(conv)
+                for chunk in ep.chunks:
+                    rw.model(tok(chunk, return_tensors="pt").input_ids.to(device))
+            else:
+                rw.set_conversation(None)
+            logits = rw.model(ids).logits[0, start - 1:].float()
+            rw.set_conversation(None)
+            rw.clear(conv)
+            targets = torch.tensor(full[start:], device=device)
+            hits = logits.argmax(-1) == targets
+            exact += int(hits.all())
+            correct += int(hits.sum())
+            tokens += len(targets)
+            logprob += float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).mean())
+    finally:
+        rw.set_conversation(previous)
+    n = max(1, len(items))
+    return {"items": len(items), "exact": exact / n, "token_accuracy": correct / max(1, tokens),
+            "answer_logprob": logprob / n}
+
+
+@torch.no_grad()
+def score(rw: MemoryReweaving, prepared: list[Prepared], use_memory: bool = True, batch_size: int = 16) -> dict:
+    """`evaluate`'s numbers from prepared episodes, batched through the training path (which a
+    test checks against serving). use_memory=False gives the memory nothing to offer: the
+    frozen model's own prediction."""
+    exact = tokens = correct = 0
+    logprob = 0.0
+    for lo in range(0, len(prepared), batch_size):
+        batch = prepared[lo:lo + batch_size]
+        if not use_memory:
+            batch = [Prepared(p.ids, p.targets, p.positions, p.hidden, p.memory[:0], p.sources[:0]) for p in batch]
+        hidden, attn = _pad([p.hidden for p in batch])
+        memory, mmask = _pad([p.memory for p in batch])
+        sources, _ = _pad([p.sources for p in batch])
+        woven = rw.module(hidden, memory, sources, mmask)
+        top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
+        for i, p in enumerate(batch):
+            logits = rw.adapter.unembed(top[i, p.positions]).float()
+            hits = logits.argmax(-1) == p.targets
+            exact += int(hits.all())
+            correct += int(hits.sum())
+            tokens += len(p.targets)
+            logprob += float(torch.log_softmax(logits, -1).gather(1, p.targets[:, None]).mean())
+    n = max(1, len(prepared))
+    return {"items": len(prepared), "exact": exact / n, "token_accuracy": correct / max(1, tokens),
+            "answer_logprob": logprob / n}

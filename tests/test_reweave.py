@@ -1,0 +1,254 @@
+"""Contextual memory reweaving: identity at init, bounded detached buffers, exact clearing,
+train/serve agreement, state round trip through a session, training lowers the loss; and on
+the default model, held-out cross-chunk recall above the frozen baseline."""
+
+import time
+
+import pytest
+import torch
+
+from editkit.errors import InvalidRequest
+from editkit.plugins.reweave import MemoryReweaving, passkeys, prepare, reweaving, train
+from editkit.plugins.reweave.train import batch_loss, evaluate, score
+from editkit.session import Session
+
+FAST = {"steps": 2, "lr": 0.05, "early_stop_loss": 0.0}
+TEXT = "The capital of Italy is Rome and the code for the red door is 4821"
+
+
+@torch.no_grad()
+def logits(loaded, text=TEXT):
+    return loaded.model(loaded.tokenizer(text, return_tensors="pt").input_ids).logits
+
+
+@torch.no_grad()
+def feed(loaded, texts):
+    for text in texts:
+        loaded.model(loaded.tokenizer(text, return_tensors="pt").input_ids)
+
+
+def perturb(rw, seed=0):
+    """Random reweaver weights (a stand-in for a trained one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rw.module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_identity_at_init_and_detach(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    base = logits(loaded)
+    flags = [p.requires_grad for p in loaded.model.parameters()]
+    with reweaving(loaded) as rw:
+        assert torch.equal(logits(loaded), base)  # no conversation: inert
+        with rw.conversation("c1") as buf:
+            feed(loaded, ["The code for the red door is 4821.", "Someone left a cup of tea."])
+            assert len(buf) > 0
+            assert torch.equal(logits(loaded), base)  # memory present, zero-initialised output
+        assert float(rw.module.o.weight.abs().sum()) == 0.0 and float(rw.module.gate) != 0.0
+    assert torch.equal(logits(loaded), base)
+    assert [p.requires_grad for p in loaded.model.parameters()] == flags
+
+
+def test_buffer_bounded_detached_and_clear_restores(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    base = logits(loaded)
+    cfg = {"capacity": 12, "keep_per_chunk": 5, "capture_layers": [1, 2], "reweave_layer": -1}
+    with reweaving(loaded, cfg) as rw:
+        perturb(rw)
+        with rw.conversation("long") as buf:
+            for i in range(40):
+                feed(loaded, [f"Chunk {i}: the weather was mild and the code was {1000 + i}."])
+            assert buf.chunks == 40
+            assert set(buf.layers) == set(rw.capture_ids) == {1, 2}
+            for layer in buf.layers.values():
+                assert len(layer) == 12 and not layer.states.requires_grad and layer.states.grad_fn is None
+            assert rw.memory_bytes() == buf.nbytes() > 0
+            changed = logits(loaded)
+            assert not torch.allclose(changed, base)
+            rw.clear()
+            assert torch.equal(logits(loaded), base)  # cleared: the query itself is not read by itself
+        # fifo keeps the newest
+    with reweaving(loaded, {**cfg, "eviction": "fifo"}) as rw:
+        with rw.conversation("f") as buf:
+            for i in range(6):
+                feed(loaded, [f"Chunk {i}: the weather was mild and the code was {1000 + i}."])
+            assert all(b.order.tolist() == list(range(b.added - 12, b.added)) for b in buf.layers.values())
+
+
+def test_conversations_are_separate_and_lru_bounded(tiny_loaded):
+    loaded = tiny_loaded["llama"]
+    base = logits(loaded)
+    with reweaving(loaded, {"max_conversations": 2}) as rw:
+        perturb(rw)
+        with rw.conversation("a"):
+            feed(loaded, ["The code for the red door is 4821."])
+            with_a = logits(loaded)
+        rw.clear("a")
+        with rw.conversation("a"):
+            feed(loaded, ["The code for the red door is 4821."])
+        with rw.conversation("b"):
+            assert torch.equal(logits(loaded), base)  # b has no memory of a
+        with rw.conversation("a"):
+            assert torch.allclose(logits(loaded), with_a, atol=1e-5)
+        with rw.conversation("c"):
+            feed(loaded, ["hello"])
+        assert len(rw.buffers) == 2
+        with pytest.raises(InvalidRequest, match="no conversation"):
+            rw.buffer()
+        import threading
+
+        seen = []
+        with rw.conversation("a"):  # the selection is per thread
+            thread = threading.Thread(target=lambda: seen.append((rw.current, logits(loaded))))
+            thread.start()
+            thread.join()
+            assert rw.current == "a"
+        assert seen[0][0] is None and torch.equal(seen[0][1], base)
+
+
+def test_padding_is_never_captured(tiny_loaded):
+    loaded = tiny_loaded["gpt2"]
+    tok = loaded.tokenizer
+    with reweaving(loaded, {"keep_per_chunk": 64, "capacity": 64}) as rw, rw.conversation("p") as buf:
+        enc = tok(["short", "a much longer sentence about the red door code"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            loaded.model(**enc)
+        assert all(len(b) == int(enc.attention_mask.sum()) for b in buf.layers.values())
+
+
+def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    items = passkeys(12, seed=1, digits=2)
+    with reweaving(loaded, {"capture_layers": [1, 2], "reweave_layer": 2}) as rw:
+        perturb(rw, seed=3)
+        prepared = prepare(rw, items[:2])
+        ep, p = items[0], prepared[0]
+        with rw.conversation("x"):
+            feed(loaded, ep.chunks)
+            served = loaded.model(p.ids.unsqueeze(0)).logits[0, p.positions]
+        with torch.no_grad():
+            h = rw.module(p.hidden[None], p.memory[None], p.sources[None])
+            top = rw.adapter.run_blocks(h, rw.reweave_id + 1)
+            functional = rw.adapter.unembed(top[0, p.positions])
+        assert torch.allclose(served, functional, atol=1e-4)
+        for use in (True, False):  # the batched scorer agrees with serving-path evaluation
+            fast, slow = score(rw, prepared, use_memory=use), evaluate(rw, items[:2], use_memory=use)
+            assert fast["token_accuracy"] == slow["token_accuracy"]
+            assert fast["answer_logprob"] == pytest.approx(slow["answer_logprob"], abs=1e-4)
+    flags = [p.requires_grad for p in loaded.model.parameters()]
+    with reweaving(loaded, {"capture_layers": [1, 2], "reweave_layer": 2}) as rw:
+        prepared = prepare(rw, items)
+        with torch.no_grad():
+            before = batch_loss(rw, prepared).item()
+        stats = train(rw, prepared, steps=30, lr=1e-2, batch_size=6)
+        with torch.no_grad():
+            after = batch_loss(rw, prepared).item()
+        assert after < before - 0.05, (before, after)
+        assert stats["steps"] == 30 and rw.meta["trained_steps"] == 30
+        assert [p.requires_grad for p in loaded.model.parameters()] == flags
+        assert all(p.grad is None for p in loaded.model.parameters())
+
+
+def test_state_round_trip_through_session(tmp_path, tiny_loaded):
+    loaded = tiny_loaded["gpt_neox"]
+    base = logits(loaded)
+    ws = tmp_path / "ws"
+    cfg = {"capture_layers": [0.5], "reweave_layer": -1, "heads": 2, "head_dim": 8}
+    with reweaving(loaded, cfg) as rw:
+        perturb(rw, seed=5)
+        state = rw.state_dict()
+    with Session.open(ws, loaded=loaded, method="ft", method_config=FAST) as s:
+        rw = s.add_intervention("reweave", cfg, state=state)
+        assert torch.equal(logits(loaded), base)  # no conversation selected
+        with rw.conversation("t"):
+            feed(loaded, ["The code for the red door is 4821."])
+            remembered = logits(loaded)
+        assert not torch.allclose(remembered, base)
+        with pytest.raises(InvalidRequest, match="shape"):
+            bad = {k: (v[:1] if v.dim() else v) for k, v in state[0].items()}
+            s.remove_intervention("reweave")
+            s.add_intervention("reweave", cfg, state=(bad, state[1]))
+        s.add_intervention("reweave", cfg, state=state)
+    assert torch.equal(logits(loaded), base)
+    with Session.open(ws, loaded=loaded) as s:
+        rw = s.interventions["reweave"]
+        saved = rw.state_dict()[0]
+        assert all(torch.equal(saved[k], state[0][k]) for k in state[0])
+        with rw.conversation("t"):
+            feed(loaded, ["The code for the red door is 4821."])
+            assert torch.equal(logits(loaded), remembered)
+        s.remove_intervention("reweave")
+    assert torch.equal(logits(loaded), base)
+
+
+def test_bad_config_is_refused(tiny_loaded):
+    loaded = tiny_loaded["llama"]
+    for bad in ({"gate_init": 0.0}, {"capacity": 0}, {"scorer": "magic"}, {"capture_layers": []}):
+        with pytest.raises(InvalidRequest, match="reweave config"):
+            MemoryReweaving(loaded, bad)
+    with pytest.raises(InvalidRequest, match="exceeds capacity"):
+        MemoryReweaving(loaded, {"capacity": 4, "keep_per_chunk": 8}).attach()
+
+
+def test_learned_scorer_trains(tiny_loaded):
+    loaded = tiny_loaded["llama"]
+    items = passkeys(8, seed=2, digits=2)
+    with reweaving(loaded, {"scorer": "learned", "capture_layers": [1, 2], "reweave_layer": 2}) as rw:
+        prepared = prepare(rw, items)
+        train(rw, prepared, steps=5, lr=1e-2, batch_size=4)
+        assert float(rw.module.scorer.weight.abs().sum()) > 0
+
+
+@pytest.mark.model
+def test_default_model_recalls_across_chunks(default_model):
+    """Held-out passkeys one chunk back: recall with the trained reweaver clearly above the frozen
+    model, which cannot see the earlier chunk (chance: 10% per digit). Scored with the batched
+    training path, which test_training_path_matches_serving_and_lowers_loss checks against serving."""
+    started = time.perf_counter()
+    items = passkeys(64, seed=0, digits=2, distractors=0)
+    torch.manual_seed(0)
+    with reweaving(default_model) as rw:
+        prepared = prepare(rw, items)
+        train_set, held_out = prepared[:48], prepared[48:]
+        stats = train(rw, train_set, steps=80, lr=1e-2, batch_size=8)
+        base = score(rw, held_out, use_memory=False)
+        woven = score(rw, held_out, use_memory=True)
+    elapsed = time.perf_counter() - started
+    print(f"\nreweave default model: train {stats}, baseline {base}, reweave {woven}, {elapsed:.1f}s")
+    assert stats["last5_loss"] < stats["first_loss"] - 0.5
+    assert base["token_accuracy"] < 0.3
+    assert woven["token_accuracy"] > base["token_accuracy"] + 0.15
+    assert woven["answer_logprob"] > base["answer_logprob"] + 0.3  # seen: +1.17, +0.64
+
+
+def test_cli_train_apply_remove(tiny_dirs, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from editkit.cli.main import build_app
+    from editkit.host import get_host
+    from editkit.plugins.reweave import load_file
+
+    app, runner = build_app(get_host()), CliRunner()
+    model = ["--model", str(tiny_dirs["llama"]), "--device", "cpu"]
+    small = ["--steps", "3", "--examples", "6", "--held-out", "2", "--config", "capture_layers=[1,2]"]
+    out = tmp_path / "rw.safetensors"
+    result = runner.invoke(app, ["reweave", "train", "--out", str(out), "--json", *small, *model])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["train"]["steps"] == 3 and set(report["held_out"]) == {"baseline", "reweave"}
+    tensors, doc = load_file(out)
+    assert doc["config"]["capture_layers"] == [1, 2] and doc["state"]["trained_steps"] == 3 and "o.weight" in tensors
+    ws = tmp_path / "ws"
+    assert runner.invoke(app, ["reweave", "apply", str(out), "--workspace", str(ws), *model]).exit_code == 0
+    result = runner.invoke(app, ["reweave", "train", "--workspace", str(ws), "--json", *small[:6]])
+    assert result.exit_code == 0, result.output  # continues training the workspace's reweaver
+    with Session.open(ws, create=False) as s:
+        assert s.interventions["reweave"].meta["trained_steps"] == 6
+    assert runner.invoke(app, ["reweave", "remove", "--workspace", str(ws)]).exit_code == 0
+    result = runner.invoke(app, ["reweave", "remove", "--workspace", str(ws)])
+    assert result.exit_code == 1 and "not attached" in result.output
+    result = runner.invoke(app, ["reweave", "train", "--out", str(out), "--workspace", str(ws)])
+    assert result.exit_code == 1 and "exactly one" in result.output
