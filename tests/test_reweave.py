@@ -206,12 +206,12 @@ def test_default_model_recalls_across_chunks(default_model):
     model, which cannot see the earlier chunk (chance: 10% per digit). Scored with the batched
     training path, which test_training_path_matches_serving_and_lowers_loss checks against serving."""
     started = time.perf_counter()
-    items = passkeys(64, seed=0, digits=2, distractors=0)
+    items = passkeys(192, seed=0, digits=2, distractors=0)
     torch.manual_seed(0)
     with reweaving(default_model) as rw:
         prepared = prepare(rw, items)
-        train_set, held_out = prepared[:48], prepared[48:]
-        stats = train(rw, train_set, steps=80, lr=1e-2, batch_size=8)
+        train_set, held_out = prepared[:160], prepared[160:]
+        stats = train(rw, train_set, steps=150, lr=1e-2, batch_size=8)
         base = score(rw, held_out, use_memory=False)
         woven = score(rw, held_out, use_memory=True)
     elapsed = time.perf_counter() - started
@@ -219,7 +219,7 @@ def test_default_model_recalls_across_chunks(default_model):
     assert stats["last5_loss"] < stats["first_loss"] - 0.5
     assert base["token_accuracy"] < 0.3
     assert woven["token_accuracy"] > base["token_accuracy"] + 0.15
-    assert woven["answer_logprob"] > base["answer_logprob"] + 0.3  # seen: +1.17, +0.64
+    assert woven["answer_logprob"] > base["answer_logprob"] + 0.3  # seen (160 train items): +1.64, +2.94
 
 
 def test_cli_train_apply_remove(tiny_dirs, tmp_path):
