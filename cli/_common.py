@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from editkit.errors import EditkitError, InvalidRequest, WorkspaceError
+from editkit.errors import EditkitError, InvalidRequest
 
 if TYPE_CHECKING:
     from editkit.host import PluginHost
