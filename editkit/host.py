@@ -26,6 +26,7 @@ BUILTIN_PLUGINS = {
     "grace": "editkit.plugins.grace",
     "ph3": "editkit.plugins.ph3",
     "reweave": "editkit.plugins.reweave",
+    "nmc": "editkit.plugins.nmc",
 }
 
 KINDS = ("editors", "interventions", "adapters", "suites", "commands")

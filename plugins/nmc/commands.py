@@ -1,0 +1,157 @@
+"""`editkit nmc ...`: meta-train the synthetic-gradient module into a file, measure a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from editkit.cli._common import (ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console,
+                                 echo_json, host_of, parse_config)
+
+from .pretrain import HELD_OUT_FILE, TRAIN_FILE
+
+DataOpt = Annotated[Path, typer.Option("--data", dir_okay=False, help="CounterFact JSON to train on.")]
+HeldOutDataOpt = Annotated[Path, typer.Option("--held-out-data", dir_okay=False,
+                                              help="CounterFact JSON whose first records are the held-out edits.")]
+HeldOutOpt = Annotated[int, typer.Option("--held-out", min=0, help="Held-out edits to measure (0: none).")]
+
+
+def _editor(ctx, config, model, device, dtype, device_map):
+    from editkit.model import load_model
+
+    from .editor import NMCEditor
+
+    values = parse_config(config)
+    NMCEditor.make_config(values)  # a bad --config fails before the model loads
+    loaded = load_model(model, device=device, dtype=dtype.value if dtype else None, device_map=device_map,
+                        host=host_of(ctx))
+    editor = NMCEditor(loaded, values)
+    editor.attach()
+    return editor
+
+
+def _bar(as_json: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console(), transient=True, disable=as_json)
+
+
+def _progress(bar):
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+    return update
+
+
+def _print(report: dict) -> None:
+    from rich.table import Table
+
+    if "pretrain" in report:
+        p = report["pretrain"]
+        console().print(f"trained on {p['records']} edits ({p['samples']} gradients), fit loss "
+                        f"{p['fit_loss_first']:.3f} -> {p['fit_loss_last']:.3f}; saved to {report['saved_to']}")
+    e = report.get("held_out")
+    if not e:
+        return
+    table = Table(title=f"held-out edits: {e['edits']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [("cosine(predicted, true gradient), mean", f"{e['cosine_mean']:.3f}"),
+            ("  untrained module", f"{e['cosine_untrained_mean']:.3f}"),
+            ("one-step success", f"{e['one_step_success']:.2f}"),
+            ("  untrained module", f"{e['one_step_success_untrained']:.2f}"),
+            ("  true gradient, same line search", f"{e['one_step_success_true_gradient']:.2f}"),
+            ("median steps to the margin: nmc", str(e["median_steps_nmc"])),
+            ("  Adam (slow path alone)", str(e["median_steps_adam"])),
+            (f"  plain SGD (lr {e['sgd_lr']:.3g})", str(e["median_steps_sgd"]))]
+    for name, value in rows:
+        table.add_row(name, value)
+    console().print(table)
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(help="Neural memory controller: synthetic-gradient module training and measures.",
+                      no_args_is_help=True)
+
+    @app.callback()
+    def nmc() -> None:
+        """Neural memory controller with synthetic gradients (arXiv 2011.05438)."""
+
+    @app.command("pretrain")
+    def pretrain_cmd(
+        ctx: typer.Context,
+        out: Annotated[Path, typer.Option("--out", "-o", dir_okay=False,
+                                          help="Safetensors file to write; use it with --config feedback=FILE.")],
+        records: Annotated[int, typer.Option("--records", min=1, help="Training edits.")] = 512,
+        held_out: HeldOutOpt = 64,
+        steps: Annotated[int, typer.Option("--steps", min=1, help="Slow-path points per training edit.")] = 8,
+        epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the collected gradients.")] = 60,
+        data: DataOpt = TRAIN_FILE, held_out_data: HeldOutDataOpt = HELD_OUT_FILE,
+        config: ConfigOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+        device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Meta-train the synthetic-gradient module on CounterFact edits (base model frozen, memory
+        empty), save it on its own, and measure it on held-out edits."""
+        from .feedback import save_feedback
+        from .pretrain import counterfact_requests, evaluate_feedback, pretrain, sgd_rate
+
+        train_reqs = counterfact_requests(data, records)
+        test_reqs = counterfact_requests(held_out_data, held_out) if held_out else []
+        editor = _editor(ctx, config, model, device, dtype, device_map)
+        try:
+            with _bar(as_json) as bar:
+                progress = _progress(bar)
+                stats = pretrain(editor, train_reqs, steps=steps, epochs=epochs, progress=progress)
+                report = {"pretrain": stats}
+                if test_reqs:
+                    lr = sgd_rate(editor, train_reqs[:32])
+                    report["held_out"] = evaluate_feedback(editor, test_reqs, lr, progress=progress)
+                    report["held_out"].pop("rows")
+            save_feedback(out, editor.feedback, {**editor.feedback_info(), **{"pretrain": stats},
+                                                 "held_out": report.get("held_out")})
+        finally:
+            editor.detach()
+        report["saved_to"] = str(out)
+        if as_json:
+            echo_json(report)
+            return
+        _print(report)
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        ctx: typer.Context,
+        file: Annotated[Optional[Path], typer.Argument(
+            dir_okay=False, help="File from `nmc pretrain` (none: the untrained module).")] = None,
+        held_out: HeldOutOpt = 64,
+        data: DataOpt = TRAIN_FILE, held_out_data: HeldOutDataOpt = HELD_OUT_FILE,
+        config: ConfigOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+        device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Measure a synthetic-gradient module on held-out edits (cosine to the true gradient, one-step
+        success, steps to the margin against Adam and plain SGD)."""
+        from .pretrain import counterfact_requests, evaluate_feedback, sgd_rate
+
+        test_reqs = counterfact_requests(held_out_data, max(held_out, 1))[:held_out]
+        calibrate = counterfact_requests(data, 32)
+        editor = _editor(ctx, config, model, device, dtype, device_map)
+        try:
+            if file is not None:
+                editor.load_feedback(file)
+            with _bar(as_json) as bar:
+                report = {"held_out": evaluate_feedback(editor, test_reqs, sgd_rate(editor, calibrate),
+                                                        progress=_progress(bar))}
+                report["held_out"].pop("rows")
+        finally:
+            editor.detach()
+        if as_json:
+            echo_json(report)
+            return
+        _print(report)
+
+    return app

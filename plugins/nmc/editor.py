@@ -1,0 +1,423 @@
+"""The neural memory controller editor: a key-value memory written by fast synthetic-gradient
+steps and refined by slow true-gradient steps.
+
+Reading (every forward pass): the output of block `key_layer` gives each position a query, the
+running mean of the standardised states up to it (the sequence's first token, an attention
+sink, and padding left out); the nearest key's value is added to the output of block `layer`
+through a gate that is 0 below the deferral threshold, so unrelated inputs run unchanged.
+Running sums continue across KV-cached generation steps; per-call state is thread-local so
+concurrent generations do not mix.
+
+Writing one edit: one forward pass, stopped at `layer`, gives the queries and the written
+block's output. The controller picks the slot (memory.plan_write). The loss of a value v is the
+target cross-entropy of running only the blocks above with v added wherever the planned memory
+reads that slot; several candidate values are scored in one batch. Fast steps move v along the
+synthetic gradient with a line search (no backward pass through the model); if the margin is
+still missed, slow Adam steps use the true gradient, and each true gradient is a regression
+target that trains the synthetic-gradient module. The memory changes only once the write is
+done, so a failed edit leaves it as it was."""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from editkit.components import Editor
+from editkit.errors import InvalidRequest, WorkspaceError
+from editkit.evaluation.metrics import normalise
+from editkit.schemas import EditRequest
+from editkit.tokens import teacher_forced_batch
+
+from .config import NMCConfig
+from .feedback import SyntheticGradient, load_feedback, feedback_loss
+from .memory import Memory, WritePlan, plan_write, with_slot
+
+STATE_FORMAT = 1
+
+
+class _Stop(Exception):
+    """Ends a capture forward pass once the written block has run."""
+
+
+@dataclass
+class Features:
+    """What the synthetic-gradient module sees for one candidate value."""
+
+    lens_first: torch.Tensor  # (H,)
+    lens_mean: torch.Tensor  # (H,)
+
+
+@dataclass
+class Scored:
+    loss: torch.Tensor  # (m,) mean target cross-entropy per candidate
+    margin: torch.Tensor  # (m,) smallest (target logit - best other logit) over target tokens
+    lens_first: torch.Tensor  # (m, H)
+    lens_mean: torch.Tensor  # (m, H)
+
+
+class EditProblem:
+    """One edit's write, seen from the written layer: base stream, where the slot is read, and
+    how a batch of candidate values scores (loss, margin, lens gradients)."""
+
+    def __init__(self, editor: "NMCEditor", hidden: torch.Tensor, read_mask: torch.Tensor, positions: torch.Tensor,
+                 targets: torch.Tensor, key: torch.Tensor):
+        self.editor, self.hidden, self.read_mask = editor, hidden, read_mask  # (T, H), (T,)
+        self.positions, self.targets = positions, targets  # (n,) positions predicting (n,) target ids
+        self.key = key  # (H,) unit query the value is written under
+        self.state = hidden[positions[0]].to(torch.float32)  # (H,) written block's output at the key
+
+    def stream(self, values: torch.Tensor) -> torch.Tensor:
+        """(m, H) candidate values -> (m, T, H) stream leaving the written block."""
+        add = self.read_mask[None, :, None] * values[:, None, :]
+        return self.hidden[None].to(torch.float32) + add
+
+    def score(self, values: torch.Tensor, need_graph: bool = False) -> tuple[Scored, torch.Tensor]:
+        """Scores of candidate values; also returns the mean loss over candidates (with a graph
+        back to `values` when need_graph) for true gradients."""
+        ed = self.editor
+        m = values.shape[0]
+        stream = self.stream(values).to(self.hidden.dtype)
+        attn = torch.ones(stream.shape[:2], dtype=torch.long, device=stream.device)
+        normed = ed.adapter.run_blocks(stream, ed.layer + 1, attention_mask=attn)[:, self.positions]
+        lens_in = normed if need_graph else normed.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = ed.adapter.unembed(lens_in).float()  # (m, n, V)
+            ce = F.cross_entropy(logits.flatten(0, 1), self.targets.repeat(m), reduction="none").view(m, -1)
+            loss = ce.mean(dim=1)
+            # Per-position lens gradients: d CE_t / d normed_t, one position each.
+            lens = torch.autograd.grad(ce.sum(), lens_in, retain_graph=need_graph)[0].float()
+        tgt = logits.gather(-1, self.targets.view(1, -1, 1).expand(m, -1, 1)).squeeze(-1)
+        other = logits.scatter(-1, self.targets.view(1, -1, 1).expand(m, -1, 1), float("-inf")).amax(-1)
+        scored = Scored(loss.detach(), (tgt - other).amin(dim=1).detach(), lens[:, 0].detach(),
+                        lens.mean(dim=1).detach())
+        return scored, loss.sum()
+
+
+class NMCEditor(Editor):
+    name = "nmc"
+    Config = NMCConfig
+    description = "Neural memory controller: key-value memory written by synthetic-gradient fast steps, refined by true-gradient slow steps"
+
+    # ---- attach / detach ---------------------------------------------------------------
+    def attach(self) -> None:
+        cfg = self.config
+        self.layer = self.adapter.layer_index(cfg.layer)
+        self.key_layer = self.adapter.layer_index(cfg.key_layer)
+        if self.key_layer > self.layer:
+            raise InvalidRequest(f"nmc: key_layer ({self.key_layer}) must not come after layer ({self.layer})")
+        self.hidden = self.adapter.hidden_size
+        blocks = self.adapter.blocks()
+        self.device = next(blocks[self.layer].parameters()).device
+        self.memory = Memory.empty(self.hidden, self.device)
+        self.feedback = SyntheticGradient(self.hidden, cfg.feedback_hidden).to(self.device)
+        self._local = threading.local()
+        self._handles = [
+            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+            blocks[self.key_layer].register_forward_hook(self._key_hook),
+            blocks[self.layer].register_forward_hook(self._write_hook),
+        ]
+        self.attached = True
+        try:
+            self._statistics()
+            if cfg.feedback:
+                self.load_feedback(cfg.feedback)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        if self.attached:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            self.attached = False
+
+    def feedback_info(self) -> dict[str, Any]:
+        return {"layer": self.layer, "key_layer": self.key_layer, "model": self.loaded.fingerprint}
+
+    def load_feedback(self, path) -> None:
+        """Replace the synthetic-gradient module with one saved by `editkit nmc pretrain`."""
+        tensors, doc = load_feedback(path)
+        want = {**self.feedback.describe(), "layer": self.layer, "key_layer": self.key_layer}
+        bad = {k: (doc.get(k), v) for k, v in want.items() if doc.get(k) != v}
+        if bad:
+            detail = ", ".join(f"{k}: file {a}, here {b}" for k, (a, b) in bad.items())
+            raise InvalidRequest(f"synthetic-gradient file {path} does not fit this model/config ({detail})")
+        self._load_feedback_tensors(tensors, str(path))
+
+    def _load_feedback_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        own = self.feedback.state_dict()
+        if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+            raise WorkspaceError(f"{where}: synthetic-gradient tensors do not match the module's shapes")
+        self.feedback.load_state_dict({k: v.to(self.device, torch.float32) for k, v in tensors.items()})
+
+    # ---- statistics of the model, from a fixed pool of ordinary text ------------------------
+    @torch.no_grad()
+    def _statistics(self) -> None:
+        """Per-dimension mean and spread of the key layer's states (queries are standardised
+        with them, so a few huge dimensions do not decide every similarity) and the typical
+        norm of the written layer's states (the unit of step sizes and learning rates)."""
+        from editkit.plugins.wise.pool import UNRELATED
+
+        tok = self.tokenizer
+        enc = tok(list(UNRELATED), return_tensors="pt", padding=True)
+        ids, attn = enc.input_ids.to(self.loaded.device), enc.attention_mask.to(self.loaded.device)
+        seen: dict[str, torch.Tensor] = {}
+        self._local.stats = seen
+        try:
+            self.model(input_ids=ids, attention_mask=attn)
+        except _Stop:
+            pass
+        finally:
+            self._local.stats = None
+        keep = attn.bool().clone()
+        keep[torch.arange(len(keep)), attn.argmax(dim=1)] = False  # each text's first token
+        keys = seen["key"][keep].float()
+        self.key_mean = keys.mean(dim=0)
+        self.key_std = keys.std(dim=0).clamp_min(1e-3 * float(keys.std(dim=0).mean()) + 1e-12)
+        self.scale = float(seen["write"][keep].float().norm(dim=-1).median())
+
+    # ---- hooks -------------------------------------------------------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
+            mask = args[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self._local.call = (mask, past)
+
+    def _reading(self) -> bool:
+        st = self._local
+        return bool(len(self.memory)) or getattr(st, "capture", None) is not None
+
+    def _key_hook(self, module, args, output):
+        st = self._local
+        h = output[0] if isinstance(output, tuple) else output
+        stats = getattr(st, "stats", None)
+        if stats is not None:
+            stats["key"] = h.detach()
+            return None
+        if not self._reading():
+            return None
+        st.query = self._queries(h)
+        return None
+
+    def _queries(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, t, H) states of the key block -> (B, t, H) unit queries (zero before any counted token)."""
+        st = self._local
+        mask, past = getattr(st, "call", (None, 0))
+        b, t = h.shape[:2]
+        if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= t:
+            full = mask.to(torch.float32)
+            valid = full[:, -t:]
+            first = ((full.cumsum(dim=1) == 1) & (full > 0))[:, -t:].to(torch.float32)
+        else:
+            valid = torch.ones((b, t), device=h.device)
+            first = torch.zeros((b, t), device=h.device)
+            if past == 0:
+                first[:, 0] = 1.0
+        weight = (valid * (1.0 - first)).unsqueeze(-1)
+        z = (h.to(torch.float32) - self.key_mean) / self.key_std
+        sums = (z * weight).cumsum(dim=1)
+        counts = weight.cumsum(dim=1)
+        carried = getattr(st, "sums", None)
+        if past > 0 and carried is not None and carried[0].shape[0] == b:
+            sums = sums + carried[0].unsqueeze(1)
+            counts = counts + carried[1].unsqueeze(1)
+        st.sums = (sums[:, -1], counts[:, -1])
+        return F.normalize(sums / counts.clamp_min(1.0), dim=-1)
+
+    def _write_hook(self, module, args, output):
+        st = self._local
+        out = output[0] if isinstance(output, tuple) else output
+        stats = getattr(st, "stats", None)
+        if stats is not None:
+            stats["write"] = out.detach()
+            raise _Stop
+        capture = getattr(st, "capture", None)
+        if capture is not None:
+            capture.update(hidden=out.detach(), query=st.query.detach())
+            raise _Stop
+        if not len(self.memory):
+            return None
+        cfg = self.config
+        new = out + self.memory.read(st.query, cfg.threshold, cfg.gate_width).to(out.dtype)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    # ---- editing -----------------------------------------------------------------------
+    def apply(self, request: EditRequest) -> dict[str, Any]:
+        cfg = self.config
+        label = normalise(request.target_new)
+        problem, plan = self.plan(request, label)
+        key = problem.key
+        saved = {k: v.detach().clone() for k, v in self.feedback.state_dict().items()}
+        try:
+            value, stats = self.write(problem, plan.start)
+        except BaseException:
+            self.feedback.load_state_dict(saved)
+            raise
+        self.memory = with_slot(self.memory, plan.slot, key, value, label, cfg.usage_decay)
+        stats.update(slot=plan.slot, action=plan.action, memory_size=len(self.memory))
+        if plan.evicted is not None:
+            stats["evicted"] = plan.evicted
+        return stats
+
+    def plan(self, request: EditRequest, label: str) -> tuple[EditProblem, WritePlan]:
+        """The controller's decision for `request` and the write problem it poses."""
+        cfg = self.config
+        batch = teacher_forced_batch(self.tokenizer, [request.prompt], [request.target_new]).to(self.loaded.device)
+        pos = int(batch.attention_mask[0].sum()) - len(batch.target_ids[0]) - 1  # last prompt token
+        hidden, query = self._capture(batch.input_ids, batch.attention_mask)
+        key = query[pos].clone()
+        plan = plan_write(self.memory, key, label, cfg.slots, cfg.match_threshold)
+        return self._problem(plan, key, hidden, query, pos, batch.target_ids[0]), plan
+
+    @torch.no_grad()
+    def _capture(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H) written block's output without the memory, (T, H) queries, for one row."""
+        st = self._local
+        st.capture = {}
+        try:
+            self.model(input_ids=ids, attention_mask=attn)
+        except _Stop:
+            pass
+        finally:
+            captured, st.capture = st.capture, None
+        return captured["hidden"][0], captured["query"][0]
+
+    def _problem(self, plan, key, hidden, query, pos, target_ids) -> EditProblem:
+        """The planned memory (other slots as they are, the written slot at `key`) read along
+        the row: the other slots' contribution goes into the base stream, the written slot's
+        gate becomes the read mask of the trained value."""
+        cfg = self.config
+        planned = with_slot(self.memory, plan.slot, key, torch.zeros_like(key), "", 1.0)
+        index, gate = planned.address(query, cfg.threshold, cfg.gate_width)
+        own = (index == plan.slot).to(torch.float32) * gate
+        others = (gate * (index != plan.slot).to(torch.float32)).unsqueeze(-1) * planned.values[index]
+        base = hidden.to(torch.float32) + others
+        n = len(target_ids)
+        positions = torch.arange(pos, pos + n, device=hidden.device)
+        targets = torch.tensor(target_ids, device=hidden.device)
+        return EditProblem(self, base.to(hidden.dtype), own, positions, targets, key)
+
+    def predicted_gradient(self, problem: EditProblem, scored: Scored, values: torch.Tensor) -> torch.Tensor:
+        """Synthetic gradients at candidate values (m, H), from their scores."""
+        unit = self.scale / math.sqrt(self.hidden)
+        return self.feedback(scored.lens_first, scored.lens_mean, problem.key.expand_as(values),
+                             (problem.state / unit).expand_as(values), values / unit)
+
+    def fast_step(self, problem: EditProblem, value: torch.Tensor, scored: Scored):
+        """One synthetic-gradient step: candidates along the predicted descent direction at the
+        configured step norms (and staying put), all scored in one batch; the best is kept."""
+        with torch.no_grad():
+            g = self.predicted_gradient(problem, scored, value[None])[0]
+            if not bool(torch.isfinite(g).all()):
+                return value, scored
+            direction = -g / g.norm().clamp_min(1e-12)
+            sizes = torch.tensor([0.0] + list(self.config.step_sizes), device=value.device) * self.scale
+            candidates = value[None] + sizes[:, None] * direction[None]
+            cand_scores, _ = problem.score(candidates)
+        best = int(torch.argmin(torch.nan_to_num(cand_scores.loss, nan=float("inf"))))
+        pick = Scored(*(t[best:best + 1] for t in (cand_scores.loss, cand_scores.margin, cand_scores.lens_first,
+                                                  cand_scores.lens_mean)))
+        return candidates[best].clone(), pick
+
+    def true_gradient(self, problem: EditProblem, value: torch.Tensor) -> tuple[Scored, torch.Tensor]:
+        v = value.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            scored, loss = problem.score(v[None], need_graph=True)
+            grad = torch.autograd.grad(loss, v)[0]
+        return scored, grad
+
+    def train_feedback(self, problem: EditProblem, scored: Scored, value: torch.Tensor, grad: torch.Tensor,
+                       lr: float) -> float:
+        """One SGD step of the synthetic-gradient module towards a true gradient."""
+        with torch.enable_grad():
+            pred = self.predicted_gradient(problem, scored, value[None].detach())
+            err = feedback_loss(pred, grad[None])
+            params = [p for p in self.feedback.parameters()]
+            grads = torch.autograd.grad(err, params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        if lr > 0 and bool(torch.isfinite(norm)):
+            step = lr / max(1.0, float(norm))  # clipped: the relative error's gradient can be large
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(step * g)
+        return float(err.detach())
+
+    def write(self, problem: EditProblem, start: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Fast steps, then slow steps until the margin is met; returns the value and statistics."""
+        cfg = self.config
+        value = start.detach().clone()
+        with torch.no_grad():
+            scored, _ = problem.score(value[None])
+        ok = lambda s: float(s.margin[0]) >= cfg.margin  # noqa: E731
+        fast = slow = 0
+        while not ok(scored) and fast < cfg.fast_steps:
+            value, scored = self.fast_step(problem, value, scored)
+            fast += 1
+        absorbed_fast = ok(scored)
+        cosines, errors = [], []
+        if not ok(scored) and cfg.slow_steps:
+            v = value.clone().requires_grad_(True)
+            opt = torch.optim.Adam([v], lr=cfg.slow_lr * self.scale / math.sqrt(self.hidden))
+            while slow < cfg.slow_steps:
+                scored, grad = self.true_gradient(problem, v.detach())
+                if ok(scored):
+                    break
+                with torch.no_grad():
+                    pred = self.predicted_gradient(problem, scored, v.detach()[None])[0]
+                    cosines.append(float(F.cosine_similarity(pred, grad, dim=0)))
+                errors.append(self.train_feedback(problem, scored, v.detach(), grad, cfg.feedback_lr))
+                opt.zero_grad()
+                v.grad = grad
+                opt.step()
+                slow += 1
+            value = v.detach()
+            if slow == cfg.slow_steps:  # the last update has not been scored yet
+                with torch.no_grad():
+                    scored, _ = problem.score(value[None])
+        stats = {"loss": float(scored.loss[0]), "margin": float(scored.margin[0]), "absorbed": ok(scored),
+                 "absorbed_fast": absorbed_fast, "fast_steps": fast, "slow_steps": slow, "steps": fast + slow}
+        if cosines:
+            stats["feedback_cosine"] = sum(cosines) / len(cosines)
+            stats["feedback_error"] = sum(errors) / len(errors)
+        return value, stats
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"keys": self.memory.keys, "values": self.memory.values, "usage": self.memory.usage,
+                   "key_mean": self.key_mean, "key_std": self.key_std}
+        tensors.update({f"feedback.{k}": v.detach().clone() for k, v in self.feedback.state_dict().items()})
+        meta = {"format": STATE_FORMAT, "layer": self.layer, "key_layer": self.key_layer, "scale": self.scale,
+                "labels": list(self.memory.labels), "feedback": self.feedback.describe()}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        keys, values, usage = tensors.get("keys"), tensors.get("values"), tensors.get("usage")
+        mean, std = tensors.get("key_mean"), tensors.get("key_std")
+        labels = meta.get("labels")
+        h = self.hidden
+        ok = (meta.get("format") == STATE_FORMAT and meta.get("layer") == self.layer
+              and meta.get("key_layer") == self.key_layer and meta.get("feedback") == self.feedback.describe()
+              and isinstance(labels, list) and isinstance(meta.get("scale"), (int, float))
+              and all(t is not None for t in (keys, values, usage, mean, std))
+              and keys.dim() == 2 and keys.shape[1] == h and values.shape == keys.shape
+              and usage.shape == (keys.shape[0],) and len(labels) == keys.shape[0]
+              and mean.shape == (h,) and std.shape == (h,))
+        if not ok:
+            raise WorkspaceError(
+                f"nmc state does not fit this model/config (layer {meta.get('layer')}, key_layer "
+                f"{meta.get('key_layer')}, keys {None if keys is None else tuple(keys.shape)}, hidden {h})")
+        feedback = {k[len("feedback."):]: v for k, v in tensors.items() if k.startswith("feedback.")}
+        self._load_feedback_tensors(feedback, "nmc state")
+        f32 = dict(device=self.device, dtype=torch.float32)
+        self.memory = Memory(keys.to(**f32).clone(), values.to(**f32).clone(), usage.to(**f32).clone(),
+                             [str(x) for x in labels])
+        self.key_mean, self.key_std = mean.to(**f32).clone(), std.to(**f32).clone()
+        self.scale = float(meta["scale"])

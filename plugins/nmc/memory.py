@@ -1,0 +1,83 @@
+"""The key-value memory and its controller: content-addressed reads with a deferral threshold,
+and the decisions of a write (which slot, what to erase) with usage statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Memory:
+    keys: torch.Tensor  # (N, H) unit vectors: standardised running-mean queries at the edit's last prompt token
+    values: torch.Tensor  # (N, H) added to the written block's output where a key is read
+    usage: torch.Tensor  # (N,) decayed write counts
+    labels: list[str] = field(default_factory=list)  # normalised target of each slot
+
+    @classmethod
+    def empty(cls, hidden: int, device) -> "Memory":
+        z = dict(dtype=torch.float32, device=device)
+        return cls(torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z), torch.zeros((0,), **z), [])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def address(self, query: torch.Tensor, threshold: float, width: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query (..., H): the nearest slot and the read gate, 0 below the threshold rising
+        linearly to 1 at threshold + width."""
+        sims = query.to(torch.float32) @ self.keys.T
+        best, index = sims.max(dim=-1)
+        gate = ((best - threshold) / width).clamp(0.0, 1.0)
+        return index, gate
+
+    def read(self, query: torch.Tensor, threshold: float, width: float) -> torch.Tensor:
+        """What the memory adds at each query position (..., H); zero where it defers."""
+        index, gate = self.address(query, threshold, width)
+        return gate.unsqueeze(-1) * self.values[index]
+
+
+@dataclass
+class WritePlan:
+    """The controller's decision for one edit, applied only once the write is trained."""
+
+    slot: int
+    action: str  # "new" | "rewrite" | "reinforce" | "evict"
+    erase: torch.Tensor  # (H,) in [0, 1]: share of the slot's old value removed before writing
+    start: torch.Tensor  # (H,) the value the write starts from: (1 - erase) * old
+    evicted: str | None = None
+
+
+def plan_write(memory: Memory, key: torch.Tensor, label: str, capacity: int, match_threshold: float) -> WritePlan:
+    """Content match first (the same prompt again: its slot is rewritten, kept if the target is
+    the same), else a free slot, else the least used one."""
+    hidden = key.shape[-1]
+    zeros = torch.zeros(hidden, dtype=torch.float32, device=memory.keys.device)
+    ones = torch.ones_like(zeros)
+    if len(memory):
+        sims = memory.keys @ key.to(torch.float32)
+        best, j = sims.max(dim=0)
+        if float(best) >= match_threshold:
+            j = int(j)
+            if memory.labels[j] == label:  # same answer: keep what is there and refine it
+                return WritePlan(j, "reinforce", zeros, memory.values[j].clone())
+            return WritePlan(j, "rewrite", ones, zeros.clone())
+    if len(memory) < capacity:
+        return WritePlan(len(memory), "new", ones, zeros.clone())
+    j = int(torch.argmin(memory.usage))  # ties: the oldest slot
+    return WritePlan(j, "evict", ones, zeros.clone(), evicted=memory.labels[j])
+
+
+def with_slot(memory: Memory, slot: int, key: torch.Tensor, value: torch.Tensor, label: str,
+              usage_decay: float) -> Memory:
+    """A new Memory with `slot` holding (key, value, label); usage decayed, the slot's raised."""
+    keys, values, usage, labels = memory.keys.clone(), memory.values.clone(), memory.usage * usage_decay, list(memory.labels)
+    if slot == len(labels):
+        keys = torch.cat([keys, key[None].to(keys)])
+        values = torch.cat([values, value[None].to(values)])
+        usage = torch.cat([usage, usage.new_zeros(1)])
+        labels.append(label)
+    else:
+        keys[slot], values[slot], labels[slot] = key.to(keys), value.to(values), label
+    usage[slot] += 1.0
+    return Memory(keys, values, usage, labels)

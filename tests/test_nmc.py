@@ -1,0 +1,303 @@
+"""Neural memory controller: mechanics on tiny models of every family (empty memory is the
+model, a slow write makes the target greedy and leaves unrelated prompts alone, per-row reads in
+mixed batches and in cached generation, controller decisions, state, feedback files, failed
+writes change nothing), and its effects on the default model (edits hold, unrelated prompts
+keep their answers; a meta-trained synthetic-gradient module points along the true gradient and
+absorbs edits in one step)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import shared_path
+from editkit.errors import InvalidRequest, WorkspaceError
+from editkit.evaluation.metrics import agreement, answer_predictions, teacher_forced_accuracy
+from editkit.plugins.nmc import NMCEditor, load_feedback, save_feedback
+from editkit.schemas import EditRequest
+from editkit.session import Session
+
+EDIT = EditRequest(prompt="The capital of Germany is", target_new="Paris")
+EDIT2 = EditRequest(prompt="A spider has eight", target_new="capital")
+UNRELATED = ["The quick brown fox jumps over the lazy dog", "She opened the window to let in fresh air."]
+# Tiny random models need bigger slow steps than the default model; no fast step, so writes
+# take the slow (true-gradient) path the issue's first check is about.
+TINY = {"fast_steps": 0, "slow_steps": 200, "slow_lr": 0.5, "threshold": 0.9, "gate_width": 0.05,
+        "margin": 0.2}  # a random tiny model's logits are flat: the target leads by a small margin
+
+
+def logits(loaded, texts: list[str]) -> torch.Tensor:
+    enc = loaded.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return loaded.model(**enc).logits
+
+
+def greedy_next(loaded, prompt: str) -> int:
+    return int(logits(loaded, [prompt])[0, -1].argmax())
+
+
+def target_id(loaded, req: EditRequest) -> int:
+    from editkit.tokens import encode_pair
+
+    return encode_pair(loaded.tokenizer, req.prompt, req.target_new)[1][0]
+
+
+def nmc(loaded, **config) -> NMCEditor:
+    editor = NMCEditor(loaded, {**TINY, **config})
+    editor.attach()
+    return editor
+
+
+def seeded(editor, req, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return editor.apply(req)
+
+
+def test_empty_memory_is_the_model_and_a_slow_write_holds_locally(tiny_loaded, tiny_family):
+    loaded = tiny_loaded[tiny_family]
+    texts = [EDIT.prompt, *UNRELATED]
+    before = logits(loaded, texts)
+    editor = nmc(loaded)
+    try:
+        assert torch.equal(logits(loaded, texts), before)  # empty memory: identical logits
+        assert greedy_next(loaded, EDIT.prompt) != target_id(loaded, EDIT)
+        stats = seeded(editor, EDIT)
+        assert stats["absorbed"] and stats["slow_steps"] > 0 and stats["fast_steps"] == 0, stats
+        assert greedy_next(loaded, EDIT.prompt) == target_id(loaded, EDIT)
+        for text in UNRELATED:  # below the deferral threshold: exactly the model
+            assert torch.equal(logits(loaded, [text]), logits_without(loaded, editor, [text]))
+    finally:
+        editor.detach()
+    assert torch.equal(logits(loaded, texts), before)  # detach is bit-identical
+
+
+def logits_without(loaded, editor, texts):
+    editor.detach()
+    try:
+        return logits(loaded, texts)
+    finally:
+        editor._handles = []  # re-install the hooks with the memory as it is
+        editor.attached = False
+        blocks = editor.adapter.blocks()
+        editor._handles = [
+            loaded.model.register_forward_pre_hook(editor._model_pre_hook, with_kwargs=True),
+            blocks[editor.key_layer].register_forward_hook(editor._key_hook),
+            blocks[editor.layer].register_forward_hook(editor._write_hook)]
+        editor.attached = True
+
+
+def test_reads_are_per_row_in_mixed_batches_and_cached_generation(tiny_loaded, tiny_family):
+    from editkit.generation import generate
+
+    loaded = tiny_loaded[tiny_family]
+    editor = nmc(loaded)
+    try:
+        seeded(editor, EDIT)
+        texts = [EDIT.prompt, UNRELATED[1], UNRELATED[0]]
+        batched = logits(loaded, texts)  # right padding
+        for i, text in enumerate(texts):
+            alone = logits(loaded, [text])[0]
+            assert torch.allclose(batched[i, :alone.shape[0]], alone, atol=1e-5), f"row {i} differs in the batch"
+        together = generate(loaded, texts, max_new_tokens=5)  # left padding, KV cache
+        assert together == [generate(loaded, [t], max_new_tokens=5)[0] for t in texts]
+        assert together[0].split()[0] == EDIT.target_new
+    finally:
+        editor.detach()
+
+
+def test_controller_rewrites_reinforces_and_evicts(tiny_loaded):
+    loaded = tiny_loaded["llama"]
+    editor = nmc(loaded, slots=2)
+    try:
+        assert seeded(editor, EDIT)["action"] == "new"
+        assert seeded(editor, EDIT)["action"] == "reinforce"  # same prompt, same answer: same slot
+        changed = EditRequest(prompt=EDIT.prompt, target_new="capital")
+        stats = seeded(editor, changed)
+        assert (stats["action"], stats["slot"]) == ("rewrite", 0)
+        assert greedy_next(loaded, EDIT.prompt) == target_id(loaded, changed)
+        assert seeded(editor, EDIT2)["slot"] == 1
+        usage = editor.memory.usage.clone()
+        third = EditRequest(prompt="Cats often sleep for more than", target_new="Paris")
+        stats = seeded(editor, third)  # full: the least used slot (EDIT2's, written once) goes
+        assert usage[1] < usage[0]
+        assert (stats["action"], stats["slot"], stats["evicted"]) == ("evict", 1, "capital")
+        assert len(editor.memory) == 2 and editor.memory.labels == ["capital", "paris"]
+    finally:
+        editor.detach()
+
+
+def test_a_failed_write_changes_nothing(tiny_loaded, monkeypatch):
+    from editkit.plugins.nmc.editor import EditProblem
+
+    loaded = tiny_loaded["gpt2"]
+    editor = nmc(loaded, feedback_lr=0.1)
+    try:
+        seeded(editor, EDIT)
+        tensors, meta = editor.state_dict()
+        calls = {"n": 0}
+        real = EditProblem.score
+
+        def flaky(self, values, need_graph=False):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise RuntimeError("boom")
+            return real(self, values, need_graph)
+        monkeypatch.setattr(EditProblem, "score", flaky)
+        with pytest.raises(RuntimeError):
+            editor.apply(EDIT2)
+        after, meta2 = editor.state_dict()
+        assert meta2 == meta and all(torch.equal(after[k], v) for k, v in tensors.items())
+    finally:
+        editor.detach()
+
+
+def test_slow_steps_train_the_feedback_module(tiny_loaded):
+    loaded = tiny_loaded["llama"]
+    frozen, learning = nmc(loaded, feedback_lr=0.0), None
+    try:
+        before = {k: v.clone() for k, v in frozen.feedback.state_dict().items()}
+        seeded(frozen, EDIT)
+        assert all(torch.equal(before[k], v) for k, v in frozen.feedback.state_dict().items())
+    finally:
+        frozen.detach()
+    learning = nmc(loaded, feedback_lr=0.05)
+    try:
+        stats = seeded(learning, EDIT)
+        assert stats["slow_steps"] > 0 and "feedback_cosine" in stats
+        assert any(not torch.equal(before[k], v) for k, v in learning.feedback.state_dict().items())
+    finally:
+        learning.detach()
+
+
+def test_state_round_trip_reopen_and_rollback(tiny_loaded, tiny_family, tmp_path):
+    loaded = tiny_loaded[tiny_family]
+    texts = [EDIT.prompt, EDIT2.prompt, UNRELATED[0]]
+    with Session.open(tmp_path / "ws", loaded=loaded, method="nmc", method_config=TINY) as session:
+        first, _ = session.edit([EDIT, EDIT2], measure=False)
+        both = logits(loaded, texts)
+        tensors, meta = session.editor.state_dict()
+    with Session.open(tmp_path / "ws", loaded=loaded) as session:
+        assert torch.equal(logits(loaded, texts), both)
+        again, meta2 = session.editor.state_dict()
+        assert meta2 == meta and all(torch.equal(again[k], v) for k, v in tensors.items())
+        session.rollback(first.id)
+        rolled = logits(loaded, texts)
+    with Session.open(tmp_path / "only2", loaded=loaded, method="nmc", method_config=TINY) as session:
+        session.edit(EDIT2, measure=False)
+        assert torch.equal(logits(loaded, texts), rolled)
+
+
+def test_state_that_does_not_fit_is_refused(tiny_loaded):
+    editor = nmc(tiny_loaded["llama"])
+    try:
+        seeded(editor, EDIT)
+        tensors, meta = editor.state_dict()
+        bad = dict(tensors, keys=tensors["keys"][:, :3])
+        with pytest.raises(WorkspaceError, match="nmc state does not fit"):
+            editor.load_state_dict(bad, meta)
+        with pytest.raises(WorkspaceError):
+            editor.load_state_dict(tensors, {**meta, "layer": meta["layer"] + 1})
+        after, _ = editor.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in tensors.items())
+    finally:
+        editor.detach()
+
+
+def test_feedback_file_round_trip_and_mismatch(tiny_loaded, tmp_path):
+    loaded = tiny_loaded["llama"]
+    editor = nmc(loaded)
+    try:
+        with torch.no_grad():
+            for p in editor.feedback.parameters():
+                p.add_(0.01)
+        path = tmp_path / "sg.safetensors"
+        save_feedback(path, editor.feedback, editor.feedback_info())
+        tensors, doc = load_feedback(path)
+        assert doc["layer"] == editor.layer and doc["hidden"] == editor.hidden
+    finally:
+        editor.detach()
+    other = nmc(loaded, feedback=str(path))
+    try:
+        assert all(torch.equal(other.feedback.state_dict()[k], v) for k, v in tensors.items())
+    finally:
+        other.detach()
+    with pytest.raises(InvalidRequest, match="does not fit"):
+        nmc(loaded, feedback=str(path), layer=-1, key_layer=-1)
+    with pytest.raises(InvalidRequest, match="not found"):
+        nmc(loaded, feedback=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("values, field", [({"threshold": 1.5}, "threshold"), ({"slots": 0}, "slots"),
+                                           ({"step_sizes": []}, "step_sizes"), ({"bogus": 1}, "bogus")])
+def test_config_errors_name_the_field(tiny_loaded, values, field):
+    with pytest.raises(InvalidRequest, match=field):
+        NMCEditor.make_config(values)
+
+
+def test_every_config_field_is_described():
+    from editkit.plugins.nmc import NMCConfig
+
+    assert all(f.description for f in NMCConfig.model_fields.values())
+
+
+def test_pretrain_command_on_a_tiny_model(tiny_dirs, tmp_path):
+    from editkit.cli.main import build_app
+
+    data = shared_path("data", "counterfact", "counterfact-train-10k.json")
+    held = shared_path("data", "counterfact", "counterfact-dev-1k.json")
+    out = tmp_path / "sg.safetensors"
+    result = CliRunner().invoke(build_app(), [
+        "nmc", "pretrain", "--out", str(out), "--model", str(tiny_dirs["llama"]), "--records", "6",
+        "--held-out", "3", "--steps", "3", "--epochs", "2", "--data", str(data), "--held-out-data", str(held),
+        "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["pretrain"]["records"] == 6 and report["held_out"]["edits"] == 3
+    assert load_feedback(out)[1]["pretrain"]["records"] == 6
+    result = CliRunner().invoke(build_app(), ["nmc", "pretrain", "--out", str(out), "--data",
+                                              str(tmp_path / "nope.json")])
+    assert result.exit_code == 1 and "not found" in result.output
+
+
+# ---- the default model ---------------------------------------------------------------------
+def test_edits_hold_and_unrelated_prompts_keep_their_answers(default_model):
+    records = json.loads(shared_path("data", "zsre", "zsre-dev-500.json").read_text())[:8]
+    loaded = default_model
+    loc_prompts, loc_answers = [r["loc"] for r in records], [r["loc_ans"] for r in records]
+    before = answer_predictions(loaded, loc_prompts, loc_answers)
+    editor = NMCEditor(loaded, {})
+    editor.attach()
+    try:
+        for i, r in enumerate(records):
+            seeded(editor, EditRequest(prompt=r["src"], target_new=r["alt"]), seed=i)
+        rel = teacher_forced_accuracy(loaded, [r["src"] for r in records], [r["alt"] for r in records])
+        loc = [agreement(b, a) for b, a in zip(before, answer_predictions(loaded, loc_prompts, loc_answers))]
+    finally:
+        editor.detach()
+    assert sum(rel) / len(rel) >= 0.95, rel
+    assert sum(loc) / len(loc) >= 0.95, loc
+
+
+def test_pretrained_feedback_beats_plain_sgd_on_held_out_edits(default_model):
+    """A small meta-training (64 edits; the issue's > 0.5 cosine is measured by benchmarks/nmc.py
+    after 512): the module must point clearly closer to the true gradient than the untrained one,
+    absorb edits in one step, and need fewer steps than plain SGD."""
+    from editkit.plugins.nmc.pretrain import counterfact_requests, evaluate_feedback, pretrain, sgd_rate
+
+    train = counterfact_requests(shared_path("data", "counterfact", "counterfact-train-10k.json"), 64)
+    held = counterfact_requests(shared_path("data", "counterfact", "counterfact-dev-1k.json"), 10)
+    editor = NMCEditor(default_model, {})
+    editor.attach()
+    try:
+        pretrain(editor, train, steps=6, epochs=40)
+        report = evaluate_feedback(editor, held, sgd_rate(editor, train[:16]), limit=20)
+    finally:
+        editor.detach()
+    report.pop("rows")
+    assert report["cosine_mean"] > report["cosine_untrained_mean"] + 0.1, report
+    assert report["one_step_success"] >= 0.3, report
+    assert report["median_steps_nmc"] < report["median_steps_sgd"], report
