@@ -4,6 +4,7 @@ bit-identical, and save/load their state as tensors plus JSON (never pickle)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +67,15 @@ class Component:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore a state from state_dict(). Must validate shapes before changing anything."""
         raise NotImplementedError
+
+    # Components with runtime memory per conversation (e.g. memory reweaving) override these;
+    # for the rest a conversation changes nothing.
+    def conversation(self, conversation: str) -> AbstractContextManager:
+        """Forward passes inside the block read and write `conversation`'s runtime memory."""
+        return nullcontext()
+
+    def clear_conversation(self, conversation: str) -> None:
+        """Forget what `conversation` left in runtime memory."""
 
 
 class Editor(Component):

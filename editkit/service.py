@@ -26,7 +26,7 @@ from editkit.errors import (EditkitError, EditVetoed, InvalidRequest, UnknownCom
                             WorkspaceError)
 from editkit.rwlock import RWLock
 from editkit.schemas import EditRequest
-from editkit.session import Session
+from editkit.session import CONVERSATION_ID, Session
 from editkit.store import Journal
 
 
@@ -60,6 +60,8 @@ class GenerateBody(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    conversation: str | None = Field(None, pattern=CONVERSATION_ID.pattern, description=(
+        "Conversation id: components with per-conversation memory (reweave) read and extend it."))
 
 
 class CompletionBody(BaseModel):
@@ -305,8 +307,16 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
         check_texts("prompts", body.prompts)
         check_tokens("max_new_tokens", body.max_new_tokens)
         texts = generate(body.prompts, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-                         top_p=body.top_p, seed=body.seed)
+                         top_p=body.top_p, seed=body.seed, conversation=body.conversation)
         return {"completions": texts}
+
+    @app.delete("/v1/conversations/{conversation}")
+    def clear_conversation(conversation: str) -> dict:
+        if not CONVERSATION_ID.fullmatch(conversation):
+            raise ApiError(422, "conversation: 1 to 128 characters from letters, digits and _ . : @ -")
+        with lock.read():  # runtime memory only: no edit state changes
+            session.clear_conversation(conversation)
+        return {"conversation": conversation, "cleared": True}
 
     @app.post("/v1/completions")
     def completions(body: CompletionBody) -> dict:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -304,11 +306,37 @@ class Session:
         return self.journal.records(active_only=active_only)
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[str]:
+                 top_p: float = 1.0, seed: int | None = None, conversation: str | None = None) -> list[str]:
+        """Continuations of `prompts` with the edits in force. With `conversation`, components
+        that keep runtime memory per conversation (memory reweaving) read and extend that
+        conversation's memory; without it they stay inert."""
         items = [prompts] if isinstance(prompts, str) else list(prompts)
         if any(not p or not p.strip() for p in items):
             raise InvalidRequest("prompt must not be empty")
-        return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+        if conversation is None:
+            return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+        check_conversation(conversation)
+        with ExitStack() as stack:
+            for component in self._components():
+                stack.enter_context(component.conversation(conversation))
+            return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+
+    def clear_conversation(self, conversation: str) -> None:
+        """Forget everything `conversation` left in runtime memory (its next turn starts fresh)."""
+        check_conversation(conversation)
+        for component in self._components():
+            component.clear_conversation(conversation)
+
+    def _components(self) -> list:
+        return [self.editor, *self.interventions.values()]
+
+
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+
+
+def check_conversation(conversation: str) -> None:
+    if not isinstance(conversation, str) or not CONVERSATION_ID.fullmatch(conversation):
+        raise InvalidRequest("conversation: 1 to 128 characters from letters, digits and _ . : @ -")
 
 
 def read_settings(ws: Path) -> dict[str, Any]:

@@ -252,3 +252,42 @@ def test_cli_train_apply_remove(tiny_dirs, tmp_path):
     assert result.exit_code == 1 and "not attached" in result.output
     result = runner.invoke(app, ["reweave", "train", "--out", str(out), "--workspace", str(ws)])
     assert result.exit_code == 1 and "exactly one" in result.output
+
+
+def test_conversations_through_session_and_http(tmp_path, tiny_loaded):
+    from fastapi.testclient import TestClient
+
+    from editkit.service import create_app
+
+    loaded = tiny_loaded["llama"]
+    cfg = {"capture_layers": [0.5], "reweave_layer": -1, "heads": 2, "head_dim": 8}
+    with reweaving(loaded, cfg) as rw:
+        perturb(rw, seed=3)
+        state = rw.state_dict()
+    prompt, fact = "The code for the red door is", "Remember: the code for the red door is 4821."
+    with Session.open(tmp_path / "ws", loaded=loaded, method="ft", method_config=FAST) as s:
+        s.add_intervention("reweave", cfg, state=state)
+        rw = s.interventions["reweave"]
+        plain = s.generate(prompt, max_new_tokens=4)
+        fresh = s.generate(prompt, max_new_tokens=4, conversation="u1")  # the prompt itself is now in u1
+        s.generate(fact, max_new_tokens=1, conversation="u1")
+        assert rw.current is None and set(rw.buffers) == {"u1"}  # selection ends with the call
+        logits_plain = logits(loaded, prompt)  # no conversation selected: the plugin is inert
+        with rw.conversation("u1"):
+            remembered = logits(loaded, prompt)
+        assert not torch.allclose(remembered, logits_plain)
+        s.clear_conversation("u1")
+        assert "u1" not in rw.buffers
+        assert s.generate(prompt, max_new_tokens=4, conversation="u1") == fresh  # cleared: starts over
+        assert s.generate(prompt, max_new_tokens=4) == plain
+        with pytest.raises(InvalidRequest, match="conversation"):
+            s.generate(prompt, conversation="bad id with spaces")
+
+        client = TestClient(create_app(s))
+        r = client.post("/v1/generate", json={"prompts": [fact], "max_new_tokens": 1, "conversation": "web-7"})
+        assert r.status_code == 200, r.text
+        assert len(rw.buffers["web-7"]) > 0
+        assert client.delete("/v1/conversations/web-7").json() == {"conversation": "web-7", "cleared": True}
+        assert "web-7" not in rw.buffers
+        r = client.post("/v1/generate", json={"prompts": [fact], "conversation": "no spaces allowed"})
+        assert r.status_code == 422 and "conversation" in r.text

@@ -279,6 +279,9 @@ class MemoryReweaving(Intervention):
         self.buffers.move_to_end(key)
         return buf
 
+    def clear_conversation(self, conversation: str) -> None:
+        self.clear(conversation)
+
     def clear(self, conversation: str | None = None) -> None:
         """Forget everything `conversation` (default: the current one) remembers."""
         key = str(conversation if conversation is not None else self.current)
