@@ -301,3 +301,18 @@ def test_pretrained_feedback_beats_plain_sgd_on_held_out_edits(default_model):
     assert report["cosine_mean"] > report["cosine_untrained_mean"] + 0.1, report
     assert report["one_step_success"] >= 0.3, report
     assert report["median_steps_nmc"] < report["median_steps_sgd"], report
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_model(tiny_dirs, dtype):
+    from editkit.generation import generate
+    from editkit.model import load_model
+
+    loaded = load_model(str(tiny_dirs["llama"]), device="cpu", dtype=dtype)
+    editor = nmc(loaded, fast_steps=1, slow_steps=20)
+    try:
+        stats = seeded(editor, EDIT)
+        assert stats["steps"] >= 1 and stats["loss"] == stats["loss"]  # finite, not NaN
+        assert len(generate(loaded, [EDIT.prompt, UNRELATED[0]], max_new_tokens=3)) == 2
+    finally:
+        editor.detach()
