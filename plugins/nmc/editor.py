@@ -4,7 +4,8 @@ steps and refined by slow true-gradient steps.
 Reading (every forward pass): the output of block `key_layer` gives each position a query, the
 running mean of the standardised states up to it (the sequence's first token, an attention
 sink, and padding left out); the nearest key's value is added to the output of block `layer`
-through a gate that is 0 below the deferral threshold, so unrelated inputs run unchanged.
+through a gate that is 0 below the deferral threshold, so unrelated inputs run unchanged, and
+only while the match is the best yet in the sequence (memory.Memory.address).
 Running sums continue across KV-cached generation steps; per-call state is thread-local so
 concurrent generations do not mix.
 
@@ -246,7 +247,12 @@ class NMCEditor(Editor):
         if not len(self.memory):
             return None
         cfg = self.config
-        new = out + self.memory.read(st.query, cfg.threshold, cfg.gate_width).to(out.dtype)
+        _, past = getattr(st, "call", (None, 0))
+        carried = getattr(st, "best", None)
+        if past == 0 or carried is None or carried.shape[0] != out.shape[0]:
+            carried = None
+        add, st.best = self.memory.read(st.query, cfg.threshold, cfg.gate_width, carried)
+        new = out + add.to(out.dtype)
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
     # ---- editing -----------------------------------------------------------------------
@@ -296,7 +302,8 @@ class NMCEditor(Editor):
         gate becomes the read mask of the trained value."""
         cfg = self.config
         planned = with_slot(self.memory, plan.slot, key, torch.zeros_like(key), "", 1.0)
-        index, gate = planned.address(query, cfg.threshold, cfg.gate_width)
+        index, gate, _ = planned.address(query[None], cfg.threshold, cfg.gate_width)
+        index, gate = index[0], gate[0]
         own = (index == plan.slot).to(torch.float32) * gate
         others = (gate * (index != plan.slot).to(torch.float32)).unsqueeze(-1) * planned.values[index]
         base = hidden.to(torch.float32) + others

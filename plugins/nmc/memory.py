@@ -23,18 +23,32 @@ class Memory:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def address(self, query: torch.Tensor, threshold: float, width: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query (..., H): the nearest slot and the read gate, 0 below the threshold rising
-        linearly to 1 at threshold + width."""
+    def address(self, query: torch.Tensor, threshold: float, width: float,
+                best_before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per query position of (B, T, H) queries: the nearest slot, the read gate, and each
+        row's best similarity so far (to carry into the next cached call).
+
+        The gate is 0 below the threshold and rises linearly to 1 at threshold + width; and a
+        position reads only while the match is the best yet in its sequence (similarity at
+        least that of every earlier position, `best_before` covering earlier calls). So the
+        value is added up to the end of the matching prompt, where similarity peaks, and not
+        again on the tokens that follow: the generated answer does not keep re-reading it
+        (which made the default model repeat an edited answer)."""
         sims = query.to(torch.float32) @ self.keys.T
         best, index = sims.max(dim=-1)
-        gate = ((best - threshold) / width).clamp(0.0, 1.0)
-        return index, gate
+        if best_before is None:
+            best_before = torch.full(best.shape[:-1], float("-inf"), device=best.device)
+        running = torch.maximum(best.cummax(dim=-1).values, best_before.unsqueeze(-1))
+        earlier = torch.cat([best_before.unsqueeze(-1), running[..., :-1]], dim=-1)
+        gate = ((best - threshold) / width).clamp(0.0, 1.0) * (best >= earlier)
+        return index, gate, running[..., -1]
 
-    def read(self, query: torch.Tensor, threshold: float, width: float) -> torch.Tensor:
-        """What the memory adds at each query position (..., H); zero where it defers."""
-        index, gate = self.address(query, threshold, width)
-        return gate.unsqueeze(-1) * self.values[index]
+    def read(self, query: torch.Tensor, threshold: float, width: float,
+             best_before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the memory adds at each position (B, T, H), zero where it defers; and the
+        rows' best similarity so far."""
+        index, gate, best = self.address(query, threshold, width, best_before)
+        return gate.unsqueeze(-1) * self.values[index], best
 
 
 @dataclass
