@@ -317,3 +317,24 @@ def test_half_precision_model(tiny_dirs, dtype):
         assert len(generate(loaded, [EDIT.prompt, UNRELATED[0]], max_new_tokens=3)) == 2
     finally:
         editor.detach()
+
+
+def test_reads_stop_after_the_best_match_and_agree_across_cached_calls():
+    from editkit.plugins.nmc.memory import Memory
+
+    keys = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    memory = Memory(keys, torch.randn(3, 8), torch.zeros(3), ["a", "b", "c"])
+    # One row whose similarity to key 0 rises to 1.0 then falls: only the rising part reads.
+    weights = torch.tensor([0.2, 0.7, 0.9, 1.0, 0.95, 0.8])
+    noise = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    query = torch.nn.functional.normalize(weights[:, None] * keys[0] + (1 - weights[:, None]) * noise, dim=-1)[None]
+    index, gate, best = memory.address(query, threshold=0.5, width=0.1)
+    sims = (query[0] @ keys.T).max(dim=-1).values
+    rising = torch.cat([torch.tensor([True]), sims[1:] >= sims.cummax(0).values[:-1]])
+    assert torch.equal(gate[0] > 0, rising & (sims > 0.5))
+    assert not bool(gate[0, 4:].any())  # after the peak: nothing is read
+    # The same row fed in two cached calls, carrying the best similarity, reads the same.
+    _, first, carried = memory.address(query[:, :3], 0.5, 0.1)
+    _, second, _ = memory.address(query[:, 3:], 0.5, 0.1, carried)
+    assert torch.equal(torch.cat([first, second], dim=1), gate)
+    assert float(best[0]) == float(sims.max())
