@@ -134,12 +134,11 @@ def main() -> None:
     prompts = [r.prompt for r in reqs_all[:4]] + [r.locality[0].prompt for r in reqs_all[:4]]
     last = None
     for t in ts:
-        res, editor = run_edits(loaded, {}, reqs_all[:t], before_all[:t])
+        if last is not None:  # each T starts from the unedited model (one editor attached at a time)
+            last.detach()
+        res, last = run_edits(loaded, {}, reqs_all[:t], before_all[:t])
         report["quality"][t] = res
         print("T", t, res, flush=True)
-        if last is not None:
-            last.detach()
-        last = editor
     # generation overhead, merge mode, after the largest T: with and without, alternated, best of
     # three each (a shared machine's load swings more than the overhead itself)
     with_wise = plain = float("inf")

@@ -215,9 +215,9 @@ def test_state_that_does_not_fit_is_refused(tiny_loaded):
 @pytest.mark.model
 @pytest.mark.shared
 def test_five_sequential_zsre_edits_on_the_default_model(default_model):
-    """A floor, not the goal: issue 3 asks for Rel >= 0.9 / Loc >= 0.95 after 5 edits; measured
-    0.79 / 0.92 with the defaults (the reference port: ~0.34 Rel after 10). This guards what
-    works until the goal is met, then its thresholds move up to the goal."""
+    """Issue 3's goal: after 5 sequential zsRE edits with the defaults, Rel >= 0.9 on the edit
+    prompts and Loc >= 0.95 on their unrelated probes (measured 1.00 / 1.00 on records 0-4 and
+    on records 5-9; the reference port: ~0.34 Rel after 10)."""
     from editkit.evaluation.metrics import answer_predictions, agreement, teacher_forced_accuracy
 
     records = json.loads(shared_path("data", "zsre", "zsre-dev-500.json").read_text())[:5]
@@ -236,5 +236,5 @@ def test_five_sequential_zsre_edits_on_the_default_model(default_model):
         loc = [agreement(b, a) for b, a in zip(before, after)]
     finally:
         editor.detach()
-    assert sum(rel) / len(rel) >= 0.7, rel
-    assert sum(loc) / len(loc) >= 0.85, loc
+    assert sum(rel) / len(rel) >= 0.9, rel
+    assert sum(loc) / len(loc) >= 0.95, loc

@@ -86,6 +86,14 @@ def reduce_scores(token_norms: torch.Tensor, weight: torch.Tensor, how: str) -> 
     return (token_norms * weight).sum(1) / weight.sum(1).clamp(min=1.0)
 
 
+def target_lead(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits, (N,) targets -> the smallest lead, in nats of log-probability, of a target
+    token over the best other token (negative where the target is not the greedy prediction)."""
+    tgt = logits.gather(1, targets[:, None])[:, 0]
+    other = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+    return (tgt - other).min()
+
+
 def ties_merge(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
     """TIES merging (Yadav et al. 2023) of task vectors: trim each to its largest `density`
     fraction, elect a sign per entry, average the entries that agree with it."""
@@ -372,15 +380,15 @@ class WISEEditor(Editor):
         s_in = s_out = None
         steps = 0
         for steps in range(1, cfg.steps + 1):
-            ce, s_in, s_out = step_fn(param)
+            ce, lead, s_in, s_out = step_fn(param)
             gap = F.relu(s_out[None, :] - s_in[:, None] + cfg.gamma * unit).mean()
             low = F.relu(s_out - cfg.alpha * unit).mean()
             high = F.relu(cfg.beta * unit - s_in).mean()
             margin = gap + low + high  # in activation units, as in the paper
             loss = ce + cfg.margin_weight * margin
-            ce_v, margin_v = float(ce.detach()), float(margin.detach())
+            ce_v, margin_v, lead_v = float(ce.detach()), float(margin.detach()), float(lead)
             trajectory.append(float(loss.detach()))
-            if cfg.early_stop and ce_v < cfg.early_stop_loss and margin_v == 0.0:
+            if cfg.early_stop and self._done(ce_v, lead_v, s_in.detach(), s_out.detach(), unit):
                 break
             (grad,) = torch.autograd.grad(loss, param)
             with torch.no_grad():
@@ -402,11 +410,20 @@ class WISEEditor(Editor):
         if self.shard_edits >= cfg.shard_size:
             self._end_shard()
         self._refresh_thresholds()
-        return {"loss": trajectory[-1], "ce": ce_v, "margin": margin_v, "steps": steps,
+        return {"loss": trajectory[-1], "ce": ce_v, "margin": margin_v, "lead": lead_v, "steps": steps,
                 "memory": g, "memories": int(self.memories.shape[0]),
                 "in_scope_min": float(s_in.detach().min()) / unit, "unrelated_max": float(s_out.detach().max()) / unit,
                 "threshold": float(self.thresholds[g]) / unit if g < len(self.thresholds) else None,
                 "trajectory": trajectory}
+
+    def _done(self, ce: float, lead: float, s_in: torch.Tensor, s_out: torch.Tensor, unit: float) -> bool:
+        """Early stop: the targets are learnt (CE below early_stop_loss, or every target token the
+        greedy prediction by early_stop_lead nats) and all three margins are met."""
+        cfg = self.config
+        if not (ce < cfg.early_stop_loss or lead >= cfg.early_stop_lead):
+            return False
+        lo, hi = float(s_in.min()), float(s_out.max())
+        return lo >= cfg.beta * unit and lo - hi >= cfg.gamma * unit and hi <= cfg.alpha * unit
 
     def _fast_steps(self, specs, out_specs):
         """Step function on cached layer inputs: only the blocks above the edited one run."""
@@ -425,12 +442,12 @@ class WISEEditor(Editor):
         def step(param):
             d_in = F.linear(x_in, param)
             hidden = self.adapter.run_blocks(h_in + d_in.to(h_in.dtype), self.layer + 1, attention_mask=rows.attn)
-            logits = self.adapter.unembed(hidden[r, c])
-            ce = F.cross_entropy(logits.float(), targets)
+            logits = self.adapter.unembed(hidden[r, c]).float()
+            ce = F.cross_entropy(logits, targets)
             norms = d_in.norm(dim=-1)  # in scope: scored on prompt + target and on the prompt alone
             s_in = torch.cat([reduce_scores(norms, rows.score, how), reduce_scores(norms, prompt_only, how)])
             s_out = reduce_scores(F.linear(x_out, param).norm(dim=-1), out_rows.attn, how)
-            return ce, s_in, s_out
+            return ce, target_lead(logits.detach(), targets), s_in, s_out
 
         return step
 
@@ -450,13 +467,14 @@ class WISEEditor(Editor):
             finally:
                 self._train_delta = None
                 self._train_x = None
-            ce = F.cross_entropy(logits[:n_in, :-1].flatten(0, 1).float(), rows.labels[:n_in, 1:].flatten(),
-                                 ignore_index=IGNORE)
+            flat, gold = logits[:n_in, :-1].flatten(0, 1).float(), rows.labels[:n_in, 1:].flatten()
+            ce = F.cross_entropy(flat, gold, ignore_index=IGNORE)
+            keep = gold != IGNORE
             norms = F.linear(x, param).norm(dim=-1)
             s_in = torch.cat([reduce_scores(norms[:n_in], rows.score[:n_in], how),
                               reduce_scores(norms[:n_in], prompt_only, how)])
             s_out = reduce_scores(norms[n_in:], rows.attn[n_in:], how)
-            return ce, s_in, s_out
+            return ce, target_lead(flat[keep].detach(), gold[keep]), s_in, s_out
 
         return step
 
