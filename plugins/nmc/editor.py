@@ -163,7 +163,7 @@ class NMCEditor(Editor):
         """Per-dimension mean and spread of the key layer's states (queries are standardised
         with them, so a few huge dimensions do not decide every similarity) and the typical
         norm of the written layer's states (the unit of step sizes and learning rates)."""
-        from editkit.plugins.wise.pool import UNRELATED
+        from editkit.unrelated import UNRELATED
 
         tok = self.tokenizer
         enc = tok(list(UNRELATED), return_tensors="pt", padding=True)

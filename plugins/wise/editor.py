@@ -26,7 +26,7 @@ from editkit.sites import Site
 from editkit.tokens import IGNORE, encode_pair
 
 from .config import WISEConfig
-from .pool import UNRELATED
+from editkit.unrelated import UNRELATED
 
 STATE_FORMAT = 1
 _SEED_WORDS = ("The", "Therefore", "Because", "I", "You")

@@ -1,5 +1,6 @@
-"""A built-in pool of unrelated prompts (general-knowledge questions with answers and plain
-sentences) for the margin loss, used when the user supplies none.
+"""A built-in pool of ordinary text unrelated to any edit (general-knowledge questions with
+answers and plain sentences). WISE draws its margin loss's unrelated prompts from it when the
+user supplies none; NMC measures the model's activation statistics on it.
 
 The paper draws its unrelated prompts from NQ questions with answers (the zsRE training split's
 locality data), a fresh one per edit. NQ_STYLE plays that part here: hand-written
