@@ -5,8 +5,9 @@ the evaluation runner beside WISE and GRACE (Rel/Gen/Loc and seconds per edit).
     .venv/bin/python benchmarks/nmc.py --records 512 --held-out 64 --T 50
     .venv/bin/python benchmarks/nmc.py --feedback FILE --held-out 0 --T 50 --methods nmc,grace
 
-The lifelong runs go to benchmarks/results/nmc-lifelong-T<T>/ and resume there (a method whose
-T edits are journaled is not rerun: delete the folder to measure again). Writes
+The lifelong runs go to benchmarks/results/lifelong-zsre-T<T>/<method>/ (nmc: nmc-<feedback file>)
+and resume there: a method whose T edits are journaled is not rerun (delete its folder to
+measure it again). Writes
 benchmarks/results/nmc-<time>.json and a readable nmc-<time>.md beside it.
 """
 
@@ -56,19 +57,23 @@ def feedback_phase(loaded, args, stamp: str) -> tuple[dict, str | None]:
 
 
 def lifelong_phase(loaded, args, feedback: str | None) -> dict:
-    methods = [m for m in args.methods.split(",") if m]
-    configs = {"nmc": {"feedback": feedback}} if feedback else {}
-    out = RESULTS / f"nmc-lifelong-T{args.T}"
-    report = run_eval(out, suite="zsre", data=str(ZSRE), methods=methods, edits=args.T, loaded=loaded,
-                      configs=configs, plots=False,
-                      progress=lambda m, d, n, what: print(f"  {m} {d}/{n}: {what}", flush=True))
+    """One run folder per method (and per feedback file for nmc), so a method is measured once
+    and reused by later runs with other methods: benchmarks/results/lifelong-zsre-T<T>/<name>/."""
     rows = {}
-    for name, m in report["methods"].items():
+    for method in [m for m in args.methods.split(",") if m]:
+        config, name = {}, method
+        if method == "nmc" and feedback:
+            config, name = {"feedback": feedback}, f"nmc-{Path(feedback).stem}"
+        out = RESULTS / f"lifelong-zsre-T{args.T}" / name
+        report = run_eval(out, suite="zsre", data=str(ZSRE), methods=[method], edits=args.T, loaded=loaded,
+                          configs={method: config}, plots=False,
+                          progress=lambda m, d, n, what: print(f"  {m} {d}/{n}: {what}", flush=True))
+        m = report["methods"][method]
         s = m["summary"]
-        rows[name] = {"rel_tf": s["rel_tf"], "gen_tf": s["gen_tf"], "loc_tf": s["loc_tf"],
-                      "rel_em": s["rel_em"], "gen_em": s["gen_em"], "loc_em": s["loc_em"],
-                      "seconds_per_edit": m["seconds_per_edit"], "complete": m["complete"]}
-    return {"T": args.T, "run_dir": str(out), "methods": rows}
+        rows[method] = {"rel_tf": s["rel_tf"], "gen_tf": s["gen_tf"], "loc_tf": s["loc_tf"],
+                        "rel_em": s["rel_em"], "gen_em": s["gen_em"], "loc_em": s["loc_em"],
+                        "seconds_per_edit": m["seconds_per_edit"], "complete": m["complete"], "run_dir": str(out)}
+    return {"T": args.T, "methods": rows}
 
 
 def markdown(result: dict) -> str:
@@ -117,6 +122,7 @@ def main() -> None:
     result: dict = {"stamp": stamp, "torch_threads": torch.get_num_threads(), "args": vars(args)}
     phase, feedback = feedback_phase(loaded, args, stamp)
     result.update(phase, feedback_file=feedback)
+    (RESULTS / f"nmc-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))  # kept if later fails
     if args.T:
         result["lifelong"] = lifelong_phase(loaded, args, feedback)
     (RESULTS / f"nmc-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
