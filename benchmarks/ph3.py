@@ -3,8 +3,8 @@ validation split, and measure on held-out items against a random-head baseline.
 
     python benchmarks/ph3.py [--model default] [--items known] [--limit 200] [--draws 5] [--full-patching]
 
-Writes benchmarks/results/ph3.json and ph3.md (rates before / after, k, the heads found, the
-random-head baseline, guardrails, and the paper's numbers for comparison)."""
+Writes benchmarks/results/ph3.json and ph3.md (rates before / after, k, the heads found and the
+pruning order, the random-head baseline, guardrails, and the paper's numbers for comparison)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ def main() -> None:
         "mode": doc["mode"], "sign_convention": doc["sign_convention"], "seed": args.seed,
         "logit_diff": {"conflict": doc["logit_diff_conflict"], "reference": doc["logit_diff_reference"]},
         "memory_heads": doc["memory_heads"][:12], "context_heads": doc["context_heads"][:12],
+        "pruning_order": {kind: order[:12] for kind, order in doc["pruning_order"].items()},
+        "pruned": {f: [h[:2] for h in doc["pruning_order"][doc["choice"][f]["pruned_kind"]][:doc["choice"][f]["k"]]]
+                   for f in usable},
         "choice": {f: {"k": c["k"], "pruned_kind": c["pruned_kind"], "tolerance": c["tolerance"],
                        "validation_table": c["table"], "validation_baseline": c["baseline"]}
                    for f, c in doc["choice"].items()},
@@ -96,7 +99,8 @@ def markdown(r: dict, args) -> str:
             continue
         row, k, kind = r["test"][f], r["choice"][f]["k"], r["choice"][f]["pruned_kind"]
         rm = r["random"][f]["mean"]
-        lines.append(f"| favour {f}: prune top-{k} {kind} heads | {k} | {pct(row['memory_rate'])} | "
+        names = ", ".join(f"L{l}H{h}" for l, h in r["pruned"][f])
+        lines.append(f"| favour {f}: prune top-{k} {kind} heads ({names}) | {k} | {pct(row['memory_rate'])} | "
                      f"{pct(row['context_rate'])} | {pct(row['clean_accuracy'])} | {row['perplexity']:.2f} |")
         lines.append(f"| {k} random heads (mean of {r['random'][f]['draws']}) | {k} | {pct(rm['memory_rate'])} | "
                      f"{pct(rm['context_rate'])} | {pct(rm.get('clean_accuracy'))} | - |")
@@ -107,7 +111,17 @@ def markdown(r: dict, args) -> str:
     fmt = lambda heads: ", ".join(f"L{l}H{h} ({s:+.2f})" for l, h, s in heads[:8]) or "none"
     lines += ["", f"Memory heads (score > 0): {fmt(r['memory_heads'])}",
               f"Context heads (score < 0): {fmt(r['context_heads'])}", "",
+              f"Pruning order, memory heads (gain): {fmt(r['pruning_order']['memory'])}",
+              f"Pruning order, context heads (gain): {fmt(r['pruning_order']['context'])}", "",
               f"Sign convention: {r['sign_convention']}.",
+              "Pruning order: the path-patching score classifies the heads, but pruning removes a head's "
+              "output, so the heads of a kind are pruned in the order of gain = s * ablation - max(0, clean) "
+              "(s = +1 memory, -1 context), where ablation is the head's direct contribution to LD in the "
+              "conflict run (what zero-ablating it removes, direct path) and clean its direct contribution to "
+              "LD on the clean prompt (answer-writing the guardrail would lose); only heads with the kind's "
+              "patching sign and gain > 0 are pruned. A head the patching score calls a context head because it "
+              "writes the memorised answer more strongly after the reference prompt (an answer head) pushes "
+              "memory in the conflict run, so its gain is negative and it is never pruned.",
               f"Mean logit difference (memory - context) on the locate split: conflict "
               f"{r['logit_diff']['conflict']:.2f}, reference {r['logit_diff']['reference']:.2f}.", "",
               "k is chosen on the validation split (largest favoured rate with clean accuracy within "

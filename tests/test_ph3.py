@@ -18,7 +18,8 @@ from editkit.host import PluginHost, builtin_candidates
 from editkit.plugins.ph3 import (HeadPruning, build_items, choose_k, evaluate_rates, locate_heads, perplexity,
                                  pruned, random_baseline, rates_with, split_items)
 from editkit.plugins.ph3.items import Fact, _make_item, load_facts
-from editkit.plugins.ph3.locate import capture, direct_scores, encode_left, full_scores, logit_diff
+from editkit.plugins.ph3.locate import (HeadScores, capture, direct_effects, direct_scores, encode_left, full_scores,
+                                        logit_diff)
 from editkit.session import Session
 from editkit.sites import Site
 
@@ -114,28 +115,60 @@ def test_direct_scores_match_a_measured_swap(loaded):
     conflict = capture(loaded, [it.conflict_prompt for it in items])
     reference = capture(loaded, [it.reference_prompt for it in items])
     scores = direct_scores(loaded, items, conflict, reference)  # (N, L, H)
+    # the pruning order's ablation: the LD lost when the head's direct contribution is removed
+    ablation = direct_effects(loaded, items, conflict.z[:, :, -1], conflict.final)
     base = logit_diff(conflict.logits, items)
     enc = encode_left(loaded.tokenizer, [it.conflict_prompt for it in items], loaded.device)
     norm = adapter.module(Site("final_norm"))
     for layer, head in [(0, 0), (1, 2), (adapter.num_layers - 1, 3)]:
         sl = adapter.head_slice(head)
         w_o = adapter.weight(Site("attn.out", layer)).detach()
-        delta = (reference.z[:, layer, -1, sl] - conflict.z[:, layer, -1, sl]) @ w_o[:, sl].T  # (N, hidden)
+        swap_delta = (reference.z[:, layer, -1, sl] - conflict.z[:, layer, -1, sl]) @ w_o[:, sl].T  # (N, hidden)
+        ablate_delta = -conflict.z[:, layer, -1, sl] @ w_o[:, sl].T
+        # removing a whole head moves the final norm's scale more than swapping it does, so the
+        # linearised ablation gets a looser relative tolerance
+        for expected, delta, rtol in ((scores, swap_delta, 0.05), (ablation, ablate_delta, 0.15)):
+            def swap(module, args, _delta=delta):
+                x = args[0].clone()
+                x[:, -1] += _delta
+                return (x,)
 
-        def swap(module, args):
-            x = args[0].clone()
-            x[:, -1] += delta
-            return (x,)
+            handle = norm.register_forward_pre_hook(swap)
+            try:
+                with torch.no_grad():
+                    swapped = loaded.model(**enc).logits[:, -1]
+            finally:
+                handle.remove()
+            measured = base - logit_diff(swapped, items)
+            got = expected[:, layer, head]
+            assert torch.allclose(got, measured, rtol=rtol, atol=2e-3 * (1 + measured.abs().max())), \
+                (layer, head, got, measured)
+    located = locate_heads(loaded, items)
+    assert torch.allclose(located.ablation, ablation.mean(0), atol=1e-6)
+    assert located.clean is not None and located.clean.shape == located.scores.shape
 
-        handle = norm.register_forward_pre_hook(swap)
-        try:
-            with torch.no_grad():
-                swapped = loaded.model(**enc).logits[:, -1]
-        finally:
-            handle.remove()
-        measured = base - logit_diff(swapped, items)
-        assert torch.allclose(scores[:, layer, head], measured, rtol=0.05, atol=2e-3 * (1 + measured.abs().max())), \
-            (layer, head, scores[:, layer, head], measured)
+
+def test_pruning_order():
+    """Heads are pruned by gain = s * ablation - max(0, clean), among those the patching score
+    puts in the kind; a head whose patching score and own contribution disagree (an answer head
+    the patching score calls a context head) is never pruned; old files fall back to `scores`."""
+    scores = torch.tensor([[-0.9, -0.5, 2.0], [-0.3, 0.4, 0.0]])
+    ablation = torch.tensor([[0.1, -0.5, 1.0], [-0.4, 0.6, -0.2]])
+    clean = torch.tensor([[1.0, 0.0, -0.1], [0.3, 0.7, 0.0]])
+    hs = HeadScores(scores, "direct", 3, ablation=ablation, clean=clean)
+    assert [h[:2] for h in hs.ranked("context")] == [(0, 0), (0, 1), (1, 0)]
+    order = hs.prune_ranked("context")  # (0, 0) pushes memory in the conflict run: excluded
+    assert [h[:2] for h in order] == [(0, 1), (1, 0)]
+    assert [h[2] for h in order] == pytest.approx([0.5, 0.1])  # (1, 0): 0.4 - 0.3
+    assert hs.top("context", 3) == [(0, 1), (1, 0)]
+    assert [h[:2] for h in hs.prune_ranked("memory")] == [(0, 2)]  # (1, 1): 0.6 - 0.7 < 0
+    back = HeadScores.from_dict(json.loads(json.dumps(hs.to_dict())))
+    assert [h[:2] for h in back.prune_ranked("context")] == [h[:2] for h in order]
+    assert [h[2] for h in back.prune_ranked("context")] == pytest.approx([h[2] for h in order])
+    old = HeadScores.from_dict({"scores": scores.tolist()})
+    assert old.top("context", 2) == [(0, 0), (0, 1)]
+    with pytest.raises(InvalidRequest):
+        HeadScores.from_dict({"scores": scores.tolist(), "ablation": [[1.0]]})
 
 
 def test_full_patching(loaded):

@@ -127,6 +127,10 @@ def _print_summary(doc: dict, out: Path) -> None:
     for kind in ("memory", "context"):
         top = doc[f"{kind}_heads"][:8]
         con.print(f"top {kind} heads: " + (", ".join(f"L{l}H{h} ({s:+.2f})" for l, h, s in top) or "none"))
+        order = (doc.get("pruning_order") or {}).get(kind)
+        if order is not None:
+            con.print("  pruning order (gain): " + (", ".join(f"L{l}H{h} ({g:+.2f})" for l, h, g in order[:8])
+                                                     or "none"))
     table = Table("test split", "memory rate", "context rate", "clean acc", "perplexity", "k")
     before = doc["test"]["before"]
     table.add_row("no pruning", _pct(before["memory_rate"]), _pct(before["context_rate"]),

@@ -76,18 +76,19 @@ def rates_with(loaded: LoadedModel, items: list[ConflictItem], heads: list[tuple
 def choose_k(loaded: LoadedModel, scores: HeadScores, favour: str, items: list[ConflictItem],
              ks: tuple[int, ...] = DEFAULT_KS, tolerance: float = 0.1, baseline: dict | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """The k (pruning the top-k heads of the kind that works against `favour`) that most raises
-    the favoured rate on `items` (the validation split) while clean accuracy stays within
-    `tolerance` of unpruned; ties go to the smaller k. k is 0 when no k both raises the rate
-    and keeps clean accuracy: then pruning is not recommended. Returns k, the per-k table and
-    the baseline."""
+    """The k (pruning the first k heads, in pruning order, of the kind that works against
+    `favour`) that most raises the favoured rate on `items` (the validation split) while clean
+    accuracy stays within `tolerance` of unpruned; ties go to the smaller k. k is 0 when no k
+    both raises the rate and keeps clean accuracy: then pruning is not recommended. Returns k,
+    the per-k table and the baseline."""
     if favour not in FAVOURS:
         raise InvalidRequest(f"favour must be 'memory' or 'context', not '{favour}'")
     kind = PRUNED_KIND[favour]
-    available = len(scores.ranked(kind))
+    available = len(scores.prune_ranked(kind))
     candidates = sorted({k for k in ks if 1 <= k <= available})
     if not candidates:
-        raise InvalidRequest(f"no {kind} heads to prune (no head scored {'> 0' if kind == 'memory' else '< 0'})")
+        raise InvalidRequest(f"no {kind} heads to prune (none both scored {'> 0' if kind == 'memory' else '< 0'} "
+                             "and has a positive pruning gain)")
     base = baseline or evaluate_rates(loaded, items)
     rate = f"{favour}_rate"
     table = []

@@ -37,7 +37,7 @@ def run_ph3(loaded: LoadedModel, items: list[ConflictItem], *, seed: int = 0, fu
     test_base = {**evaluate_rates(loaded, splits["test"]), "perplexity": perplexity(loaded)}
     choice, test = {}, {"before": test_base}
     for favour in FAVOURS:
-        if not scores.ranked(PRUNED_KIND[favour]):
+        if not scores.prune_ranked(PRUNED_KIND[favour]):
             continue
         choice[favour] = choose_k(loaded, scores, favour, splits["validation"], ks, tolerance, val_base,
                                   progress=step(f"choose k ({favour})"))
@@ -88,9 +88,10 @@ def heads_to_prune(doc: dict[str, Any], favour: str, k: int | None = None) -> tu
         if k == 0:
             raise InvalidRequest(f"on the validation split no k raised the {favour} rate while keeping "
                                  "clean accuracy within tolerance; pass --k to prune anyway")
-    available = len(scores.ranked(kind))
+    available = len(scores.prune_ranked(kind))
     if not 1 <= k <= available:
-        raise InvalidRequest(f"k must be between 1 and {available} (the {kind} heads in the file), got {k}")
+        raise InvalidRequest(f"k must be between 1 and {available} (the {kind} heads in the file's pruning "
+                             f"order), got {k}")
     return scores.top(kind, k), k
 
 
