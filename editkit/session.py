@@ -25,7 +25,7 @@ from editkit.schemas import EditRequest
 from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
 
 # GRACE until WISE meets its quality bar (issue 3): the method whose edits reliably hold.
-DEFAULT_METHOD = "grace"
+DEFAULT_METHOD = "nmc"
 WORKSPACE_FORMAT = 1
 EDITOR_STATE = "editor"
 INTERVENTION_STATE = "intervention."  # + name; its JSON holds {"config": ..., "state": ...}
