@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from editkit.components import Editor
 from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.evaluation.metrics import normalise
+from editkit.forward import call_context
 from editkit.schemas import EditRequest
 from editkit.tokens import teacher_forced_batch
 
@@ -185,12 +186,7 @@ class NMCEditor(Editor):
 
     # ---- hooks -------------------------------------------------------------------------
     def _model_pre_hook(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
-            mask = args[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self._local.call = (mask, past)
+        self._local.call = call_context(args, kwargs)
 
     def _reading(self) -> bool:
         st = self._local

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from editkit.components import Editor
 from editkit.errors import WorkspaceError
+from editkit.forward import call_context
 from editkit.schemas import EditRequest
 from editkit.sites import Site
 from editkit.tokens import IGNORE, encode_pair
@@ -164,14 +165,7 @@ class WISEEditor(Editor):
 
     # ---- inference: hooks and routing ----------------------------------------------------
     def _model_pre_hook(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and torch.is_tensor(args[1]):
-            mask = args[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())  # a shape, not a device value: no synchronisation
-        self._call = (mask, past)
+        self._call = call_context(args, kwargs)
 
     def _down_hook(self, module, inputs, output):
         if self._bypass:
