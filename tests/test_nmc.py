@@ -126,6 +126,7 @@ def test_controller_rewrites_reinforces_and_evicts(tiny_loaded):
         assert usage[1] < usage[0]
         assert (stats["action"], stats["slot"], stats["evicted"]) == ("evict", 1, "capital")
         assert len(editor.memory) == 2 and editor.memory.labels == ["capital", "paris"]
+        assert float(editor.memory.usage[1]) == 1.0  # the new occupant starts its own count
     finally:
         editor.detach()
 

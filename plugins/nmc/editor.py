@@ -263,7 +263,8 @@ class NMCEditor(Editor):
         except BaseException:
             self.feedback.load_state_dict(saved)
             raise
-        self.memory = with_slot(self.memory, plan.slot, key, value, label, cfg.usage_decay)
+        self.memory = with_slot(self.memory, plan.slot, key, value, label, cfg.usage_decay,
+                                new_occupant=plan.action == "evict")
         stats.update(slot=plan.slot, action=plan.action, memory_size=len(self.memory))
         if plan.evicted is not None:
             stats["evicted"] = plan.evicted

@@ -83,8 +83,9 @@ def plan_write(memory: Memory, key: torch.Tensor, label: str, capacity: int, mat
 
 
 def with_slot(memory: Memory, slot: int, key: torch.Tensor, value: torch.Tensor, label: str,
-              usage_decay: float) -> Memory:
-    """A new Memory with `slot` holding (key, value, label); usage decayed, the slot's raised."""
+              usage_decay: float, new_occupant: bool = False) -> Memory:
+    """A new Memory with `slot` holding (key, value, label); usage decayed, the slot's raised
+    (from zero when `new_occupant`: an evicted slot's history is not the new edit's)."""
     keys, values, usage, labels = memory.keys.clone(), memory.values.clone(), memory.usage * usage_decay, list(memory.labels)
     if slot == len(labels):
         keys = torch.cat([keys, key[None].to(keys)])
@@ -93,5 +94,7 @@ def with_slot(memory: Memory, slot: int, key: torch.Tensor, value: torch.Tensor,
         labels.append(label)
     else:
         keys[slot], values[slot], labels[slot] = key.to(keys), value.to(values), label
+    if new_occupant:
+        usage[slot] = 0.0
     usage[slot] += 1.0
     return Memory(keys, values, usage, labels)
