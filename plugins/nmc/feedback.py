@@ -16,14 +16,13 @@ adds what depends on the key and the value."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from editkit.errors import InvalidRequest
+from editkit.tensorfile import load_tensor_file, save_tensor_file
 
 FILE_KEY = "editkit.nmc.feedback"
 FORMAT = 2
@@ -72,27 +71,8 @@ def feedback_loss(pred: torch.Tensor, true: torch.Tensor, norm_weight: float = 0
 
 def save_feedback(path: str | Path, module: SyntheticGradient, info: dict[str, Any]) -> None:
     """One safetensors file; metadata says the shape and where it was trained (layers, model)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    doc = {**module.describe(), **info}
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp),
-              metadata={FILE_KEY: json.dumps(doc)})
-    tmp.replace(path)
+    save_tensor_file(path, module.state_dict(), FILE_KEY, {**module.describe(), **info})
 
 
 def load_feedback(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidRequest(f"synthetic-gradient file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            doc = json.loads((f.metadata() or {})[FILE_KEY])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (KeyError, ValueError, OSError) as exc:
-        raise InvalidRequest(f"{path} is not a synthetic-gradient file ({exc})") from None
-    return tensors, doc
+    return load_tensor_file(path, FILE_KEY, "synthetic-gradient file")
