@@ -60,6 +60,12 @@ class Component:
         """Remove everything attach() and later edits installed; the model is as before attach()."""
         raise NotImplementedError
 
+    def remove_hooks(self) -> None:
+        """Remove the hook handles kept in self._handles (components that register several)."""
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-serialisable metadata) describing everything learned so far."""
         raise NotImplementedError

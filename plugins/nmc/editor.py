@@ -134,9 +134,7 @@ class NMCEditor(Editor):
 
     def detach(self) -> None:
         if self.attached:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+            self.remove_hooks()
             self.attached = False
 
     def feedback_info(self) -> dict[str, Any]:

@@ -51,13 +51,8 @@ class HeadPruning(Intervention):
         self.attached = True
 
     def detach(self) -> None:
-        self._remove_hooks()
+        self.remove_hooks()
         self.attached = False
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     # ---- heads -------------------------------------------------------------------------
     def validate_heads(self, heads: torch.Tensor) -> torch.Tensor:
@@ -77,7 +72,7 @@ class HeadPruning(Intervention):
     def set_heads(self, heads: Iterable[tuple[int, int]] | torch.Tensor) -> None:
         """Prune exactly `heads` from now on (validated before anything changes)."""
         heads = self.validate_heads(heads_tensor(heads))
-        self._remove_hooks()
+        self.remove_hooks()
         self.heads = heads
         by_layer: dict[int, list[int]] = {}
         for layer, head in heads.tolist():

@@ -219,9 +219,7 @@ class MemoryReweaving(Intervention):
         self.attached = True
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.remove_hooks()
         self.buffers.clear()
         self._local = threading.local()
         self.attached = False

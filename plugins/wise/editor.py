@@ -158,9 +158,7 @@ class WISEEditor(Editor):
 
     def detach(self) -> None:
         if self.attached:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+            self.remove_hooks()
             self.attached = False
 
     # ---- inference: hooks and routing ----------------------------------------------------
