@@ -246,6 +246,7 @@ def test_every_config_field_is_described():
     assert all(f.description for f in NMCConfig.model_fields.values())
 
 
+@pytest.mark.shared
 def test_pretrain_command_on_a_tiny_model(tiny_dirs, tmp_path):
     from editkit.cli.main import build_app
 
@@ -266,6 +267,8 @@ def test_pretrain_command_on_a_tiny_model(tiny_dirs, tmp_path):
 
 
 # ---- the default model ---------------------------------------------------------------------
+@pytest.mark.model
+@pytest.mark.shared
 def test_edits_hold_and_unrelated_prompts_keep_their_answers(default_model):
     records = json.loads(shared_path("data", "zsre", "zsre-dev-500.json").read_text())[:8]
     loaded = default_model
@@ -284,6 +287,8 @@ def test_edits_hold_and_unrelated_prompts_keep_their_answers(default_model):
     assert sum(loc) / len(loc) >= 0.95, loc
 
 
+@pytest.mark.model
+@pytest.mark.shared
 def test_pretrained_feedback_beats_plain_sgd_on_held_out_edits(default_model):
     """A small meta-training (64 edits; the issue's > 0.5 cosine is measured by benchmarks/nmc.py
     after 512): the module must point clearly closer to the true gradient than the untrained one,
