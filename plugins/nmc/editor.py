@@ -47,14 +47,6 @@ class _Stop(Exception):
 
 
 @dataclass
-class Features:
-    """What the synthetic-gradient module sees for one candidate value."""
-
-    lens_first: torch.Tensor  # (H,)
-    lens_mean: torch.Tensor  # (H,)
-
-
-@dataclass
 class Scored:
     loss: torch.Tensor  # (m,) mean target cross-entropy per candidate
     margin: torch.Tensor  # (m,) smallest (target logit - best other logit) over target tokens
@@ -318,15 +310,20 @@ class NMCEditor(Editor):
         configured step norms (and staying put), all scored in one batch; the best is kept."""
         with torch.no_grad():
             g = self.predicted_gradient(problem, scored, value[None])[0]
-            if not bool(torch.isfinite(g).all()):
-                return value, scored
-            direction = -g / g.norm().clamp_min(1e-12)
-            sizes = torch.tensor([0.0] + list(self.config.step_sizes), device=value.device) * self.scale
-            candidates = value[None] + sizes[:, None] * direction[None]
-            cand_scores, _ = problem.score(candidates)
-        best = int(torch.argmin(torch.nan_to_num(cand_scores.loss, nan=float("inf"))))
-        pick = Scored(*(t[best:best + 1] for t in (cand_scores.loss, cand_scores.margin, cand_scores.lens_first,
-                                                  cand_scores.lens_mean)))
+        if not bool(torch.isfinite(g).all()):
+            return value, scored
+        return self.line_search(problem, value, -g)
+
+    @torch.no_grad()
+    def line_search(self, problem: EditProblem, value: torch.Tensor, direction: torch.Tensor):
+        """The best of `value` moved along `direction` by each configured step norm (or not at
+        all), scored in one batch: (value, its scores)."""
+        direction = direction / direction.norm().clamp_min(1e-12)
+        sizes = torch.tensor([0.0] + list(self.config.step_sizes), device=value.device) * self.scale
+        candidates = value[None] + sizes[:, None] * direction[None]
+        scored, _ = problem.score(candidates)
+        best = int(torch.argmin(torch.nan_to_num(scored.loss, nan=float("inf"))))
+        pick = Scored(*(t[best:best + 1] for t in (scored.loss, scored.margin, scored.lens_first, scored.lens_mean)))
         return candidates[best].clone(), pick
 
     def true_gradient(self, problem: EditProblem, value: torch.Tensor) -> tuple[Scored, torch.Tensor]:

@@ -185,7 +185,7 @@ def evaluate_feedback(editor: NMCEditor, requests: list[EditRequest], sgd_lr: fl
                 editor.feedback = trained
             row["cosine" + suffix] = float(F.cosine_similarity(pred, grad, dim=0))
             row["one_step" + suffix] = float(s.margin[0]) >= editor.config.margin
-        _, s = _true_line_step(editor, problem, v0, grad)
+        _, s = editor.line_search(problem, v0, -grad)  # the same step along the true gradient
         row["one_step_true_gradient"] = float(s.margin[0]) >= editor.config.margin
         value, s = editor.fast_step(problem, v0, scored)
         row["steps_nmc"] = 1 + _steps_to_margin(editor, problem, value, limit - 1, _adam(editor))
@@ -204,13 +204,3 @@ def evaluate_feedback(editor: NMCEditor, requests: list[EditRequest], sgd_lr: fl
             "one_step_success_true_gradient": mean("one_step_true_gradient"),
             "median_steps_nmc": med("steps_nmc"), "median_steps_adam": med("steps_adam"),
             "median_steps_sgd": med("steps_sgd"), "rows": rows}
-
-
-def _true_line_step(editor: NMCEditor, problem: EditProblem, value: torch.Tensor, grad: torch.Tensor):
-    """The fast step's line search along the true gradient instead of the predicted one."""
-    direction = -grad / grad.norm().clamp_min(1e-12)
-    sizes = torch.tensor([0.0] + list(editor.config.step_sizes), device=value.device) * editor.scale
-    with torch.no_grad():
-        scored, _ = problem.score(value[None] + sizes[:, None] * direction[None])
-    best = int(torch.argmin(torch.nan_to_num(scored.loss, nan=float("inf"))))
-    return best, Scored(*(t[best:best + 1] for t in (scored.loss, scored.margin, scored.lens_first, scored.lens_mean)))
