@@ -2,8 +2,11 @@
 distance (1..N chunks back) for the frozen model and the trained reweaver, the milliseconds the
 plugin adds per token (prefill and greedy decoding, buffer full), and the buffer's memory.
 
-    python benchmarks/reweave.py [--steps 200] [--max-distance 4] [--out benchmarks/results/reweave.json]
+    python benchmarks/reweave.py [--steps 400] [--seeds 0,1,2] [--max-distance 4] [--out benchmarks/results/reweave.json]
 
+Training is repeated for each seed (initialisation and batch order) on the same captured
+episodes: one run says little when runs differ this much. Training is deterministic for a
+given seed and thread count (train() runs under torch's deterministic algorithms).
 Writes JSON and a Markdown summary beside it. Everything reported is measured in this run."""
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ def timed(fn, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--examples", type=int, default=96, help="training episodes (distances 1 and 2 mixed)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--examples", type=int, default=512, help="training episodes (distances 1 and 2 mixed)")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated); recall is reported per seed")
     parser.add_argument("--held-out", type=int, default=32, help="held-out episodes per distance")
-    parser.add_argument("--max-distance", type=int, default=4)
+    parser.add_argument("--max-distance", type=int, default=3)
     parser.add_argument("--digits", type=int, default=2)
-    parser.add_argument("--distractors", type=int, default=1, help="other codes per chunk")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--distractors", type=int, default=0, help="other codes per chunk")
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--config", default="{}", help="ReweaveConfig values as JSON")
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (median)")
@@ -49,7 +53,6 @@ def main() -> None:
     from editkit.plugins.reweave import evaluate, passkeys, prepare, reweaving, train
 
     loaded = load_model(args.model, device="cpu")
-    torch.manual_seed(0)
     config = json.loads(args.config)
     half = args.examples // 2
     train_items = passkeys(half, seed=1, distance=1, digits=args.digits, distractors=args.distractors) + \
@@ -57,71 +60,31 @@ def main() -> None:
     result: dict = {"model": loaded.name, "fingerprint": loaded.fingerprint, "config_overrides": config,
                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
-    with reweaving(loaded, config) as rw:
-        result["config"] = rw.config.model_dump(mode="json")
-        result["resolved"] = {"capture_layers": rw.capture_ids, "reweave_layer": rw.reweave_id,
-                              "layers": rw.adapter.num_layers,
-                              "parameters": sum(p.numel() for p in rw.module.parameters())}
-        started = time.perf_counter()
-        prepared = prepare(rw, train_items)
-        result["prepare_seconds"] = time.perf_counter() - started
-        result["train"] = train(rw, prepared, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                progress=lambda s, n, loss: print(f"step {s}/{n} loss {loss:.3f}", flush=True)
-                                if s % 10 == 0 else None)
-        print(result["train"], flush=True)
-
-        recall = []
-        for d in range(1, args.max_distance + 1):
-            items = passkeys(args.held_out, seed=100 + d, distance=d, digits=args.digits,
-                             distractors=args.distractors)
-            row = {"distance": d, "baseline": evaluate(rw, items, use_memory=False),
-                   "reweave": evaluate(rw, items, use_memory=True)}
-            recall.append(row)
-            print(f"distance {d}: {row}", flush=True)
-        result["recall"] = recall
-        result["chance_token_accuracy"] = 0.1
-
-        # Cost: a full buffer (capacity states per capture layer), 64-token prefill and 32 greedy tokens.
-        tok = loaded.tokenizer
-        filler = passkeys(40, seed=7, distance=1, digits=args.digits)
-        with rw.conversation("bench") as buf:
-            for ep in filler:
-                for chunk in ep.chunks:
-                    with torch.no_grad():
-                        loaded.model(tok(chunk, return_tensors="pt").input_ids)
-            result["buffer"] = {"states": len(buf), "bytes": buf.nbytes(), "chunks_fed": buf.chunks,
-                                "bound_states": len(rw.capture_ids) * rw.config.capacity}
-        prompt = " ".join(ep.chunks[0] for ep in filler[:4])
-        ids = tok(prompt, return_tensors="pt").input_ids[:, :64]
-        snapshot = rw.buffers["bench"]
-
-        def prefill():
-            with torch.no_grad():
-                loaded.model(ids)
-
-        def decode():
-            with torch.no_grad():
-                loaded.model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                      pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
-
-        def in_conversation(fn):
-            def run():
-                rw.buffers["bench"] = snapshot  # full: new captures evict, the size stays at the bound
-                with rw.conversation("bench"):
-                    fn()
-            return run
-
-        base_prefill = timed(prefill, args.repeat)
-        rw_prefill = timed(in_conversation(prefill), args.repeat)
-        base_decode = timed(decode, args.repeat)
-        rw_decode = timed(in_conversation(decode), args.repeat)
-        result["cost"] = {
-            "prefill_tokens": ids.shape[1], "decode_tokens": 32, "memory_states": len(snapshot),
-            "prefill_ms_base": 1e3 * base_prefill, "prefill_ms_reweave": 1e3 * rw_prefill,
-            "prefill_added_ms_per_token": 1e3 * (rw_prefill - base_prefill) / ids.shape[1],
-            "decode_ms_per_token_base": 1e3 * base_decode / 32, "decode_ms_per_token_reweave": 1e3 * rw_decode / 32,
-            "decode_added_ms_per_token": 1e3 * (rw_decode - base_decode) / 32}
-        print(result["cost"], flush=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    held_out = {d: passkeys(args.held_out, seed=100 + d, distance=d, digits=args.digits, distractors=args.distractors)
+                for d in range(1, args.max_distance + 1)}
+    result["runs"], result["chance_token_accuracy"] = [], 0.1
+    prepared = None
+    for n, seed in enumerate(seeds):
+        with reweaving(loaded, {**config, "seed": seed}) as rw:  # seed: the reweaver's initialisation
+            if prepared is None or rw.config.scorer == "learned":  # 'norm' capture does not depend on the seed
+                started = time.perf_counter()
+                prepared = prepare(rw, train_items)
+                result["prepare_seconds"] = time.perf_counter() - started
+            stats = train(rw, prepared, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
+                          progress=lambda s, n, loss: print(f"seed {seed} step {s}/{n} loss {loss:.3f}", flush=True)
+                          if s % 50 == 0 else None)
+            if "baseline" not in result:  # the frozen model: no conversation, the plugin is inert
+                result["baseline"] = {d: evaluate(rw, items, use_memory=False) for d, items in held_out.items()}
+            recall = {d: evaluate(rw, items, use_memory=True) for d, items in held_out.items()}
+            result["runs"].append({"seed": seed, "train": stats, "recall": recall})
+            print(f"seed {seed}: {stats} {recall}", flush=True)
+            if n == len(seeds) - 1:
+                result["config"] = rw.config.model_dump(mode="json")
+                result["resolved"] = {"capture_layers": rw.capture_ids, "reweave_layer": rw.reweave_id,
+                                      "layers": rw.adapter.num_layers,
+                                      "parameters": sum(p.numel() for p in rw.module.parameters())}
+                measure_cost(rw, loaded, args, result)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -129,8 +92,56 @@ def main() -> None:
     print(summary(result))
 
 
+def measure_cost(rw, loaded, args, result: dict) -> None:
+    """Added time per token and the buffer's memory with a full buffer."""
+    from editkit.plugins.reweave import passkeys
+
+    # Cost: a full buffer (capacity states per capture layer), 64-token prefill and 32 greedy tokens.
+    tok = loaded.tokenizer
+    filler = passkeys(40, seed=7, distance=1, digits=args.digits)
+    with rw.conversation("bench") as buf:
+        for ep in filler:
+            for chunk in ep.chunks:
+                with torch.no_grad():
+                    loaded.model(tok(chunk, return_tensors="pt").input_ids)
+        result["buffer"] = {"states": len(buf), "bytes": buf.nbytes(), "chunks_fed": buf.chunks,
+                            "bound_states": len(rw.capture_ids) * rw.config.capacity}
+    prompt = " ".join(ep.chunks[0] for ep in filler[:4])
+    ids = tok(prompt, return_tensors="pt").input_ids[:, :64]
+    snapshot = rw.buffers["bench"]
+
+    def prefill():
+        with torch.no_grad():
+            loaded.model(ids)
+
+    def decode():
+        with torch.no_grad():
+            loaded.model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+
+    def in_conversation(fn):
+        def run():
+            rw.buffers["bench"] = snapshot  # full: new captures evict, the size stays at the bound
+            with rw.conversation("bench"):
+                fn()
+        return run
+
+    base_prefill = timed(prefill, args.repeat)
+    rw_prefill = timed(in_conversation(prefill), args.repeat)
+    base_decode = timed(decode, args.repeat)
+    rw_decode = timed(in_conversation(decode), args.repeat)
+    result["cost"] = {
+        "prefill_tokens": ids.shape[1], "decode_tokens": 32, "memory_states": len(snapshot),
+        "prefill_ms_base": 1e3 * base_prefill, "prefill_ms_reweave": 1e3 * rw_prefill,
+        "prefill_added_ms_per_token": 1e3 * (rw_prefill - base_prefill) / ids.shape[1],
+        "decode_ms_per_token_base": 1e3 * base_decode / 32, "decode_ms_per_token_reweave": 1e3 * rw_decode / 32,
+        "decode_added_ms_per_token": 1e3 * (rw_decode - base_decode) / 32}
+    print(result["cost"], flush=True)
+
+
 def summary(r: dict) -> str:
-    t, c, b = r["train"], r["cost"], r["buffer"]
+    c, b, runs = r["cost"], r["buffer"], r["runs"]
+    t0 = runs[0]["train"]
     lines = [
         f"# Contextual memory reweaving — {r['model']} (measured)", "",
         f"Model {r['model']} ({r['resolved']['layers']} layers); capture layers {r['resolved']['capture_layers']}, "
@@ -138,22 +149,28 @@ def summary(r: dict) -> str:
         f"CPU, {r['torch_threads']} torch threads. Command: `python benchmarks/reweave.py "
         + " ".join(f"--{k.replace('_', '-')} {json.dumps(v) if k == 'config' else v}" for k, v in r["args"].items()
                    if k not in ("out", "model")) + "`", "",
-        f"Training: {t['examples']} passkey episodes (half 1, half 2 chunks back, "
-        f"{r['args']['distractors']} distractor code(s) per chunk), "
-        f"{t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}: loss {t['first_loss']:.3f} -> "
-        f"{t['last5_loss']:.3f} (mean of last 5) in {t['seconds']:.1f} s (+{r['prepare_seconds']:.1f} s capture).", "",
-        "## Held-out recall against distance", "",
-        "Teacher-forced on the code's digits; chance is 10% per digit. The frozen model never sees "
-        "the earlier chunks.", "",
-        "| chunks back | frozen digit acc | reweave digit acc | frozen exact | reweave exact | "
-        "frozen log-prob | reweave log-prob |",
-        "|---|---|---|---|---|---|---|"]
-    for row in r["recall"]:
-        f, w = row["baseline"], row["reweave"]
-        lines.append(f"| {row['distance']} | {100 * f['token_accuracy']:.1f}% | {100 * w['token_accuracy']:.1f}% | "
-                     f"{100 * f['exact']:.1f}% | {100 * w['exact']:.1f}% | {f['answer_logprob']:.3f} | "
-                     f"{w['answer_logprob']:.3f} |")
-    lines += ["", "## Cost", "",
+        f"Training: {t0['examples']} passkey episodes (half 1, half 2 chunks back, "
+        f"{r['args']['distractors']} distractor code(s) per chunk), {t0['steps']} steps, batch {t0['batch_size']}, "
+        f"peak lr {t0['lr']} (warm-up, cosine decay), one run per seed on the same episodes "
+        f"(capture {r['prepare_seconds']:.1f} s):", ""]
+    for run in runs:
+        t = run["train"]
+        lines.append(f"- seed {run['seed']}: loss {t['first_loss']:.3f} -> {t['last5_loss']:.3f} (mean of last 5) "
+                     f"in {t['seconds']:.1f} s")
+    seeds = " | ".join(f"seed {run['seed']}" for run in runs)
+    lines += ["", "## Held-out recall against distance", "",
+              "Digit accuracy, teacher-forced on the code's digits, through the serving path; chance is 10% per "
+              "digit. The frozen model never sees the earlier chunks.", "",
+              f"| chunks back | frozen | {seeds} | mean | frozen exact | mean exact | frozen log-prob | mean log-prob |",
+              "|---" * (7 + len(runs)) + "|"]
+    for d, f in r["baseline"].items():
+        got = [run["recall"][d] for run in runs]
+        mean = {k: sum(g[k] for g in got) / len(got) for k in ("token_accuracy", "exact", "answer_logprob")}
+        lines.append(f"| {d} | {100 * f['token_accuracy']:.1f}% | "
+                     + " | ".join(f"{100 * g['token_accuracy']:.1f}%" for g in got)
+                     + f" | {100 * mean['token_accuracy']:.1f}% | {100 * f['exact']:.1f}% | {100 * mean['exact']:.1f}% | "
+                     f"{f['answer_logprob']:.3f} | {mean['answer_logprob']:.3f} |")
+    lines += ["", "## Cost (the last seed's reweaver)", "",
               f"- Buffer after {b['chunks_fed']} chunks: {b['states']} states (bound {b['bound_states']}), "
               f"{b['bytes'] / 1024:.0f} KiB.",
               f"- Prefill of {c['prefill_tokens']} tokens: {c['prefill_ms_base']:.1f} ms without memory, "

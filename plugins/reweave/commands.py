@@ -37,13 +37,13 @@ def make_app() -> typer.Typer:
             help="Workspace to attach the trained reweaver to (kept across reopenings).")] = None,
         out: Annotated[Optional[Path], typer.Option(
             "--out", "-o", dir_okay=False, help="Standalone safetensors file to write instead.")] = None,
-        steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps.")] = 200,
-        examples: Annotated[int, typer.Option("--examples", min=2, help="Training episodes.")] = 256,
+        steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps.")] = 400,
+        examples: Annotated[int, typer.Option("--examples", min=2, help="Training episodes.")] = 512,
         held_out: Annotated[int, typer.Option("--held-out", min=0, help="Held-out episodes to measure.")] = 64,
         data: Annotated[Data, typer.Option("--data", help="Episodes: built-in passkeys, CounterFact or zsRE "
                                            "facts from ../shared/data, or a mix.")] = Data.passkey,
         distance: Annotated[int, typer.Option("--distance", min=1, help="Chunks between fact and query.")] = 1,
-        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 2e-3,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak Adam learning rate (linear warm-up, cosine decay).")] = 3e-3,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         config: ConfigOpt = None,

@@ -38,6 +38,8 @@ class ReweaveConfig(BaseModel):
     gate_init: float = Field(0.1, ge=-4.0, le=4.0, description="Initial gate parameter g; the contribution is "
                              "tanh(g) * out_proj(attention); out_proj starts at zero, so the plugin is the "
                              "identity until trained whatever g is (g must be non-zero for out_proj to learn).")
+    seed: int = Field(0, description="Seed of the reweaver's random initialisation (with train()'s own seed for "
+                      "batch order, a run is reproducible on the same machine and thread count).")
     max_conversations: int = Field(64, ge=1, le=100000, description="Most conversation buffers held at once; "
                                    "the least recently used is dropped beyond this.")
 

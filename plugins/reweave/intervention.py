@@ -201,9 +201,11 @@ class MemoryReweaving(Intervention):
         block = adapter.module(Site("block", self.reweave_id))
         device = next(block.parameters()).device  # right under device_map too
         self.device = device
-        self.module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
-                               cfg.gate_init, cfg.scorer == "learned", cfg.value_from == "next",
-                               cfg.attention_scale).to(device)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
+                              cfg.gate_init, cfg.scorer == "learned", cfg.value_from == "next", cfg.attention_scale)
+        self.module = module.to(device)
         self.module.requires_grad_(False)
         self.meta: dict[str, Any] = {}
         self.buffers: OrderedDict[str, MemoryBuffer] = OrderedDict()
