@@ -20,6 +20,7 @@ from editkit.evaluation.metrics import agreement, answer_predictions, teacher_fo
 from editkit.generation import generate
 from editkit.model import load_model
 from editkit.plugins.wise import WISEEditor
+from editkit.plugins.wise.editor import ties_merge
 from editkit.schemas import EditRequest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zsre" / "zsre-dev-500.json"
@@ -51,27 +52,41 @@ def quality(loaded, reqs, before_loc) -> dict:
     return {"rel": sum(rel) / n, "gen": sum(gen) / n, "loc": sum(loc) / n}
 
 
-def run_edits(loaded, config, reqs, before_loc) -> dict:
+def run_edits(loaded, config, reqs, before_loc, checkpoints=None) -> tuple[dict, WISEEditor]:
+    """Apply `reqs` in order with one editor; measure quality after the last edit, and also
+    after each count in `checkpoints` (edit i is seeded with i, so the first T edits of a
+    longer stream are exactly a T-edit run: measuring there is the paper's protocol for T)."""
     editor = WISEEditor(loaded, config)
     editor.attach()
-    times, steps = [], []
+    times, steps, at = [], [], {}
     try:
         for i, req in enumerate(reqs):
             t = time.perf_counter()
             stats = seeded(editor, req, i)
             times.append(time.perf_counter() - t)
             steps.append(stats["steps"])
-        result = quality(loaded, reqs, before_loc)
-        tensors, meta = editor.state_dict()
-        result.update(s_per_edit=sum(times) / len(times), s_first_edit=times[0],
-                      s_per_edit_after_first=(sum(times[1:]) / (len(times) - 1)) if len(times) > 1 else None,
-                      mean_steps=sum(steps) / len(steps),
-                      state_bytes=sum(v.numel() * v.element_size() for v in tensors.values()),
-                      meta_bytes=len(json.dumps(meta)))
+            if checkpoints and i + 1 in checkpoints and i + 1 < len(reqs):
+                at[i + 1] = _measured(editor, loaded, reqs[:i + 1], before_loc[:i + 1], times, steps)
+                print("T", i + 1, at[i + 1], flush=True)
+        result = _measured(editor, loaded, reqs, before_loc, times, steps)
+        if checkpoints:
+            at[len(reqs)] = result
+            return at, editor
         return result, editor
     except BaseException:
         editor.detach()
         raise
+
+
+def _measured(editor, loaded, reqs, before_loc, times, steps) -> dict:
+    result = quality(loaded, reqs, before_loc)
+    tensors, meta = editor.state_dict()
+    result.update(s_per_edit=sum(times) / len(times), s_first_edit=times[0],
+                  s_per_edit_after_first=(sum(times[1:]) / (len(times) - 1)) if len(times) > 1 else None,
+                  mean_steps=sum(steps) / len(steps), memories=int(editor.memories.shape[0]),
+                  state_bytes=sum(v.numel() * v.element_size() for v in tensors.values()),
+                  meta_bytes=len(json.dumps(meta)))
+    return result
 
 
 def step_speed(loaded, req, steps: int) -> dict:
@@ -109,13 +124,14 @@ def main() -> None:
     ap.add_argument("--T", default="1,10,50,100", help="comma-separated numbers of sequential edits")
     ap.add_argument("--reference-edits", type=int, default=2, help="edits run with the reference procedure")
     ap.add_argument("--speed-steps", type=int, default=10, help="steps timed per path for s/step")
+    ap.add_argument("--model", default=None, help="model id or directory (default: the embedded default model)")
     args = ap.parse_args()
     ts = [int(t) for t in args.T.split(",")]
-    loaded = load_model(device="cpu")
+    loaded = load_model(args.model, device="cpu")
     reqs_all = requests(max(ts + [args.reference_edits]))
     before_all = answer_predictions(loaded, [r.locality[0].prompt for r in reqs_all],
                                     [r.locality[0].answer for r in reqs_all])
-    report: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads(),
+    report: dict = {"model": loaded.name, "threads": torch.get_num_threads(),
                     "load_average_start": list(__import__("os").getloadavg())}
 
     report["step_speed"] = step_speed(loaded, reqs_all[0], args.speed_steps)
@@ -130,38 +146,37 @@ def main() -> None:
                             "ratio": ref["s_per_edit"] / ours["s_per_edit"]}
     print("end to end", report["end_to_end"], flush=True)
 
-    report["quality"] = {}
+    # One stream of max(T) edits, measured after each T (see run_edits).
+    report["quality"], last = run_edits(loaded, {}, reqs_all[:max(ts)], before_all[:max(ts)], checkpoints=set(ts))
     prompts = [r.prompt for r in reqs_all[:4]] + [r.locality[0].prompt for r in reqs_all[:4]]
-    last = None
-    for t in ts:
-        if last is not None:  # each T starts from the unedited model (one editor attached at a time)
-            last.detach()
-        res, last = run_edits(loaded, {}, reqs_all[:t], before_all[:t])
-        report["quality"][t] = res
-        print("T", t, res, flush=True)
-    # generation overhead, merge mode, after the largest T: with and without, alternated, best of
-    # three each (a shared machine's load swings more than the overhead itself)
-    with_wise = plain = float("inf")
-    for _ in range(3):
-        with_wise = min(with_wise, gen_time(loaded, prompts, repeats=1))
-        last._bypass = True
-        plain = min(plain, gen_time(loaded, prompts, repeats=1))
-        last._bypass = False
+    # Generation overhead after the largest T, with and without WISE alternated, best of three
+    # each (a shared machine's load swings more than the overhead itself). Retrieve: the
+    # stream's own memories. Merge: the same shards TIES-merged into one memory (what merge
+    # mode serves: one memory whatever the number of edits).
     tensors, meta = last.state_dict()
+    report["generation"] = {"batch": len(prompts), "new_tokens": 24, "after_edits": max(ts),
+                            "retrieve_memories": int(tensors["memories"].shape[0])}
+    plain = float("inf")
+    for mode in ("retrieve", "merge"):
+        if mode == "merge":
+            last.detach()
+            last = WISEEditor(loaded, {"mode": "merge"})
+            last.attach()
+            merged = ties_merge(list(tensors["memories"]), last.config.ties_density)[None]
+            last.load_state_dict({**tensors, "memories": merged, "thresholds": tensors["thresholds"].min()[None],
+                                  "keys": tensors["keys"].sum(0, keepdim=True)},
+                                 {**meta, "mode": "merge", "edits": [{**e, "memory": 0} for e in meta["edits"]]})
+        with_wise = float("inf")
+        for _ in range(3):
+            with_wise = min(with_wise, gen_time(loaded, prompts, repeats=1))
+            last._bypass = True
+            plain = min(plain, gen_time(loaded, prompts, repeats=1))
+            last._bypass = False
+        report["generation"][f"{mode}_s"] = with_wise
     last.detach()
-    # retrieve mode with 10 memories (memory contents copied from the merge run: timing only)
-    retr = WISEEditor(loaded, {"mode": "retrieve"})
-    retr.attach()
-    g = 10
-    rt = {k: v for k, v in tensors.items() if k not in ("memories", "thresholds", "keys")}
-    rt.update(memories=tensors["memories"].repeat(g, 1, 1), thresholds=tensors["thresholds"].repeat(g),
-              keys=tensors["keys"].repeat(g, 1))
-    retr.load_state_dict(rt, {**meta, "mode": "retrieve"})
-    with_retrieve = gen_time(loaded, prompts, repeats=3)
-    retr.detach()
-    report["generation"] = {"batch": len(prompts), "new_tokens": 24, "plain_s": plain, "merge_s": with_wise,
-                            "merge_overhead": with_wise / plain - 1, "retrieve10_s": with_retrieve,
-                            "retrieve10_overhead": with_retrieve / plain - 1, "after_edits": max(ts)}
+    g = report["generation"]
+    g["plain_s"] = plain
+    g["retrieve_overhead"], g["merge_overhead"] = g["retrieve_s"] / plain - 1, g["merge_s"] / plain - 1
     out_f, in_f = tensors["memories"].shape[1:]
     report["memory"] = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         "bytes_per_memory": out_f * in_f * 4,
@@ -176,18 +191,18 @@ def main() -> None:
             run["trajectory"] = [round(x, 5) for x in run["trajectory"]]
     (RESULTS / f"wise-{stamp}.json").write_text(json.dumps(report, indent=2))
     s, e, gq = report["step_speed"], report["end_to_end"], report["generation"]
-    lines = [f"# WISE benchmark {stamp} (SmolLM2-135M, CPU, {report['threads']} threads, load {report['load_average_start'][0]:.1f})", "",
+    lines = [f"# WISE benchmark {stamp} ({report['model']}, CPU, {report['threads']} threads, load {report['load_average_start'][0]:.1f})", "",
              f"s/step: fast {s['fast']['s_per_step']:.3f}, full model {s['full']['s_per_step']:.3f} "
              f"-> {s['ratio']:.2f}x (max loss difference {s['max_loss_diff']:.2e})",
              f"s/edit over {e['edits']} edits: ours {e['ours']['s_per_edit']:.1f}, reference {e['reference']['s_per_edit']:.1f} "
              f"-> {e['ratio']:.2f}x; ours Rel/Gen/Loc {e['ours']['rel']:.2f}/{e['ours']['gen']:.2f}/{e['ours']['loc']:.2f}, "
              f"reference {e['reference']['rel']:.2f}/{e['reference']['gen']:.2f}/{e['reference']['loc']:.2f}", "",
-             "| T | Rel | Gen | Loc | s/edit | mean steps |", "|---|---|---|---|---|---|"]
+             "| T | Rel | Gen | Loc | s/edit | mean steps | memories |", "|---|---|---|---|---|---|---|"]
     for t, q in report["quality"].items():
-        lines.append(f"| {t} | {q['rel']:.3f} | {q['gen']:.3f} | {q['loc']:.3f} | {q['s_per_edit']:.1f} | {q['mean_steps']:.1f} |")
+        lines.append(f"| {t} | {q['rel']:.3f} | {q['gen']:.3f} | {q['loc']:.3f} | {q['s_per_edit']:.1f} | {q['mean_steps']:.1f} | {q['memories']} |")
     lines += ["", f"generation ({gq['batch']} prompts x {gq['new_tokens']} tokens, after {gq['after_edits']} edits): plain {gq['plain_s']:.2f}s, "
-              f"merge {gq['merge_s']:.2f}s ({100 * gq['merge_overhead']:+.1f}%), retrieve/10 memories {gq['retrieve10_s']:.2f}s "
-              f"({100 * gq['retrieve10_overhead']:+.1f}%)",
+              f"merge {gq['merge_s']:.2f}s ({100 * gq['merge_overhead']:+.1f}%), retrieve/{gq['retrieve_memories']} memories "
+              f"{gq['retrieve_s']:.2f}s ({100 * gq['retrieve_overhead']:+.1f}%)",
               f"memory: peak RSS {report['memory']['peak_rss_mib']:.0f} MiB, {report['memory']['bytes_per_memory']} bytes per side memory, "
               f"{report['memory']['bytes_per_edit_meta']:.0f} bytes of JSON per edit"]
     (RESULTS / f"wise-{stamp}.md").write_text("\n".join(lines) + "\n")

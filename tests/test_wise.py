@@ -140,7 +140,7 @@ def test_rollback_replays_to_the_same_state(tiny_loaded, tmp_path):
 
 def test_merge_mode_ties_merges_shards(tiny_loaded):
     loaded = tiny_loaded["gpt2"]
-    editor = WISEEditor(loaded, {**TINY, "shard_size": 1, "merge_every": 2})
+    editor = WISEEditor(loaded, {**TINY, "mode": "merge", "shard_size": 1, "merge_every": 2})
     editor.attach()
     try:
         for i, req in enumerate([EDIT, EDIT2, EDIT]):
