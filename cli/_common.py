@@ -45,7 +45,7 @@ DeviceMapOpt = Annotated[Optional[str], typer.Option(
     "--device-map", metavar="MAP",
     help="Spread the model over devices with accelerate, e.g. auto (then --device is unused).")]
 MethodOpt = Annotated[Optional[str], typer.Option(
-    "--method", metavar="NAME", help="Editing method (see `editkit plugins`). Default: the workspace's, or nmc.")]
+    "--method", metavar="NAME", help="Editing method (see `editkit plugins`). Default: the workspace's, or wise.")]
 ConfigOpt = Annotated[Optional[list[str]], typer.Option(
     "--config", metavar="KEY=VALUE",
     help="Method config value, repeatable; VALUE is read as JSON where it parses, else as a string.")]

@@ -18,7 +18,7 @@ from editkit.hookspecs import hookimpl
 from editkit.host import Candidate, PluginHost, builtin_candidates
 
 FAST = ["--method", "ft", "--config", "steps=3", "--config", "lr=0.01"]
-BUILTIN = {"adapters", "evaluation", "ft", "grace", "nmc"}
+BUILTIN = {"adapters", "evaluation", "ft", "grace", "wise"}
 runner = CliRunner()
 
 

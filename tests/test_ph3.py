@@ -200,7 +200,7 @@ def test_splits_do_not_overlap(tiny_loaded):
 
 
 def test_cli_apply_and_remove(tmp_path, tiny_dirs, tiny_loaded):
-    host = PluginHost([c for c in builtin_candidates() if c.name in {"adapters", "ft", "grace", "nmc", "ph3"}], env={})
+    host = PluginHost([c for c in builtin_candidates() if c.name in {"adapters", "ft", "grace", "wise", "ph3"}], env={})
     app, runner = build_app(host), CliRunner()
     loaded = tiny_loaded["gpt2"]
     scores = torch.linspace(-1, 1, 16).reshape(4, 4).tolist()
