@@ -120,7 +120,7 @@ def test_padding_is_never_captured(tiny_loaded):
 def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family):
     loaded = tiny_loaded[tiny_family]
     items = passkeys(12, seed=1, digits=2)
-    with reweaving(loaded, {"capture_layers": [1, 2], "reweave_layer": 2}) as rw:
+    with reweaving(loaded, {"capture_layers": [0, 1], "reweave_layer": 2}) as rw:
         perturb(rw, seed=3)
         prepared = prepare(rw, items[:2])
         ep, p = items[0], prepared[0]
@@ -137,7 +137,7 @@ def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family)
             assert fast["token_accuracy"] == slow["token_accuracy"]
             assert fast["answer_logprob"] == pytest.approx(slow["answer_logprob"], abs=1e-4)
     flags = [p.requires_grad for p in loaded.model.parameters()]
-    with reweaving(loaded, {"capture_layers": [1, 2], "reweave_layer": 2}) as rw:
+    with reweaving(loaded, {"capture_layers": [0, 1], "reweave_layer": 2}) as rw:
         prepared = prepare(rw, items)
         with torch.no_grad():
             before = batch_loss(rw, prepared).item()

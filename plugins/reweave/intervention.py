@@ -198,8 +198,8 @@ class MemoryReweaving(Intervention):
         self.reweave_id = adapter.layer_index(cfg.reweave_layer)
         if cfg.keep_per_chunk > cfg.capacity:
             raise InvalidRequest(f"reweave keep_per_chunk ({cfg.keep_per_chunk}) exceeds capacity ({cfg.capacity})")
-        block = adapter.module(Site("block", self.reweave_id))
-        device = next(block.parameters()).device  # right under device_map too
+        reweave_block = adapter.module(Site("block", self.reweave_id))
+        device = next(reweave_block.parameters()).device  # right under device_map too
         self.device = device
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(cfg.seed)
@@ -215,9 +215,9 @@ class MemoryReweaving(Intervention):
         self._handles.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
         for layer in self.capture_ids:
-            block = adapter.module(Site("block", layer))
-            self._handles.append(block.register_forward_hook(self._make_capture(layer)))
-        self._handles.append(block.register_forward_hook(self._reweave_hook))
+            capture_block = adapter.module(Site("block", layer))
+            self._handles.append(capture_block.register_forward_hook(self._make_capture(layer)))
+        self._handles.append(reweave_block.register_forward_hook(self._reweave_hook))
         self.attached = True
 
     def detach(self) -> None:
