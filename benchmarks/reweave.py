@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, default=2)
     parser.add_argument("--distractors", type=int, default=0, help="other codes per chunk")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--config", default="{}", help="ReweaveConfig values as JSON")
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (median)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reweave.json")

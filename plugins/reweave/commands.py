@@ -44,7 +44,7 @@ def make_app() -> typer.Typer:
                                            "facts from ../shared/data, or a mix.")] = Data.passkey,
         distance: Annotated[int, typer.Option("--distance", min=1, help="Chunks between fact and query.")] = 1,
         lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak Adam learning rate (linear warm-up, cosine decay).")] = 3e-3,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Episodes per step.")] = 16,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         config: ConfigOpt = None,
         model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
