@@ -223,23 +223,22 @@ def test_learned_scorer_trains(tiny_loaded):
 
 @pytest.mark.model
 def test_default_model_recalls_across_chunks(default_model):
-    """Held-out passkeys one chunk back: recall with the trained reweaver clearly above the frozen
-    model, which cannot see the earlier chunk (chance: 10% per digit). Scored with the batched
-    training path, which test_training_path_matches_serving_and_lowers_loss checks against serving."""
+    """Held-out passkeys one chunk back, served through conversations: recall with the trained
+    reweaver far above the frozen model, which cannot see the earlier chunk (chance: 10% per
+    digit). The benchmark's recipe at half the episodes (benchmarks/reweave.py: 512 episodes,
+    100% for seeds 0-2)."""
     started = time.perf_counter()
-    items = passkeys(192, seed=0, digits=2, distractors=0)
+    items = passkeys(288, seed=0, digits=2, distractors=0)
     with reweaving(default_model) as rw:
-        prepared = prepare(rw, items)
-        train_set, held_out = prepared[:160], prepared[160:]
-        stats = train(rw, train_set, steps=150, lr=1e-2, batch_size=8)
-        base = score(rw, held_out, use_memory=False)
-        woven = score(rw, held_out, use_memory=True)
+        stats = train(rw, prepare(rw, items[:256]), steps=400, lr=3e-3, batch_size=16)
+        base = evaluate(rw, items[256:], use_memory=False)
+        woven = evaluate(rw, items[256:], use_memory=True)
     elapsed = time.perf_counter() - started
     print(f"\nreweave default model: train {stats}, baseline {base}, reweave {woven}, {elapsed:.1f}s")
-    assert stats["last5_loss"] < stats["first_loss"] - 0.5
+    assert stats["last5_loss"] < stats["first_loss"] - 2.0
     assert base["token_accuracy"] < 0.3
-    assert woven["token_accuracy"] > base["token_accuracy"] + 0.15
-    assert woven["answer_logprob"] > base["answer_logprob"] + 0.3  # seen (160 train items): +1.64, +2.94
+    assert woven["token_accuracy"] > base["token_accuracy"] + 0.5
+    assert woven["exact"] > 0.5 and woven["answer_logprob"] > base["answer_logprob"] + 1.5
 
 
 def test_cli_train_apply_remove(tiny_dirs, tmp_path):
