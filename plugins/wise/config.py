@@ -21,8 +21,9 @@ class WISEConfig(BaseModel):
       this model's side memory (576 x 1536) does not hold dozens of edits at once. In one
       memory, from the third edit on no edit met its targets within 70 steps and after 50
       edits Rel was 0.41 (all 50 edits routed, the memory had forgotten them); with a
-      memory per 8 edits (each edit replays its shard-mates) 30 edits gave Rel 0.93 / Gen 0.80
-      / Loc 0.99. Cost: one side memory (3.5 MB here) per 8 edits.
+      memory per 8 edits (each edit replays its shard-mates) Rel / Gen / Loc were 0.96 / 0.72 /
+      0.98 after 50 edits and 0.95 / 0.73 / 0.98 after 100 (benchmarks/wise.py). Cost: one side
+      memory (3.5 MB here) per 8 edits.
     Result: Rel 1.00 / Loc 1.00 after 5 edits (records 0-4 and 5-9); lr 2, beta 20, 8 prompts
     from a 32-item pool gave Rel 0.89 / Loc 0.92."""
 
