@@ -193,7 +193,7 @@ def generate(
     """Generate with the workspace's edits in force (the workspace must exist)."""
     if any(not p.strip() for p in prompts):
         raise InvalidRequest("prompt must not be empty")
-    with open_session(ctx, workspace, create=False, model=model, device=device, dtype=dtype,
+    with open_session(ctx, workspace, create=False, readonly=True, model=model, device=device, dtype=dtype,
                       device_map=device_map) as session:
         texts = session.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, seed=seed)

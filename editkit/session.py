@@ -6,8 +6,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -58,8 +60,8 @@ def request_seed(request: EditRequest) -> int:
 
 class Session:
     def __init__(self, workspace: Path, settings: dict[str, Any], loaded: LoadedModel, editor: Editor,
-                 journal: Journal, store: StateStore, host: PluginHost, lock_file,
-                 interventions: dict[str, Intervention]):
+                 journal: Journal, store: StateStore, interventions: dict[str, Intervention],
+                 host: PluginHost, lock_file, readonly: bool):
         self.workspace = workspace
         self.interventions = interventions  # name -> attached intervention, in attach order
         self.settings = settings
@@ -68,104 +70,93 @@ class Session:
         self.journal = journal
         self.store = store
         self.host = host
+        self.readonly = readonly
         self._lock_file = lock_file
+        self._closed = False
 
     # ---- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, workspace: str | Path, *, model: str | None = None, method: str | None = None,
              method_config: dict | None = None, device: str = "auto", dtype: str | None = None,
              device_map: str | dict | None = None, checkpoint_every: int = 10, create: bool = True,
-             loaded: LoadedModel | None = None, host: PluginHost | None = None) -> "Session":
-        """Open (or create) the workspace. Everything is checked before anything is written."""
+             readonly: bool = False, loaded: LoadedModel | None = None,
+             host: PluginHost | None = None) -> "Session":
+        """Open (or create) the workspace. Everything is checked before anything is written.
+
+        A new workspace is built in a temporary directory beside it and renamed into place, so
+        a failed first open leaves nothing behind, and an open only ever removes what it made.
+        `readonly` opens an existing workspace for generation only: it writes nothing (no lock
+        file, no sweep), so it works on a read-only copy; edits and rollbacks are refused."""
         ws = Path(workspace)
         host = host or get_host()
-        settings_path = ws / "workspace.json"
-        settings = read_settings(ws) if settings_path.exists() else None
-        if settings is None:
-            if not create:
-                raise WorkspaceError(f"no workspace at {ws} (create one with `editkit edit ... --workspace {ws}`)")
-            if checkpoint_every < 1:
-                raise InvalidRequest("checkpoint_every must be at least 1")
-            method = method or DEFAULT_METHOD
-            model_name = loaded.name if loaded is not None and model is None else model
-            editor_cls = host.editor(method)
-            config = editor_cls.make_config(method_config)
-        else:
-            wanted = loaded.name if loaded is not None and model is None else model
-            if wanted is not None and _model_key(wanted) != settings["model"]:
-                raise WorkspaceError(f"workspace {ws} was made with model '{settings['model']}', not '{wanted}'")
-            if method is not None and method != settings["method"]:
-                raise WorkspaceError(f"workspace {ws} uses method '{settings['method']}', not '{method}'")
-            editor_cls = host.editor(settings["method"])
-            config = editor_cls.make_config(settings["method_config"])
-            if method_config is not None and editor_cls.make_config(method_config) != config:
-                raise WorkspaceError(f"workspace {ws} was created with a different {settings['method']} config")
-            model_name = settings["model"]
-
         if ws.exists() and not ws.is_dir():
             raise WorkspaceError(f"{ws} exists and is not a directory")
-        creating, existed = settings is None, ws.exists()
-        lock_file = _lock(ws, create=creating)
-        try:
-            if loaded is None:
-                loaded = load_model(model_name, device=device, dtype=dtype, device_map=device_map, host=host)
-            if settings is None:
-                settings = {"format": WORKSPACE_FORMAT, "model": _model_key(model_name),
-                            "fingerprint": loaded.fingerprint, "method": method,
-                            "method_config": config.model_dump(mode="json"),
-                            "checkpoint_every": checkpoint_every, "created_at": time.time()}
-                atomic_write_text(settings_path, json.dumps(settings, indent=2, sort_keys=True))
-            elif loaded.fingerprint != settings["fingerprint"]:
-                raise WorkspaceError(f"workspace {ws} was made with different weights for model "
-                                     f"'{settings['model']}' (fingerprint {settings['fingerprint']}, "
-                                     f"loaded {loaded.fingerprint})")
-            journal = Journal(ws / "journal.sqlite")
-            store = StateStore(ws / "state")
-            store.sweep(journal.referenced_states())
-            editor = editor_cls(loaded, config)
-            editor.attach()
-            interventions: dict[str, Intervention] = {}
+        wanted = loaded.name if loaded is not None and model is None else model
+        if (ws / "workspace.json").exists():
+            settings = read_settings(ws)
+            editor_cls, config = _check_reopen(ws, settings, host, wanted, method, method_config)
+            lock_file = _lock(ws, shared=readonly)
             try:
-                ref, digests = journal.head()
-                states = store.read(ref, digests) if ref else {}
-                if ref:
-                    editor.load_state_dict(*states[EDITOR_STATE])
-                for key, (tensors, meta) in states.items():
-                    if key.startswith(INTERVENTION_STATE):
-                        name = key[len(INTERVENTION_STATE):]
-                        intervention = host.intervention(name)(loaded, meta.get("config"))
-                        intervention.attach()
-                        interventions[name] = intervention
-                        intervention.load_state_dict(tensors, meta.get("state", {}))
+                if loaded is None:
+                    loaded = load_model(settings["model"], device=device, dtype=dtype,
+                                        device_map=device_map, host=host)
+                if loaded.fingerprint != settings["fingerprint"]:
+                    raise WorkspaceError(f"workspace {ws} was made with different weights for model "
+                                         f"'{settings['model']}' (fingerprint {settings['fingerprint']}, "
+                                         f"loaded {loaded.fingerprint})")
+                parts = _open_parts(ws, settings, loaded, editor_cls, config, host, readonly)
             except BaseException:
-                for intervention in reversed(interventions.values()):
-                    intervention.detach()
-                editor.detach()
-                journal.close()
+                if lock_file is not None:
+                    lock_file.close()
                 raise
+            return cls(ws, settings, loaded, *parts, host, lock_file, readonly)
+
+        if not create or readonly:
+            raise WorkspaceError(f"no workspace at {ws} (create one with `editkit edit ... --workspace {ws}`)")
+        if ws.exists() and any(ws.iterdir()):
+            raise WorkspaceError(f"{ws} is a non-empty directory that is not an editkit workspace "
+                                 "(no workspace.json); choose a new or empty directory")
+        if checkpoint_every < 1:
+            raise InvalidRequest("checkpoint_every must be at least 1")
+        method = method or DEFAULT_METHOD
+        editor_cls = host.editor(method)
+        config = editor_cls.make_config(method_config)
+        if loaded is None:
+            loaded = load_model(wanted, device=device, dtype=dtype, device_map=device_map, host=host)
+        settings = {"format": WORKSPACE_FORMAT, "model": _model_key(wanted), "fingerprint": loaded.fingerprint,
+                    "method": method, "method_config": config.model_dump(mode="json"),
+                    "checkpoint_every": checkpoint_every, "created_at": time.time()}
+        existed = ws.exists()
+        lock_file = _create_workspace(ws, settings)
+        try:
+            parts = _open_parts(ws, settings, loaded, editor_cls, config, host, readonly=False)
         except BaseException:
             lock_file.close()
-            if creating:  # a workspace that failed to come into being leaves nothing behind
-                _remove_new_workspace(ws, existed)
+            _remove_created(ws, existed)
             raise
-        return cls(ws, settings, loaded, editor, journal, store, host, lock_file, interventions)
+        return cls(ws, settings, loaded, *parts, host, lock_file, readonly=False)
 
     def close(self) -> None:
         """Detach the editor (the model is as loaded) and release the workspace."""
-        if self._lock_file is None:
+        if self._closed:
             return
+        self._closed = True
         for intervention in reversed(self.interventions.values()):
             intervention.detach()
         self.editor.detach()
         self.journal.close()
-        self._lock_file.close()
-        self._lock_file = None
+        if self._lock_file is not None:
+            self._lock_file.close()
 
     def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _check_writable(self, action: str) -> None:
+        if self.readonly:
+            raise WorkspaceError(f"workspace {self.workspace} is open read-only; cannot {action}")
 
     @property
     def method(self) -> str:
@@ -175,6 +166,7 @@ class Session:
     def edit(self, requests: EditRequest | dict | list, measure: bool = True) -> list[EditRecord]:
         """Apply requests in order; each is journaled on its own. All are validated and put to
         the plugins' before_edit hooks before the first one changes anything."""
+        self._check_writable("edit")
         items = requests if isinstance(requests, list) else [requests]
         reqs = [as_request(r, i if len(items) > 1 else None) for i, r in enumerate(items)]
         if not reqs:
@@ -231,6 +223,7 @@ class Session:
                          state: tuple[dict, dict] | None = None) -> Intervention:
         """Attach intervention `name` (with a state from its own calibration or training, if
         any) and record it in the workspace; it stays attached across reopenings."""
+        self._check_writable("attach an intervention")
         if name in self.interventions:
             raise InvalidRequest(f"intervention '{name}' is already attached; remove it first")
         intervention = self.host.intervention(name)(self.loaded, config)
@@ -248,6 +241,7 @@ class Session:
 
     def remove_intervention(self, name: str) -> None:
         """Detach intervention `name` and drop it from the workspace."""
+        self._check_writable("remove an intervention")
         if name not in self.interventions:
             attached = ", ".join(self.interventions) or "none"
             raise InvalidRequest(f"intervention '{name}' is not attached (attached: {attached})")
@@ -269,6 +263,7 @@ class Session:
     def rollback(self, edit_id: int) -> EditRecord:
         """Rebuild the editor state without edit `edit_id`: from the latest checkpoint taken
         before it, replaying the later active edits with their original seeds."""
+        self._check_writable("roll back")
         record = self.journal.record(edit_id)
         if record is None:
             raise InvalidRequest(f"no edit with id {edit_id}")
@@ -354,28 +349,107 @@ def read_settings(ws: Path) -> dict[str, Any]:
     return settings
 
 
-_CREATED_BY_OPEN = (".lock", "workspace.json", "journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm", "state")
+def _check_reopen(ws: Path, settings: dict[str, Any], host: PluginHost, wanted: str | None,
+                  method: str | None, method_config: dict | None):
+    """The editor class and config of an existing workspace, after checking that what the
+    caller asked for (model, method, config) is what the workspace was made with."""
+    if wanted is not None and _model_key(wanted) != settings["model"]:
+        raise WorkspaceError(f"workspace {ws} was made with model '{settings['model']}', not '{wanted}'")
+    if method is not None and method != settings["method"]:
+        raise WorkspaceError(f"workspace {ws} uses method '{settings['method']}', not '{method}'")
+    editor_cls = host.editor(settings["method"])
+    config = editor_cls.make_config(settings["method_config"])
+    if method_config is not None and editor_cls.make_config(method_config) != config:
+        raise WorkspaceError(f"workspace {ws} was created with a different {settings['method']} config")
+    return editor_cls, config
 
 
-def _remove_new_workspace(ws: Path, existed: bool) -> None:
+def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_cls, config,
+                host: PluginHost, readonly: bool):
+    """Journal, state store, and the editor and interventions attached with the head state.
+    On failure everything attached is detached again and the journal closed."""
+    journal = Journal(ws / "journal.sqlite", readonly=readonly, no_writer=readonly)
+    try:
+        store = StateStore(ws / "state", readonly=readonly)
+        if not readonly:
+            store.sweep(journal.referenced_states())
+        editor = editor_cls(loaded, config)
+    except BaseException:
+        journal.close()
+        raise
+    editor.attach()
+    interventions: dict[str, Intervention] = {}
+    try:
+        ref, digests = journal.head()
+        states = store.read(ref, digests) if ref else {}
+        if ref:
+            editor.load_state_dict(*states[EDITOR_STATE])
+        for key, (tensors, meta) in states.items():
+            if key.startswith(INTERVENTION_STATE):
+                name = key[len(INTERVENTION_STATE):]
+                intervention = host.intervention(name)(loaded, meta.get("config"))
+                intervention.attach()
+                interventions[name] = intervention
+                intervention.load_state_dict(tensors, meta.get("state", {}))
+    except BaseException:
+        for intervention in reversed(interventions.values()):
+            intervention.detach()
+        editor.detach()
+        journal.close()
+        raise
+    return editor, journal, store, interventions
+
+
+def _create_workspace(ws: Path, settings: dict[str, Any]):
+    """Build a new workspace in a temporary directory beside `ws` and rename it into place
+    (onto `ws` itself when that is an empty directory). Returns the held lock."""
+    try:
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ws.name}.creating-", dir=ws.parent))
+    except OSError as exc:
+        raise WorkspaceError(f"cannot create workspace {ws}: {exc.strerror or exc}") from None
+    lock_file = None
+    try:
+        lock_file = _lock(tmp)
+        atomic_write_text(tmp / "workspace.json", json.dumps(settings, indent=2, sort_keys=True))
+        Journal(tmp / "journal.sqlite").close()
+        StateStore(tmp / "state")
+        os.replace(tmp, ws)  # fails if `ws` appeared meanwhile and is not empty
+    except BaseException as exc:
+        if lock_file is not None:
+            lock_file.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise WorkspaceError(f"cannot create workspace {ws}: {exc.strerror or exc}") from None
+        raise
+    return lock_file
+
+
+def _remove_created(ws: Path, existed: bool) -> None:
+    """Undo _create_workspace: everything in `ws` came from it (it was absent or empty)."""
     if not existed:
         shutil.rmtree(ws, ignore_errors=True)
         return
-    for name in _CREATED_BY_OPEN:
-        path = ws / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    for entry in ws.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            entry.unlink(missing_ok=True)
 
 
-def _lock(ws: Path, create: bool):
-    """An exclusive lock on the workspace for the session's lifetime: one writer at a time."""
-    if create:
-        ws.mkdir(parents=True, exist_ok=True)
-    fh = open(ws / ".lock", "a+")
+def _lock(ws: Path, shared: bool = False):
+    """A lock on the workspace for the session's lifetime: one writer, or any number of
+    read-only sessions. A read-only session opens the lock file for reading (it writes
+    nothing) and goes unlocked where there is none."""
+    path = ws / ".lock"
+    if shared and not path.exists():
+        return None
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh = open(path, "r" if shared else "a+")
+    except OSError as exc:
+        raise WorkspaceError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         fh.close()
         raise WorkspaceError(f"workspace {ws} is in use by another process") from None

@@ -85,9 +85,10 @@ ComponentStates = dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]
 class StateStore:
     """Directories of component state under <workspace>/state/<ref>/."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, readonly: bool = False):
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not readonly:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def write(self, states: ComponentStates) -> tuple[str, dict[str, str]]:
         """Write every component's state into a new directory; return (ref, file digests)."""
@@ -138,20 +139,47 @@ class StateStore:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
+def _connect_readonly(path: Path, no_writer: bool) -> sqlite3.Connection:
+    """A connection that never writes. SQLite's read-only mode still creates the -shm/-wal
+    files of a WAL journal, so where no writer can be at work (`no_writer`: the caller holds
+    the workspace lock shared) and no -wal file is left over, the file opens as immutable; so
+    does a journal in a directory this process cannot write (nobody can be writing it there)."""
+    uri = path.resolve().as_uri()
+
+    def connect(query: str) -> sqlite3.Connection:
+        db = sqlite3.connect(uri + query, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("SELECT count(*) FROM edits").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    wal = path.with_name(path.name + "-wal")
+    if no_writer and not wal.exists():
+        return connect("?immutable=1")
+    try:
+        return connect("?mode=ro")
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK):
+            raise
+    return connect("?immutable=1")
+
+
 class Journal:
     """The SQLite journal of edits, the workspace head and rollback checkpoints."""
 
-    def __init__(self, path: Path, readonly: bool = False):
+    def __init__(self, path: Path, readonly: bool = False, no_writer: bool = False):
         """`readonly` opens an existing journal for reading only (history, a server's GET
-        handlers): it never takes a write lock, so it can read while an edit is running."""
+        handlers): it never takes a write lock, so it can read while an edit is running.
+        `no_writer`: the caller guarantees no other process writes meanwhile (it holds the
+        workspace lock), so nothing at all is written, not even SQLite's shared-memory file."""
         path = Path(path)
         if readonly and not path.is_file():
             raise WorkspaceError(f"no journal at {path}")
         try:
             if readonly:
-                self.db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
-                                          isolation_level=None, check_same_thread=False)
-                self.db.execute("SELECT count(*) FROM edits").fetchone()
+                self.db = _connect_readonly(path, no_writer)
                 return
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
