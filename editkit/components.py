@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from editkit.chunks import StateChanges
 from editkit.errors import InvalidRequest
 from editkit.model import LoadedModel
 from editkit.schemas import EditRequest
@@ -34,6 +35,10 @@ class Component:
     name: ClassVar[str] = ""
     Config: ClassVar[type[BaseModel]] = NoConfig
     description: ClassVar[str] = ""
+    # True: the component records in self.changes what it changes in its state, so a save
+    # writes and hashes only that (see editkit.chunks.StateChanges). False: every save
+    # reads its whole state (correct for any component; the cost grows with the state).
+    tracks_changes: ClassVar[bool] = False
 
     def __init__(self, loaded: LoadedModel, config: BaseModel | dict | None = None):
         self.loaded = loaded
@@ -42,6 +47,7 @@ class Component:
         self.adapter = loaded.adapter
         self.config = self.make_config(config)
         self.attached = False
+        self.changes = StateChanges()
 
     @classmethod
     def make_config(cls, values: BaseModel | dict | None) -> BaseModel:
@@ -87,9 +93,17 @@ class Component:
 class Editor(Component):
     """An editing method. The session seeds torch's RNG before each apply() so replays are exact."""
 
+    # True: Session.edit([...]) hands all the requests of one call to apply_turn together
+    # (a turn); rolling one back solves its turn again without it. False: apply() each.
+    edits_in_turns: ClassVar[bool] = False
+
     def apply(self, request: EditRequest) -> dict[str, float]:
         """Make the model follow `request`; return training statistics (loss, steps...)."""
         raise NotImplementedError
+
+    def apply_turn(self, requests: list[EditRequest]) -> list[dict[str, float]]:
+        """Apply a turn of requests together; one statistics dict per request, in order."""
+        return [dict(self.apply(r)) for r in requests]
 
 
 class Intervention(Component):

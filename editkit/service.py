@@ -248,7 +248,7 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
     def health() -> dict:
         journal = read_journal()
         try:
-            active = len(journal.records(active_only=True))
+            active = journal.count("applied")
         finally:
             journal.close()
         return {"status": "ok", "model": session.settings["model"], "method": session.method,
@@ -280,13 +280,11 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
             raise ApiError(422, "status: one of applied, rolled_back", [{"field": "status", "reason": "unknown status"}])
         journal = read_journal()
         try:
-            records = journal.records()
+            total = journal.count(status)
+            records = journal.records(status=status, offset=offset, limit=limit)
         finally:
             journal.close()
-        if status:
-            records = [r for r in records if r.status == status]
-        return {"total": len(records), "offset": offset, "limit": limit,
-                "edits": [r.to_dict() for r in records[offset: offset + limit]]}
+        return {"total": total, "offset": offset, "limit": limit, "edits": [r.to_dict() for r in records]}
 
     @app.delete("/v1/edits/{edit_id}", dependencies=[Depends(require_token)])
     def rollback(edit_id: int) -> dict:

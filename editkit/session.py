@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from editkit import legacy
+from editkit.chunks import ChunkStore
 from editkit.components import Editor, Intervention, describe_validation_error
 from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
 from editkit.generation import generate as _generate
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.schemas import EditRequest
-from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
+from editkit.store import EditRecord, Journal, atomic_write_text
 
 # WISE (retrieve, 8 edits per memory): after 50 zsRE edits on the default model Rel 0.96,
 # Gen 0.72, Loc 0.98 (benchmarks/wise.py). `nmc` is the fast choice (~10x less time per edit).
@@ -58,17 +60,37 @@ def request_seed(request: EditRequest) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def turn_seed(requests: list[EditRequest]) -> int:
+    """A turn's seed: its request's own for a turn of one, else one derived from them all."""
+    if len(requests) == 1:
+        return request_seed(requests[0])
+    digest = hashlib.sha256("\n".join(r.model_dump_json() for r in requests).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _turns(records: list[EditRecord]) -> list[list[EditRecord]]:
+    """Consecutive records of one turn, grouped."""
+    groups: list[list[EditRecord]] = []
+    for record in records:
+        if groups and groups[-1][-1].turn == record.turn:
+            groups[-1].append(record)
+        else:
+            groups.append([record])
+    return groups
+
+
 class Session:
     def __init__(self, workspace: Path, settings: dict[str, Any], loaded: LoadedModel, editor: Editor,
-                 journal: Journal, store: StateStore, interventions: dict[str, Intervention],
-                 host: PluginHost, lock_file, readonly: bool):
+                 journal: Journal, chunks: ChunkStore, bases: dict[str, dict],
+                 interventions: dict[str, Intervention], host: PluginHost, lock_file, readonly: bool):
         self.workspace = workspace
         self.interventions = interventions  # name -> attached intervention, in attach order
         self.settings = settings
         self.loaded = loaded
         self.editor = editor
         self.journal = journal
-        self.store = store
+        self.chunks = chunks
+        self._bases = bases  # each component's part of the head manifest: the base of the next write
         self.host = host
         self.readonly = readonly
         self._lock_file = lock_file
@@ -164,8 +186,10 @@ class Session:
 
     # ---- editing -----------------------------------------------------------------------
     def edit(self, requests: EditRequest | dict | list, measure: bool = True) -> list[EditRecord]:
-        """Apply requests in order; each is journaled on its own. All are validated and put to
-        the plugins' before_edit hooks before the first one changes anything."""
+        """Apply requests in order, each journaled as its own entry. All are validated and put
+        to the plugins' before_edit hooks before the first one changes anything. For an editor
+        that edits in turns (`edits_in_turns`) the requests of one call are one turn, applied
+        together; otherwise each request is a turn of its own."""
         self._check_writable("edit")
         items = requests if isinstance(requests, list) else [requests]
         reqs = [as_request(r, i if len(items) > 1 else None) for i, r in enumerate(items)]
@@ -175,48 +199,97 @@ class Session:
             veto = self.host.veto(self, req)
             if veto:
                 raise EditVetoed(*veto)
-        return [self._apply(req, measure) for req in reqs]
+        if self.editor.edits_in_turns:
+            return self._apply_turn(reqs, measure)
+        return [record for req in reqs for record in self._apply_turn([req], measure)]
 
-    def _apply(self, req: EditRequest, measure: bool) -> EditRecord:
+    def _apply_turn(self, reqs: list[EditRequest], measure: bool) -> list[EditRecord]:
         from editkit.evaluation.metrics import edit_scores, locality_baseline
 
-        baseline = locality_baseline(self.loaded, req) if measure else None
-        snapshot = self._editor_state()
+        baselines = [locality_baseline(self.loaded, req) for req in reqs] if measure else None
         try:
             started = time.perf_counter()
-            stats = self._run(self.editor, req)
-            stats["seconds"] = time.perf_counter() - started
-            metrics = edit_scores(self.loaded, req, baseline) if measure else {}
-            ref, digests = self.store.write(self._states(self.editor))
-            checkpoint = (len(self.journal.records(active_only=True)) + 1) % self.settings["checkpoint_every"] == 0
-            record = self.journal.commit_edit(req.model_dump(mode="json"), self.method, metrics, stats,
-                                              ref, digests, checkpoint)
+            stats = self._run_turn(self.editor, reqs)
+            seconds = (time.perf_counter() - started) / len(reqs)
+            metrics = [edit_scores(self.loaded, r, b) for r, b in zip(reqs, baselines)] if measure else [{}] * len(reqs)
+            manifest = self._write_state(self.editor, self._bases)
+            entries = [(r.model_dump(mode="json"), self.method, m, {**s, "seconds": seconds})
+                       for r, m, s in zip(reqs, metrics, stats)]
+            records, dead = self.journal.commit_turn(entries, manifest, self.chunks, self.settings["checkpoint_every"])
         except BaseException:
-            self.editor.load_state_dict(*snapshot)  # nothing half-applied stays in the model
+            self._discard_unsaved()
+            self.editor = self._editor_from_head(self.editor)  # nothing half-applied stays in the model
             raise
-        self.store.sweep(self.journal.referenced_states())
-        self.host.notify("after_edit", session=self, request=req, record=record)
-        return record
+        self._saved(manifest, dead)
+        for req, record in zip(reqs, records):
+            self.host.notify("after_edit", session=self, request=req, record=record)
+        return records
 
-    def _run(self, editor: Editor, req: EditRequest) -> dict[str, Any]:
+    def _run_turn(self, editor: Editor, reqs: list[EditRequest]) -> list[dict[str, Any]]:
+        """Apply one turn under a seed derived from its requests, so a replay is exact."""
         device = self.loaded.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(request_seed(req))
-            return dict(editor.apply(req))
+            torch.manual_seed(turn_seed(reqs))
+            if not editor.edits_in_turns:
+                (req,) = reqs
+                return [dict(editor.apply(req))]
+            stats = [dict(s) for s in editor.apply_turn(reqs)]
+        if len(stats) != len(reqs):
+            raise RuntimeError(f"{self.method}.apply_turn returned {len(stats)} stats for {len(reqs)} requests")
+        return stats
+
+    # ---- state -------------------------------------------------------------------------
+    def _keyed(self, editor: Editor) -> dict[str, Editor | Intervention]:
+        """The components whose state the workspace records, by state key."""
+        return {EDITOR_STATE: editor, **{INTERVENTION_STATE + n: i for n, i in self.interventions.items()}}
 
     def _states(self, editor: Editor):
         """Everything the workspace head records: the editor and each intervention."""
-        states = {EDITOR_STATE: editor.state_dict()}
-        for name, intervention in self.interventions.items():
-            tensors, meta = intervention.state_dict()
-            states[INTERVENTION_STATE + name] = (
-                tensors, {"config": intervention.config.model_dump(mode="json"), "state": meta})
+        states = {}
+        for key, component in self._keyed(editor).items():
+            tensors, meta = component.state_dict()
+            if key != EDITOR_STATE:
+                meta = {"config": component.config.model_dump(mode="json"), "state": meta}
+            states[key] = (tensors, meta)
         return states
 
+    def _write_state(self, editor: Editor, bases: dict[str, dict]) -> dict:
+        """Chunks of every component's state (only what changed since `bases`); the manifest."""
+        changes = {key: c.changes if c.tracks_changes else None for key, c in self._keyed(editor).items()}
+        return self.chunks.write(self._states(editor), bases, changes)
+
+    def _saved(self, manifest: dict, dead: list[str]) -> None:
+        """The journal committed `manifest` as the head: it is the base of the next write."""
+        self._bases = manifest["components"]
+        for component in self._components():
+            component.changes.clear()
+        self.chunks.written = []
+        self.chunks.remove(dead)
+
+    def _discard_unsaved(self) -> None:
+        """Delete the chunk files a failed write or commit created (no state names them)."""
+        self.chunks.remove(self.chunks.written)
+        self.chunks.written = []
+
+    def _editor_from_head(self, old: Editor) -> Editor:
+        """A fresh editor holding the head state, in place of `old`."""
+        old.detach()
+        fresh = type(old)(self.loaded, old.config)
+        fresh.attach()
+        manifest = self.journal.head()
+        if manifest is not None:
+            fresh.load_state_dict(*self.chunks.read(manifest)[EDITOR_STATE])
+        fresh.changes.clear()
+        return fresh
+
     def _commit_head(self) -> None:
-        ref, digests = self.store.write(self._states(self.editor))
-        self.journal.commit_head(ref, digests)
-        self.store.sweep(self.journal.referenced_states())
+        try:
+            manifest = self._write_state(self.editor, self._bases)
+            dead = self.journal.commit_head(manifest, self.chunks)
+        except BaseException:
+            self._discard_unsaved()
+            raise
+        self._saved(manifest, dead)
 
     # ---- interventions -----------------------------------------------------------------
     def add_intervention(self, name: str, config: dict | None = None,
@@ -255,45 +328,53 @@ class Session:
             self.interventions[name] = intervention
             raise
 
-    def _editor_state(self):
-        tensors, meta = self.editor.state_dict()
-        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
-
     # ---- rollback ----------------------------------------------------------------------
     def rollback(self, edit_id: int) -> EditRecord:
-        """Rebuild the editor state without edit `edit_id`: from the latest checkpoint taken
-        before it, replaying the later active edits with their original seeds."""
+        """Rebuild the editor state without edit `edit_id`: from the newest checkpoint taken
+        before it, replaying the later active edits turn by turn with their original seeds (a
+        turn that held the edit is solved again without it). Checkpoints are taken along the
+        replay as along the original stream."""
         self._check_writable("roll back")
         record = self.journal.record(edit_id)
         if record is None:
             raise InvalidRequest(f"no edit with id {edit_id}")
         if record.status != "applied":
             raise InvalidRequest(f"edit {edit_id} is already rolled back")
-        active = [r for r in self.journal.records(active_only=True) if r.id != edit_id]
-        before = [r.id for r in active if r.id < edit_id]
-        usable = [c for c in self.journal.checkpoints() if c[2] == before[: len(c[2])]]
-        base = max(usable, key=lambda c: len(c[2]), default=None)
-        done = set(base[2]) if base else set()
+        every = self.settings["checkpoint_every"]
+        base = self.journal.checkpoint_before(edit_id)
+        last = base[0] if base else 0
+        replay = [r for r in self.journal.records(active_only=True, after=last) if r.id != edit_id]
 
-        old, old_state = self.editor, self._editor_state()
+        old = self.editor
         old.detach()
         fresh = type(old)(self.loaded, old.config)
         fresh.attach()
         try:
+            bases = dict(self._bases)
+            bases.pop(EDITOR_STATE, None)
             if base:
-                fresh.load_state_dict(*self.store.read(base[0], base[1])[EDITOR_STATE])
-            for r in active:
-                if r.id not in done:
-                    self._run(fresh, EditRequest.model_validate(r.request))
-            ref, digests = self.store.write(self._states(fresh))
-            self.journal.commit_rollback(edit_id, ref, digests)
+                fresh.load_state_dict(*self.chunks.read(base[1])[EDITOR_STATE])
+                bases[EDITOR_STATE] = base[1]["components"][EDITOR_STATE]
+            fresh.changes.clear()
+            rebuilt = []
+            for turn in _turns(replay):
+                self._run_turn(fresh, [EditRequest.model_validate(r.request) for r in turn])
+                if turn[-1].id - last >= every:
+                    manifest = self._write_state(fresh, bases)
+                    bases[EDITOR_STATE] = manifest["components"][EDITOR_STATE]
+                    fresh.changes.clear()
+                    rebuilt.append((turn[-1].id, manifest))
+                    last = turn[-1].id
+            manifest = self._write_state(fresh, bases)
+            dead = self.journal.commit_rollback(edit_id, manifest, rebuilt, self.chunks, every)
         except BaseException:
+            self._discard_unsaved()
             fresh.detach()
             old.attach()
-            old.load_state_dict(*old_state)
+            self.editor = self._editor_from_head(old)
             raise
         self.editor = fresh
-        self.store.sweep(self.journal.referenced_states())
+        self._saved(manifest, dead)
         self.host.notify("after_rollback", session=self, edit_id=edit_id)
         return self.journal.record(edit_id)
 
@@ -366,13 +447,21 @@ def _check_reopen(ws: Path, settings: dict[str, Any], host: PluginHost, wanted: 
 
 def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_cls, config,
                 host: PluginHost, readonly: bool):
-    """Journal, state store, and the editor and interventions attached with the head state.
-    On failure everything attached is detached again and the journal closed."""
+    """Journal, chunk store, and the editor and interventions attached with the head state
+    (a schema-1 workspace is migrated first, unless read-only). On failure everything
+    attached is detached again and the journal closed."""
     journal = Journal(ws / "journal.sqlite", readonly=readonly, no_writer=readonly)
     try:
-        store = StateStore(ws / "state", readonly=readonly)
+        chunks = ChunkStore(ws / "state", readonly=readonly)
         if not readonly:
-            store.sweep(journal.referenced_states())
+            if journal.legacy:
+                legacy.migrate(journal, ws / "state", chunks)
+            _sweep(ws / "state", journal, chunks)
+        manifest = None if journal.legacy else journal.head()
+        if journal.legacy:
+            states = legacy.legacy_head(journal, ws / "state") or {}
+        else:
+            states = chunks.read(manifest) if manifest else {}
         editor = editor_cls(loaded, config)
     except BaseException:
         journal.close()
@@ -380,9 +469,7 @@ def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_
     editor.attach()
     interventions: dict[str, Intervention] = {}
     try:
-        ref, digests = journal.head()
-        states = store.read(ref, digests) if ref else {}
-        if ref:
+        if EDITOR_STATE in states:
             editor.load_state_dict(*states[EDITOR_STATE])
         for key, (tensors, meta) in states.items():
             if key.startswith(INTERVENTION_STATE):
@@ -391,13 +478,27 @@ def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_
                 intervention.attach()
                 interventions[name] = intervention
                 intervention.load_state_dict(tensors, meta.get("state", {}))
+        for component in [editor, *interventions.values()]:
+            component.changes.clear()
     except BaseException:
         for intervention in reversed(interventions.values()):
             intervention.detach()
         editor.detach()
         journal.close()
         raise
-    return editor, journal, store, interventions
+    bases = manifest["components"] if manifest else {}
+    return editor, journal, chunks, bases, interventions
+
+
+def _sweep(state_root: Path, journal: Journal, chunks: ChunkStore) -> None:
+    """Delete what a crash may have left: chunk files no state references, temporary
+    files, and directories of the schema-1 layout whose migration committed."""
+    chunks.remove_temporaries()
+    live = journal.live_chunks()
+    chunks.remove([d for d in chunks.files() if d not in live])
+    for entry in state_root.iterdir():
+        if entry != chunks.root:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _create_workspace(ws: Path, settings: dict[str, Any]):
@@ -413,7 +514,7 @@ def _create_workspace(ws: Path, settings: dict[str, Any]):
         lock_file = _lock(tmp)
         atomic_write_text(tmp / "workspace.json", json.dumps(settings, indent=2, sort_keys=True))
         Journal(tmp / "journal.sqlite").close()
-        StateStore(tmp / "state")
+        ChunkStore(tmp / "state")
         os.replace(tmp, ws)  # fails if `ws` appeared meanwhile and is not empty
     except BaseException as exc:
         if lock_file is not None:

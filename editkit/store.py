@@ -1,28 +1,31 @@
-"""Workspace storage: the SQLite journal, and plugin state as safetensors + JSON.
+"""Workspace storage: the SQLite journal of edits, and which component states it keeps.
 
-Crash safety: state is written to a fresh directory and renamed into place, then ONE SQLite
-transaction records the edit and points the workspace head at that directory. A crash before
-the commit leaves an unreferenced directory (swept on open); after it, the edit is complete."""
+Layout (journal schema 2, `PRAGMA user_version`): `edits` holds every edit; `states` holds
+state manifests (editkit.chunks), one for the head and one per rollback checkpoint; `chunks`
+counts, for every chunk file, the references to it (from manifests, and from index chunks to
+their blocks). An edit, a rollback or an intervention change is ONE transaction: the edit
+rows, the new head, new and dropped checkpoints, and the reference counts. Chunk files are
+written (and fsynced) before it and unreferenced ones deleted after it, so a crash at any
+moment leaves the edit complete or absent; chunk files no row counts (left by a crash) are
+swept on the next open. Journals of schema 1 (state as whole directories) migrate on open."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
-import shutil
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
+from editkit.chunks import ChunkStore, manifest_chunks
 from editkit.errors import WorkspaceError
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edits (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -32,19 +35,29 @@ CREATE TABLE IF NOT EXISTS edits (
     created_at REAL NOT NULL,
     rolled_back_at REAL,
     metrics TEXT NOT NULL,
-    stats TEXT NOT NULL
+    stats TEXT NOT NULL,
+    turn INTEGER
+);
+CREATE INDEX IF NOT EXISTS edits_by_status ON edits (status, id);
+CREATE TABLE IF NOT EXISTS states (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    manifest TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS head (
     one INTEGER PRIMARY KEY CHECK (one = 1),
-    state_ref TEXT,
-    digests TEXT
+    state_id INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
-    state_ref TEXT PRIMARY KEY,
-    digests TEXT NOT NULL,
-    edit_ids TEXT NOT NULL
+    upto_id INTEGER PRIMARY KEY,
+    state_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chunks (
+    digest TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('data', 'index')),
+    refs INTEGER NOT NULL CHECK (refs > 0)
+) WITHOUT ROWID;
 """
+_COLUMNS = "id, request, method, status, created_at, rolled_back_at, metrics, stats, turn"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -54,14 +67,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -74,69 +79,25 @@ class EditRecord:
     rolled_back_at: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    turn: int | None = None  # id of the first edit of the turn it was applied in
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-ComponentStates = dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+def _record(row) -> EditRecord:
+    return EditRecord(row[0], json.loads(row[1]), row[2], row[3], row[4], row[5], json.loads(row[6]),
+                      json.loads(row[7]), row[8] if row[8] is not None else row[0])
 
 
-class StateStore:
-    """Directories of component state under <workspace>/state/<ref>/."""
-
-    def __init__(self, root: Path, readonly: bool = False):
-        self.root = root
-        if not readonly:
-            self.root.mkdir(parents=True, exist_ok=True)
-
-    def write(self, states: ComponentStates) -> tuple[str, dict[str, str]]:
-        """Write every component's state into a new directory; return (ref, file digests)."""
-        ref = uuid.uuid4().hex
-        tmp = self.root / f".tmp-{ref}"
-        tmp.mkdir()
-        digests = {}
-        for name, (tensors, meta) in states.items():
-            tensor_file, meta_file = tmp / f"{name}.safetensors", tmp / f"{name}.json"
-            # safetensors refuses shared or non-contiguous storage: give it plain copies.
-            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                      str(tensor_file))
-            meta_file.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
-            for f in (tensor_file, meta_file):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                digests[f.name] = sha256_file(f)
-        os.replace(tmp, self.root / ref)
-        return ref, digests
-
-    def read(self, ref: str, digests: dict[str, str]) -> ComponentStates:
-        folder = self.root / ref
-        for fname, expected in digests.items():
-            path = folder / fname
-            if not path.is_file():
-                raise WorkspaceError(f"state file {path} is missing")
-            try:
-                actual = sha256_file(path)
-            except OSError as exc:
-                raise WorkspaceError(f"cannot read state file {path}: {exc.strerror or exc}") from exc
-            if actual != expected:
-                raise WorkspaceError(f"state file {path} fails its checksum (modified or corrupt)")
-        states: ComponentStates = {}
-        names = sorted({f.rsplit(".", 1)[0] for f in digests})
-        for name in names:
-            try:
-                tensors = load_file(str(folder / f"{name}.safetensors"))
-                meta = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise WorkspaceError(f"cannot read state of '{name}' in {folder}: {exc}") from exc
-            states[name] = (tensors, meta)
-        return states
-
-    def sweep(self, keep: set[str]) -> None:
-        """Delete state directories no journal row refers to (left by a crash or superseded)."""
-        for entry in self.root.iterdir():
-            if entry.name not in keep:
-                shutil.rmtree(entry, ignore_errors=True)
+def checkpoint_spacing(age: int, every: int) -> int:
+    """How far apart checkpoints are kept `age` edits back: every `every` edits for the last
+    10*every, every 10*every for the 100*every before, and so on. So a workspace keeps about
+    ten checkpoints per decade of its history, and rebuilding any state from its nearest
+    checkpoint replays at most a tenth of the edits between it and the head."""
+    if age < 10 * every:
+        return every
+    return every * 10 ** int(math.log10(age / every))
 
 
 def _connect_readonly(path: Path, no_writer: bool) -> sqlite3.Connection:
@@ -175,83 +136,225 @@ class Journal:
         `no_writer`: the caller guarantees no other process writes meanwhile (it holds the
         workspace lock), so nothing at all is written, not even SQLite's shared-memory file."""
         path = Path(path)
+        self.path = path
         if readonly and not path.is_file():
             raise WorkspaceError(f"no journal at {path}")
+        self.db = None
         try:
             if readonly:
                 self.db = _connect_readonly(path, no_writer)
-                return
-            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
+            else:
+                self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+            self.version = self._version(readonly)
         except sqlite3.Error as exc:
-            if getattr(self, "db", None) is not None:
+            if self.db is not None:
                 self.db.close()
             raise WorkspaceError(f"cannot open journal {path}: {exc}") from exc
+        except BaseException:
+            if self.db is not None:
+                self.db.close()
+            raise
+
+    def _version(self, readonly: bool) -> int:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and "edits" in tables:
+            return 1  # written before schema versions: state as whole directories
+        if version > SCHEMA_VERSION:
+            raise WorkspaceError(f"journal {self.path} has schema {version}; this editkit reads up to "
+                                 f"{SCHEMA_VERSION} (upgrade editkit)")
+        if version == 0 and not readonly:
+            with self._transaction():
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return SCHEMA_VERSION
+        return version
+
+    @property
+    def legacy(self) -> bool:
+        """A schema-1 journal: readable, but it must migrate (see editkit.legacy) before writes."""
+        return self.version == 1
 
     def close(self) -> None:
         self.db.close()
 
     # ---- reads -------------------------------------------------------------------------
-    def records(self, active_only: bool = False) -> list[EditRecord]:
-        sql = "SELECT id, request, method, status, created_at, rolled_back_at, metrics, stats FROM edits"
-        if active_only:
-            sql += " WHERE status = 'applied'"
-        rows = self.db.execute(sql + " ORDER BY id").fetchall()
-        return [EditRecord(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]))
-                for r in rows]
+    def _select(self) -> str:
+        return f"SELECT {_COLUMNS if not self.legacy else _COLUMNS.replace(', turn', ', NULL')} FROM edits"
+
+    def records(self, active_only: bool = False, *, status: str | None = None, after: int = 0,
+                offset: int = 0, limit: int | None = None) -> list[EditRecord]:
+        """Edits in id order: all, or those with `status` ('applied' with active_only), with
+        ids above `after`, paged by offset/limit."""
+        status = "applied" if active_only else status
+        sql, args = self._select() + " WHERE id > ?", [after]
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        sql += " ORDER BY id LIMIT ? OFFSET ?"
+        args += [-1 if limit is None else limit, offset]
+        return [_record(r) for r in self.db.execute(sql, args)]
+
+    def count(self, status: str | None = None) -> int:
+        if status:
+            return self.db.execute("SELECT count(*) FROM edits WHERE status = ?", (status,)).fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM edits").fetchone()[0]
 
     def record(self, edit_id: int) -> EditRecord | None:
-        return next((r for r in self.records() if r.id == edit_id), None)
+        row = self.db.execute(self._select() + " WHERE id = ?", (edit_id,)).fetchone()
+        return _record(row) if row else None
 
-    def head(self) -> tuple[str | None, dict[str, str]]:
-        row = self.db.execute("SELECT state_ref, digests FROM head WHERE one = 1").fetchone()
-        return (row[0], json.loads(row[1])) if row else (None, {})
+    def head(self) -> dict | None:
+        """The manifest of the workspace's current state (None before the first edit)."""
+        row = self.db.execute("SELECT s.manifest FROM head h JOIN states s ON s.id = h.state_id").fetchone()
+        return json.loads(row[0]) if row else None
 
-    def checkpoints(self) -> list[tuple[str, dict[str, str], list[int]]]:
-        rows = self.db.execute("SELECT state_ref, digests, edit_ids FROM checkpoints").fetchall()
-        return [(r[0], json.loads(r[1]), json.loads(r[2])) for r in rows]
+    def checkpoint_before(self, edit_id: int) -> tuple[int, dict] | None:
+        """The newest checkpoint holding only edits older than `edit_id`: (its last edit id,
+        its manifest). Every checkpoint is the state of all edits active up to its id."""
+        row = self.db.execute("SELECT c.upto_id, s.manifest FROM checkpoints c JOIN states s ON s.id = c.state_id "
+                              "WHERE c.upto_id < ? ORDER BY c.upto_id DESC LIMIT 1", (edit_id,)).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
 
-    def referenced_states(self) -> set[str]:
-        ref, _ = self.head()
-        return {c[0] for c in self.checkpoints()} | ({ref} if ref else set())
+    def checkpoint_ids(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT upto_id FROM checkpoints ORDER BY upto_id")]
+
+    def live_chunks(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT digest FROM chunks")}
 
     # ---- writes (each one transaction) -------------------------------------------------
-    def _set_head(self, ref: str, digests: dict[str, str]) -> None:
-        self.db.execute("INSERT INTO head (one, state_ref, digests) VALUES (1, ?, ?) "
-                        "ON CONFLICT(one) DO UPDATE SET state_ref = excluded.state_ref, digests = excluded.digests",
-                        (ref, json.dumps(digests)))
-
-    def commit_edit(self, request: dict, method: str, metrics: dict, stats: dict, ref: str,
-                    digests: dict[str, str], checkpoint: bool) -> EditRecord:
+    def commit_turn(self, entries: list[tuple[dict, str, dict, dict]], manifest: dict, chunks: ChunkStore,
+                    checkpoint_every: int) -> tuple[list[EditRecord], list[str]]:
+        """Record a turn of edits (request, method, metrics, stats each) whose state is
+        `manifest`; returns the records and the chunks no longer referenced (to delete)."""
+        self._writable()
         now = time.time()
+        records = []
         with self._transaction():
-            cur = self.db.execute(
-                "INSERT INTO edits (request, method, status, created_at, metrics, stats) VALUES (?, ?, 'applied', ?, ?, ?)",
-                (json.dumps(request), method, now, json.dumps(metrics), json.dumps(stats)))
-            edit_id = cur.lastrowid
-            self._set_head(ref, digests)
-            if checkpoint:
-                ids = [r[0] for r in self.db.execute("SELECT id FROM edits WHERE status = 'applied' ORDER BY id")]
-                self.db.execute("INSERT INTO checkpoints (state_ref, digests, edit_ids) VALUES (?, ?, ?)",
-                                (ref, json.dumps(digests), json.dumps(ids)))
-        return EditRecord(edit_id, request, method, "applied", now, None, metrics, stats)
+            for request, method, metrics, stats in entries:
+                cur = self.db.execute(
+                    "INSERT INTO edits (request, method, status, created_at, metrics, stats, turn) "
+                    "VALUES (?, ?, 'applied', ?, ?, ?, ?)",
+                    (json.dumps(request), method, now, json.dumps(metrics), json.dumps(stats),
+                     records[0].id if records else None))
+                records.append(EditRecord(cur.lastrowid, request, method, "applied", now, None, metrics, stats,
+                                          records[0].id if records else cur.lastrowid))
+            first = records[0].id
+            self.db.execute("UPDATE edits SET turn = ? WHERE id = ?", (first, first))
+            refs = _RefChanges()
+            state = self._set_head(manifest, refs)
+            last = self.db.execute("SELECT max(upto_id) FROM checkpoints").fetchone()[0] or 0
+            if records[-1].id - last >= checkpoint_every:
+                self.db.execute("INSERT INTO checkpoints (upto_id, state_id) VALUES (?, ?)", (records[-1].id, state))
+                self._thin_checkpoints(records[-1].id, checkpoint_every, refs)
+            dead = self._apply(refs, chunks)
+        return records, dead
 
-    def commit_head(self, ref: str, digests: dict[str, str]) -> None:
-        """Point the workspace at new state without an edit (e.g. an intervention changed)."""
+    def commit_head(self, manifest: dict, chunks: ChunkStore) -> list[str]:
+        """Point the workspace at a new state without an edit (an intervention changed)."""
+        self._writable()
         with self._transaction():
-            self._set_head(ref, digests)
+            refs = _RefChanges()
+            self._set_head(manifest, refs)
+            return self._apply(refs, chunks)
 
-    def commit_rollback(self, edit_id: int, ref: str, digests: dict[str, str]) -> None:
+    def commit_rollback(self, edit_id: int, manifest: dict, rebuilt: list[tuple[int, dict]],
+                        chunks: ChunkStore, checkpoint_every: int) -> list[str]:
+        """Mark `edit_id` rolled back with `manifest` as the new head. Checkpoints that hold
+        the edit go; `rebuilt` are checkpoints (last edit id, manifest) taken while replaying."""
+        self._writable()
         with self._transaction():
             self.db.execute("UPDATE edits SET status = 'rolled_back', rolled_back_at = ? WHERE id = ?",
                             (time.time(), edit_id))
-            self._set_head(ref, digests)
-            # Checkpoints that contain the rolled-back edit no longer describe any reachable state.
-            for state_ref, _, ids in self.checkpoints():
-                if edit_id in ids:
-                    self.db.execute("DELETE FROM checkpoints WHERE state_ref = ?", (state_ref,))
+            refs = _RefChanges()
+            gone = [r[0] for r in self.db.execute("SELECT state_id FROM checkpoints WHERE upto_id >= ?", (edit_id,))]
+            self.db.execute("DELETE FROM checkpoints WHERE upto_id >= ?", (edit_id,))
+            for upto, m in rebuilt:
+                self.db.execute("INSERT INTO checkpoints (upto_id, state_id) VALUES (?, ?)",
+                                (upto, self._add_state(m, refs)))
+            self._set_head(manifest, refs)
+            for state in gone:
+                self._drop_if_unused(state, refs)
+            newest = self.db.execute("SELECT max(id) FROM edits").fetchone()[0] or 0
+            self._thin_checkpoints(newest, checkpoint_every, refs)
+            return self._apply(refs, chunks)
+
+    # ---- states and reference counts ---------------------------------------------------
+    def _add_state(self, manifest: dict, refs: "_RefChanges") -> int:
+        cur = self.db.execute("INSERT INTO states (manifest) VALUES (?)", (json.dumps(manifest, sort_keys=True),))
+        refs.add(manifest, +1)
+        return cur.lastrowid
+
+    def _set_head(self, manifest: dict, refs: "_RefChanges") -> int:
+        row = self.db.execute("SELECT state_id FROM head WHERE one = 1").fetchone()
+        state = self._add_state(manifest, refs)
+        self.db.execute("INSERT INTO head (one, state_id) VALUES (1, ?) "
+                        "ON CONFLICT(one) DO UPDATE SET state_id = excluded.state_id", (state,))
+        if row:
+            self._drop_if_unused(row[0], refs)
+        return state
+
+    def _drop_if_unused(self, state: int, refs: "_RefChanges") -> None:
+        used = self.db.execute("SELECT 1 FROM head WHERE state_id = ? UNION ALL "
+                               "SELECT 1 FROM checkpoints WHERE state_id = ? LIMIT 1", (state, state)).fetchone()
+        if used:
+            return
+        row = self.db.execute("SELECT manifest FROM states WHERE id = ?", (state,)).fetchone()
+        if row:
+            self.db.execute("DELETE FROM states WHERE id = ?", (state,))
+            refs.add(json.loads(row[0]), -1)
+
+    def _thin_checkpoints(self, newest: int, every: int, refs: "_RefChanges") -> None:
+        """Keep checkpoints sparser with age (see checkpoint_spacing)."""
+        kept = None
+        for upto, state in self.db.execute("SELECT upto_id, state_id FROM checkpoints ORDER BY upto_id DESC").fetchall():
+            if kept is None or kept - upto >= checkpoint_spacing(newest - upto, every):
+                kept = upto
+                continue
+            self.db.execute("DELETE FROM checkpoints WHERE upto_id = ?", (upto,))
+            self._drop_if_unused(state, refs)
+
+    def _apply(self, refs: "_RefChanges", chunks: ChunkStore) -> list[str]:
+        """Apply reference count changes level by level: an index chunk that gains its first
+        reference adds one to each block it lists, one that loses its last takes it away."""
+        dead: list[str] = []
+        level, kinds = refs.net(), dict(refs.kinds)
+        while level:
+            current = {}
+            items = list(level)
+            for i in range(0, len(items), 500):
+                part = items[i: i + 500]
+                marks = ",".join("?" * len(part))
+                current.update(self.db.execute(f"SELECT digest, refs FROM chunks WHERE digest IN ({marks})", part))
+            below = Counter()
+            for digest, change in level.items():
+                old = current.get(digest, 0)
+                new = old + change
+                if new < 0:
+                    raise WorkspaceError(f"journal {self.path}: reference count of chunk {digest} below zero")
+                if new == 0:
+                    self.db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+                    dead.append(digest)
+                elif old == 0:
+                    self.db.execute("INSERT INTO chunks (digest, kind, refs) VALUES (?, ?, ?)",
+                                    (digest, kinds[digest], new))
+                else:
+                    self.db.execute("UPDATE chunks SET refs = ? WHERE digest = ?", (new, digest))
+                if kinds.get(digest) == "index" and (old == 0) != (new == 0):
+                    for child in chunks.index_children(digest):
+                        below[child] += 1 if new else -1
+            level = {d: n for d, n in below.items() if n}
+            kinds = {d: "data" for d in level}
+        return dead
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.legacy:
+            raise WorkspaceError(f"journal {self.path} has schema 1; open the workspace for writing to migrate it")
 
     def _transaction(self):
         db = self.db
@@ -265,3 +368,19 @@ class Journal:
                 return False
 
         return _Tx()
+
+
+class _RefChanges:
+    """Reference count changes of a transaction's manifests' direct chunks, netted."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.kinds: dict[str, str] = {}
+
+    def add(self, manifest: dict, sign: int) -> None:
+        for digest, kind in manifest_chunks(manifest):
+            self.counts[digest] += sign
+            self.kinds[digest] = kind
+
+    def net(self) -> dict[str, int]:
+        return {d: n for d, n in self.counts.items() if n}

@@ -66,7 +66,8 @@ def journal(ws: Path):
         return None
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        return [db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("edits", "head", "checkpoints")]
+        return [db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                for t in ("edits", "head", "checkpoints", "states", "chunks")]
     finally:
         db.close()
 
@@ -227,8 +228,8 @@ def test_bad_input_changes_nothing(app, gpt2, tiny_dirs, edited, tmp_path, monke
 
 def test_tampered_or_unreadable_state_is_refused(app, gpt2, edited):
     before = journal(edited)
-    (state,) = [d for d in (edited / "state").iterdir() if not d.name.startswith(".")]
-    tensors = state / "editor.safetensors"
+    # The largest chunk: a block of the editor's weight delta.
+    tensors = max((p for p in (edited / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     original = tensors.read_bytes()
     tensors.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     for args in (("generate", "x"), ("edit", "p q", "r"), ("rollback", 1)):

@@ -15,26 +15,34 @@ from editkit.session import Session
 
 CHILD = textwrap.dedent("""
     import os, signal, sys
+    import editkit.chunks as chunks
     from editkit.session import Session
-    from editkit.store import Journal, StateStore
+    from editkit.store import Journal
 
     model_dir, ws, crash_at = sys.argv[1], sys.argv[2], sys.argv[3]
-    calls = {"n": 0}
+    armed = {"on": False}  # set once two edits are committed: the third edit is the one killed
 
-    def die_on_third(original):
+    def kill_when_armed(original):
         def wrapper(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 3:
+            if armed["on"]:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(*args, **kwargs)
         return wrapper
 
-    if crash_at == "before-commit":  # state written, journal not yet committed
-        Journal.commit_edit = die_on_third(Journal.commit_edit)
-    elif crash_at == "mid-state-write":  # in the middle of writing the state files
-        import safetensors.torch as st
-        import editkit.store as store
-        store.save_file = die_on_third(st.save_file)
+    real_point = chunks.crash_point
+
+    def point(name):
+        if name == crash_at and armed["on"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_point(name)
+
+    chunks.crash_point = point  # chunk-written: temporary file written; chunk-renamed: in place
+    if crash_at == "before-commit":  # every chunk written, the journal transaction not begun
+        Journal.commit_turn = kill_when_armed(Journal.commit_turn)
+    elif crash_at == "mid-commit":  # inside the transaction, before COMMIT
+        Journal._apply = kill_when_armed(Journal._apply)
+    elif crash_at == "after-commit":  # committed; superseded chunks not yet deleted
+        Session._saved = kill_when_armed(Session._saved)
 
     s = Session.open(ws, model=model_dir, method="ft", device="cpu",
                      method_config={"steps": 30, "early_stop_loss": 0.0}, checkpoint_every=2)
@@ -42,6 +50,7 @@ CHILD = textwrap.dedent("""
         (record,) = s.edit({"prompt": f"The capital of France is number {i}", "target_new": "Rome"},
                            measure=False)
         print("committed", record.id, flush=True)
+        armed["on"] = record.id >= 2
 """)
 
 
@@ -59,8 +68,8 @@ def check_consistent(ws, loaded, committed: list[int]):
         assert ids[: len(committed)] == committed
         assert len(ids) - len(committed) <= 1
         assert ids == list(range(1, len(ids) + 1))
-        live = {p.name for p in (ws / "state").iterdir()}
-        assert live == s.journal.referenced_states()  # interrupted state was swept
+        files = {p.name for p in (ws / "state").rglob("*") if p.is_file()}
+        assert files == s.journal.live_chunks()  # what the interrupted edit left was swept
         with torch.no_grad():
             edited = loaded.model(loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids).logits
         requests = [r.request for r in s.history()]
@@ -73,8 +82,9 @@ def check_consistent(ws, loaded, committed: list[int]):
     assert torch.equal(edited, replayed)
 
 
-@pytest.mark.parametrize("crash_at", ["before-commit", "mid-state-write"])
-def test_kill_at_the_worst_moments(tmp_path, tiny_dirs, tiny_loaded, crash_at):
+@pytest.mark.parametrize("crash_at", ["chunk-written", "chunk-renamed", "before-commit", "mid-commit",
+                                      "after-commit"])
+def test_kill_at_each_step_of_a_state_write(tmp_path, tiny_dirs, tiny_loaded, crash_at):
     ws = tmp_path / "ws"
     proc = run_child(tmp_path, tiny_dirs["gpt2"], ws, crash_at)
     out, err = proc.communicate(timeout=300)
@@ -82,6 +92,8 @@ def test_kill_at_the_worst_moments(tmp_path, tiny_dirs, tiny_loaded, crash_at):
     committed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
     assert committed == [1, 2]
     check_consistent(ws, tiny_loaded["gpt2"], committed)
+    with Session.open(ws, loaded=tiny_loaded["gpt2"]) as s:  # the third edit: in only once committed
+        assert len(s.history()) == (3 if crash_at == "after-commit" else 2)
 
 
 def test_kill_at_a_random_moment(tmp_path, tiny_dirs, tiny_loaded):

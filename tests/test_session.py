@@ -158,7 +158,7 @@ def test_tampered_or_unreadable_state_is_refused(tmp_path, tiny_loaded):
     ws = tmp_path / "ws"
     with open_session(ws, loaded) as s:
         s.edit(EDITS[0])
-    meta = next(p for p in _state_files(ws) if p.suffix == ".json")
+    meta = next(p for p in _state_files(ws) if p.read_bytes().startswith(b"{"))  # a metadata chunk
     meta.write_text(json.dumps({"layer": 0, "format": 1}))
     with pytest.raises(WorkspaceError, match="fails its checksum"):
         Session.open(ws, loaded=loaded)
@@ -176,7 +176,10 @@ def test_superseded_state_is_swept(tmp_path, tiny_loaded):
     ws = tmp_path / "ws"
     with open_session(ws, tiny_loaded["gpt2"], checkpoint_every=100) as s:
         s.edit(EDITS[:3])
-        assert len([d for d in (ws / "state").iterdir()]) == 1  # only the head
+        files = {p.name for p in _state_files(ws)}
+        assert files == s.journal.live_chunks()  # the head's chunks, nothing superseded
+        (state_count,) = s.journal.db.execute("SELECT count(*) FROM states").fetchone()
+        assert state_count == 1
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
