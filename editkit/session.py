@@ -26,12 +26,12 @@ from editkit.generation import generate as _generate
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.schemas import EditRequest
-from editkit.store import EditRecord, Journal, atomic_write_text
+from editkit.store import EditRecord, Journal, atomic_write_text, checkpoint_spacing
 
 # WISE (retrieve, 8 edits per memory): after 50 zsRE edits on the default model Rel 0.96,
 # Gen 0.72, Loc 0.98 (benchmarks/wise.py). `nmc` is the fast choice (~10x less time per edit).
 DEFAULT_METHOD = "wise"
-WORKSPACE_FORMAT = 1
+WORKSPACE_FORMAT = 2  # 1: state as whole directories (journal schema 1); migrated on open
 EDITOR_STATE = "editor"
 INTERVENTION_STATE = "intervention."  # + name; its JSON holds {"config": ..., "state": ...}
 
@@ -263,8 +263,8 @@ class Session:
         self._bases = manifest["components"]
         for component in self._components():
             component.changes.clear()
+        self.chunks.remove(dead + self.journal.unreferenced(self.chunks.written))
         self.chunks.written = []
-        self.chunks.remove(dead)
 
     def _discard_unsaved(self) -> None:
         """Delete the chunk files a failed write or commit created (no state names them)."""
@@ -341,6 +341,7 @@ class Session:
         if record.status != "applied":
             raise InvalidRequest(f"edit {edit_id} is already rolled back")
         every = self.settings["checkpoint_every"]
+        newest = self.journal.last_id()
         base = self.journal.checkpoint_before(edit_id)
         last = base[0] if base else 0
         replay = [r for r in self.journal.records(active_only=True, after=last) if r.id != edit_id]
@@ -359,7 +360,7 @@ class Session:
             rebuilt = []
             for turn in _turns(replay):
                 self._run_turn(fresh, [EditRequest.model_validate(r.request) for r in turn])
-                if turn[-1].id - last >= every:
+                if turn[-1].id - last >= checkpoint_spacing(newest - turn[-1].id, every):
                     manifest = self._write_state(fresh, bases)
                     bases[EDITOR_STATE] = manifest["components"][EDITOR_STATE]
                     fresh.changes.clear()
@@ -425,8 +426,8 @@ def read_settings(ws: Path) -> dict[str, Any]:
     missing = {"format", "model", "fingerprint", "method", "method_config", "checkpoint_every"} - set(settings)
     if missing:
         raise WorkspaceError(f"{path} lacks {', '.join(sorted(missing))}")
-    if settings["format"] != WORKSPACE_FORMAT:
-        raise WorkspaceError(f"{path} has format {settings['format']}; this editkit reads {WORKSPACE_FORMAT}")
+    if settings["format"] not in (1, WORKSPACE_FORMAT):
+        raise WorkspaceError(f"{path} has format {settings['format']}; this editkit reads 1 to {WORKSPACE_FORMAT}")
     return settings
 
 
@@ -456,6 +457,9 @@ def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_
         if not readonly:
             if journal.legacy:
                 legacy.migrate(journal, ws / "state", chunks)
+            if settings["format"] != WORKSPACE_FORMAT:  # the journal is migrated: say so
+                settings["format"] = WORKSPACE_FORMAT
+                atomic_write_text(ws / "workspace.json", json.dumps(settings, indent=2, sort_keys=True))
             _sweep(ws / "state", journal, chunks)
         manifest = None if journal.legacy else journal.head()
         if journal.legacy:

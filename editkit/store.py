@@ -204,6 +204,10 @@ class Journal:
             return self.db.execute("SELECT count(*) FROM edits WHERE status = ?", (status,)).fetchone()[0]
         return self.db.execute("SELECT count(*) FROM edits").fetchone()[0]
 
+    def last_id(self) -> int:
+        """The id of the newest edit (0 before the first)."""
+        return self.db.execute("SELECT max(id) FROM edits").fetchone()[0] or 0
+
     def record(self, edit_id: int) -> EditRecord | None:
         row = self.db.execute(self._select() + " WHERE id = ?", (edit_id,)).fetchone()
         return _record(row) if row else None
@@ -225,6 +229,16 @@ class Journal:
 
     def live_chunks(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT digest FROM chunks")}
+
+    def unreferenced(self, digests: list[str]) -> list[str]:
+        """Those of `digests` no state references (e.g. written for a checkpoint that a
+        rollback took and dropped again in one transaction)."""
+        live = set()
+        for i in range(0, len(digests), 500):
+            part = digests[i: i + 500]
+            live.update(r[0] for r in self.db.execute(
+                f"SELECT digest FROM chunks WHERE digest IN ({','.join('?' * len(part))})", part))
+        return [d for d in digests if d not in live]
 
     # ---- writes (each one transaction) -------------------------------------------------
     def commit_turn(self, entries: list[tuple[dict, str, dict, dict]], manifest: dict, chunks: ChunkStore,
@@ -279,8 +293,7 @@ class Journal:
             self._set_head(manifest, refs)
             for state in gone:
                 self._drop_if_unused(state, refs)
-            newest = self.db.execute("SELECT max(id) FROM edits").fetchone()[0] or 0
-            self._thin_checkpoints(newest, checkpoint_every, refs)
+            self._thin_checkpoints(self.last_id(), checkpoint_every, refs)
             return self._apply(refs, chunks)
 
     # ---- states and reference counts ---------------------------------------------------

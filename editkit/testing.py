@@ -6,8 +6,14 @@ the spot, saved as an ordinary transformers directory so it goes through load_mo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from editkit.components import Editor
+from editkit.errors import WorkspaceError
+from editkit.hookspecs import hookimpl
 
 FAMILIES = ("gpt2", "llama", "gpt_neox")
 
@@ -61,3 +67,65 @@ def save_tiny_model(family: str, directory: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# ---- a stand-in editor --------------------------------------------------------------------
+class AppendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(576, ge=1, description="Floats per appended row (GRACE keeps 2 x hidden size).")
+
+
+class AppendEditor(Editor):
+    """A stand-in editor for tests and the storage benchmark: each edit appends one random
+    row (from the session's seeded RNG) to a table and the target to a list, as a codebook
+    does, and leaves the model's behaviour alone. Its own cost is next to nothing, so what an
+    edit costs through a Session is the session's overhead."""
+
+    name = "append-test"
+    Config = AppendConfig
+    description = "stand-in editor: appends a row per edit, changes nothing the model says"
+    tracks_changes = True
+
+    def attach(self) -> None:
+        self._rows = torch.zeros((16, self.config.width))
+        self.count = 0
+        self.targets: list[str] = []
+        self.attached = True
+
+    def detach(self) -> None:
+        self.attached = False
+
+    def apply(self, request) -> dict[str, Any]:
+        if self.count == self._rows.shape[0]:  # grow by doubling: amortised O(1) per edit
+            self._rows = torch.cat([self._rows, torch.zeros_like(self._rows)])
+        self._rows[self.count] = torch.randn(self.config.width)
+        self.count += 1
+        self.targets.append(request.target_new)
+        return {"rows": self.count}
+
+    def state_dict(self):
+        return {"rows": self._rows[: self.count]}, {"format": 1, "targets": list(self.targets)}
+
+    def load_state_dict(self, tensors, meta) -> None:
+        rows = tensors.get("rows")
+        if rows is None or rows.dim() != 2 or rows.shape[1] != self.config.width or meta.get("format") != 1 \
+                or len(meta.get("targets", [])) != rows.shape[0]:
+            raise WorkspaceError("append-test state does not fit this config")
+        self._rows = torch.cat([rows.float(), torch.zeros((16, self.config.width))])
+        self.count = rows.shape[0]
+        self.targets = list(meta["targets"])
+
+
+@hookimpl
+def register_editors(register):
+    register(AppendEditor)
+
+
+def stand_in_host():
+    """A plugin host with the built-in plugins and AppendEditor (method "append-test")."""
+    import sys
+
+    from editkit.host import Candidate, PluginHost, builtin_candidates
+
+    extra = Candidate("append-test", "0", "editkit.testing", lambda: sys.modules[__name__])
+    return PluginHost(builtin_candidates() + [extra], env={})

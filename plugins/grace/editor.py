@@ -38,6 +38,7 @@ class GraceEditor(Editor):
     name = "grace"
     Config = GraceConfig
     description = "GRACE codebook of (key, value, radius) at one layer (Hartvigsen et al. 2023)"
+    tracks_changes = True  # entries are appended; an edit rewrites at most two existing rows
 
     def attach(self) -> None:
         cfg = self.config
@@ -174,6 +175,12 @@ class GraceEditor(Editor):
         values = values.detach().clone()
         values[entry] = value.detach()
         self.values = values
+        # What changed in existing rows (appended rows need no mark): see StateChanges.
+        self.changes.mark("values", entry, entry + 1)
+        if action in ("expand", "split"):
+            self.changes.mark("radii", j, j + 1)
+        if action == "overwrite":
+            self.changes.mark("labels", entry, entry + 1)
         return {"loss": loss_value, "steps": steps, "action": action, "entry": entry,
                 "radius": float(self.radii[entry]), "codebook_size": len(self.labels)}
 
