@@ -34,6 +34,15 @@ def eval_command(
         "--every", min=1, help="retention: re-measure every k edits (default T/10).")] = None,
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", min=1, help="groups: edits per group before rolling back (default 10).")] = None,
+    at: Annotated[Optional[str], typer.Option(
+        "--at", metavar="T,T,...", help="final: also measure after each of these numbers of edits, in the "
+                                        "same stream (e.g. 1,10,100,1000).")] = None,
+    sample: Annotated[Optional[int], typer.Option(
+        "--sample", min=1, help="Measure at each point a fixed random sample of this many of the edits made "
+                                "so far (cost linear in the stream).")] = None,
+    turn_size: Annotated[int, typer.Option(
+        "--turn-size", min=1, help="Edits handed to the session per call: one turn for editors that edit "
+                                   "in turns (ultraedit).")] = 1,
     out: Annotated[Path, typer.Option("--out", file_okay=False, metavar="DIR",
                                       help="Run directory: workspaces, measurements and the report. Rerun "
                                            "with the same arguments to resume.")] = Path("editkit-eval"),
@@ -56,6 +65,7 @@ def eval_command(
 
     quiet_libraries()
     methods = method or ["ft"]
+    points = _parse_at(at)
     configs = parse_method_configs(config, methods)
     with _progress_bar() as bar:
         tasks: dict[str, int] = {}
@@ -67,12 +77,24 @@ def eval_command(
 
         report = run_eval(out, suite=suite, data=data, methods=methods, edits=edits, protocol=protocol,
                           every=every, group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
-                          model=model_name(model), configs=configs, device=device,
+                          model=model_name(model), configs=configs, device=device, at=points, sample=sample,
+                          turn_size=turn_size,
                           dtype=dtype.value if dtype else None, progress=progress, host=host_of(ctx), plots=plots)
     typer.echo(markdown(report))
     if report["skipped"]:
         typer.echo(f"skipped {len(report['skipped'])} invalid record(s)", err=True)
     typer.echo(f"report: {Path(out) / 'report.md'}", err=True)
+
+
+def _parse_at(text: str | None) -> list[int] | None:
+    from editkit.errors import InvalidRequest
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidRequest(f"--at expects numbers of edits separated by commas, got '{text}'") from None
 
 
 def report_command(

@@ -116,13 +116,33 @@ class AppendEditor(Editor):
         self.targets = list(meta["targets"])
 
 
+class AppendTurnEditor(AppendEditor):
+    """AppendEditor that edits in turns: each row also carries the mean of its turn's random
+    draws, so a turn solved without one of its requests gives other rows (as a closed-form
+    editor's turn does)."""
+
+    name = "append-turns-test"
+    description = "stand-in editor that edits in turns"
+    edits_in_turns = True
+
+    def apply_turn(self, requests) -> list[dict[str, Any]]:
+        draws = torch.randn(len(requests), self.config.width)
+        stats = []
+        for request, draw in zip(requests, draws):
+            stats.append(self.apply(request))
+            self._rows[self.count - 1] = draw + draws.mean(0)
+        return stats
+
+
 @hookimpl
 def register_editors(register):
     register(AppendEditor)
+    register(AppendTurnEditor)
 
 
 def stand_in_host():
-    """A plugin host with the built-in plugins and AppendEditor (method "append-test")."""
+    """A plugin host with the built-in plugins and the stand-in editors ("append-test",
+    "append-turns-test")."""
     import sys
 
     from editkit.host import Candidate, PluginHost, builtin_candidates

@@ -48,6 +48,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         "protocol": protocol, "protocol_description": PROTOCOLS[protocol], "definitions": DEFINITIONS,
         "metric_labels": METRIC_LABELS, "edits": n, "every": plan["every"], "group_size": plan["group_size"],
         "seed": plan["seed"], "select": plan["select"], "records_read": plan["records_read"],
+        "at": plan.get("at"), "turn_size": plan.get("turn_size", 1), "sample": plan.get("sample"),
         "skipped": plan["skipped"],
         "baseline": {"summary": summarise(base_rows), "per_edit": base_rows},
         "methods": {},
@@ -81,12 +82,22 @@ def build_report(out: str | Path) -> dict[str, Any]:
             "summary": summarise([m for m in latest.values()]),
             "seconds_per_edit": mean(seconds),
             "per_edit": per_edit,
-            "checkpoints": [{"step": r["step"], "group": r["group"],
-                             "summary": summarise(list(r["items"].values())),
-                             "items": r["items"]} for r in sorted(rows, key=lambda r: r["step"])],
+            "checkpoints": _checkpoints(rows, stats),
         }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True))
     return report
+
+
+def _checkpoints(rows: list[dict], stats: list[dict]) -> list[dict]:
+    """Each measurement point's summary, with the mean seconds per edit of the edits applied
+    since the previous point (flat along a stream when an edit's cost does not grow)."""
+    points, previous = [], 0
+    for r in sorted(rows, key=lambda r: r["step"]):
+        seconds = [s.get("seconds") for s in stats[previous: r["step"]] if s]
+        points.append({"step": r["step"], "group": r["group"], "summary": summarise(list(r["items"].values())),
+                       "measured": len(r["items"]), "seconds_per_edit": mean(seconds), "items": r["items"]})
+        previous = r["step"]
+    return points
 
 
 def load_report(out: str | Path) -> dict[str, Any]:
@@ -119,6 +130,11 @@ def markdown(report: dict) -> str:
         proto += f" (k = {report['every']})"
     if report.get("group_size"):
         proto += f" (G = {report['group_size']})"
+    if report.get("turn_size", 1) > 1:
+        proto += f"; edits applied in turns of {report['turn_size']}"
+    if report.get("sample"):
+        proto += f"; each measurement point measures a fixed random sample of {report['sample']} edits (seed " \
+                 f"{report['seed']}) among those made so far"
     lines += [proto + ".", "",
               f"Model `{report['model']}` (fingerprint {report['fingerprint']}); {report['edits']} edits from "
               f"`{report['data'] or report['suite']}` ({report['select']} selection, seed {report['seed']}).", ""]
@@ -139,16 +155,22 @@ def markdown(report: dict) -> str:
               f"- **Loc acc** — {DEFINITIONS['loc_acc']}.",
               "- Rel: the edit prompt; Gen: its rephrasings; Port: portability questions (where the data has them); "
               "s/edit: mean wall seconds to apply one edit.", ""]
-    if report["protocol"] in ("retention", "groups", "immediate"):
+    if report["protocol"] in ("retention", "groups", "immediate") or report.get("at"):
         lines += [f"## Figures at each measurement point ({report['protocol']})", ""]
         key = ["rel_tf", "rel_em", "gen_tf", "gen_em", "loc_tf", "loc_em"]
         if report["protocol"] == "immediate":
             lines += ["Running means of the right-after-edit figures.", ""]
-        head = ["method", "edits"] + [METRIC_LABELS[k] for k in key]
+        if report.get("at"):
+            lines += ["After T edits of one stream, the first T edits measured (exactly a T-edit run); "
+                      "s/edit: mean over the edits applied since the previous point.", ""]
+        head = ["method", "edits"] + [METRIC_LABELS[k] for k in key] + ["s/edit"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, m in report["methods"].items():
+            seconds = {cp["step"]: cp.get("seconds_per_edit") for cp in m["checkpoints"]}
             for step, summary in _curve(report, m):
-                lines.append(f"| {name} | {step} | " + " | ".join(_fmt(summary.get(k)) for k in key) + " |")
+                sec = seconds.get(step)
+                lines.append(f"| {name} | {step} | " + " | ".join(_fmt(summary.get(k)) for k in key)
+                             + f" | {'–' if sec is None else f'{sec:.2f}'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -206,6 +228,8 @@ def write_plots(report: dict, out: Path) -> list[Path]:
                            label=f"unedited ({suffix.upper()})")
         ax.set_title(title)
         ax.set_xlabel("number of edits")
+        if report.get("at"):
+            ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score")

@@ -2,7 +2,9 @@
 
 Protocols (when figures are taken):
 
-- ``final``: apply the T edits in order, then measure every edit (the papers' tables).
+- ``final``: apply the T edits in order, then measure every edit (the papers' tables). With
+  ``at`` (e.g. 1,10,100,1000) it also measures after each of those numbers of edits: the
+  first T edits of the stream are exactly a T-edit run, so one stream gives every T.
 - ``immediate``: measure each edit right after it is applied.
 - ``retention``: every k edits (and after the last), re-measure every edit made so far,
   with its locality probes; gives retention curves.
@@ -17,6 +19,12 @@ Layout of OUT (everything needed to resume and to re-render the report)::
     methods/<name>/workspace/    the session workspace (journal + state); groups/gNNNN/ for groups
     methods/<name>/measurements.jsonl   one line per measurement point
     report.json, report.md, *.png       written by evaluation.report
+
+Cost at scale: the unedited model is measured once per record (baseline.json); ``sample``
+limits every measurement point to a fixed random sample of the edits made so far, so a
+long stream's retention points cost the sample, not the stream. ``turn_size`` hands edits
+to the session in calls of that many (one turn for editors that edit in turns), cut at
+measurement points.
 
 Resuming: a rerun with the same arguments opens each method's workspace, checks that its
 journaled edits are the planned ones, skips them, and continues; measurement points already
@@ -51,6 +59,7 @@ PROTOCOLS = {
               "each group measured after its last edit, averaged over the stream",
 }
 RUN_FORMAT = 1
+PLAN_DEFAULTS = {"at": None, "turn_size": 1, "sample": None}  # what runs written before these keys used
 # A progress callback: (method, edits done, edits in total, what just happened).
 Progress = Callable[[str, int, int, str], None]
 
@@ -113,6 +122,7 @@ class EvalRun:
     def __init__(self, out: str | Path, *, suite: str, data: str | None, edits: int = 100,
                  protocol: str = "final", every: int | None = None, group_size: int | None = None,
                  seed: int = 0, select: str = "first", skip_invalid: bool = False, model: str | None = None,
+                 at: list[int] | None = None, sample: int | None = None, turn_size: int = 1,
                  host: PluginHost | None = None):
         if protocol not in PROTOCOLS:
             raise InvalidRequest(f"unknown protocol '{protocol}' (use one of {', '.join(PROTOCOLS)})")
@@ -133,6 +143,21 @@ class EvalRun:
             group_size = group_size or min(n, 10)
         if (every is not None and every < 1) or (group_size is not None and group_size < 1):
             raise InvalidRequest("--every and --group-size must be at least 1")
+        if at is not None:
+            if protocol != "final":
+                raise InvalidRequest("--at measures a final-protocol stream at several lengths; use it with "
+                                     "--protocol final")
+            if not at or any(t < 1 for t in at):
+                raise InvalidRequest("--at takes numbers of edits of at least 1")
+            if max(at) > n:
+                raise InvalidRequest(f"--at {max(at)} is beyond the stream's {n} edits (raise --edits)")
+            at = sorted(set(at) | {n})
+        if sample is not None and sample < 1:
+            raise InvalidRequest("--sample must be at least 1")
+        if turn_size < 1:
+            raise InvalidRequest("--turn-size must be at least 1")
+        if protocol == "groups" and sample is not None:
+            raise InvalidRequest("--sample applies to stream protocols (final, immediate, retention), not groups")
         self.cases = cases
         self.skipped = read.skipped
         self.plan = {
@@ -140,6 +165,8 @@ class EvalRun:
             "protocol": protocol, "edits": n, "edits_requested": edits,
             "every": every if protocol == "retention" else None,
             "group_size": group_size if protocol == "groups" else None, "seed": seed, "select": select,
+            "at": at, "turn_size": turn_size, "sample": sample,
+            "sampled": sorted(random.Random(seed).sample(range(n), sample)) if sample and sample < n else None,
             "model": _model_key(model), "skip_invalid": skip_invalid, "records_read": read.total,
             "skipped": [{"index": i, "reason": r} for i, r in read.skipped],
             "cases": [c.to_dict() for c in cases], "methods": {},
@@ -155,8 +182,8 @@ class EvalRun:
             except ValueError as exc:
                 raise WorkspaceError(f"{path} is unreadable ({exc}); use another --out") from None
             for key in ("format", "suite", "protocol", "edits", "every", "group_size", "seed", "select",
-                        "model", "cases"):
-                if old.get(key) != self.plan[key]:
+                        "model", "cases", "at", "turn_size", "sample"):
+                if old.get(key, PLAN_DEFAULTS.get(key)) != self.plan.get(key):
                     raise WorkspaceError(f"{self.out} holds a different run ({key} differs: {old.get(key)!r:.80} "
                                          f"there); use another --out, or the same arguments to resume")
             for name, cfg in methods.items():
@@ -221,33 +248,47 @@ class EvalRun:
                                      "use another --out")
         return session, len(done)
 
+    def _points(self) -> dict[int, list[int]]:
+        """Measurement points of a stream protocol: number of edits -> the edits measured."""
+        protocol, n, every = self.plan["protocol"], len(self.cases), self.plan["every"]
+        if protocol == "final":
+            steps = self.plan["at"] or [n]
+        elif protocol == "immediate":
+            return {t: [t - 1] for t in range(1, n + 1)}
+        else:  # retention
+            steps = sorted({t for t in range(every, n + 1, every)} | {n})
+        sampled = self.plan["sampled"]
+        return {t: [i for i in (sampled if sampled is not None else range(n)) if i < t] for t in steps}
+
     def _run_stream(self, method, config, loaded, baselines, progress) -> None:
         folder = self.out / "methods" / method
         folder.mkdir(parents=True, exist_ok=True)
         mfile = folder / "measurements.jsonl"
         measured = {row["step"] for row in _read_jsonl(mfile)}
-        protocol, n, every = self.plan["protocol"], len(self.cases), self.plan["every"]
+        n, turn = len(self.cases), self.plan["turn_size"]
+        points = self._points()
         session, done = self._open(folder / "workspace", method, config, loaded, 0)
         try:
-            for i in range(n):
-                t = i + 1
-                if i >= done:
+            i = 0
+            while i < n:
+                # The next turn: turn_size edits, never past a measurement point.
+                stop = min(n, i + turn, min((t for t in points if t > i), default=n))
+                if stop > done:
+                    if i < done:  # a turn cut short by an interruption: its journaled part stays
+                        i = done
                     started = time.perf_counter()
-                    session.edit(self.cases[i].request, measure=False)
+                    session.edit([c.request for c in self.cases[i:stop]], measure=False)
                     if progress:
-                        progress(method, t, n, f"edit {t} in {time.perf_counter() - started:.1f}s")
+                        progress(method, stop, n, f"edits {i + 1}-{stop} in {time.perf_counter() - started:.1f}s"
+                                 if stop - i > 1 else f"edit {stop} in {time.perf_counter() - started:.1f}s")
                 elif progress:
-                    progress(method, t, n, "journaled")
-                if protocol == "final":
-                    due = list(range(n)) if t == n else []
-                elif protocol == "immediate":
-                    due = [i]
-                else:  # retention
-                    due = list(range(t)) if (t % every == 0 or t == n) else []
-                if due and t not in measured:
-                    if t < done:  # later edits are applied already: this point cannot be taken now
+                    progress(method, stop, n, "journaled")
+                i = stop
+                if stop in points and stop not in measured:
+                    if stop < done:  # later edits are applied already: this point cannot be taken now
                         continue
-                    _append_jsonl(mfile, {"step": t, "group": None, "items": self._measure(loaded, baselines, due)})
+                    _append_jsonl(mfile, {"step": stop, "group": None,
+                                          "items": self._measure(loaded, baselines, points[stop])})
         finally:
             session.close()
 
@@ -282,6 +323,7 @@ class EvalRun:
 def run_eval(out: str | Path, *, suite: str, data: str | None, methods: list[str], edits: int = 100,
              protocol: str = "final", every: int | None = None, group_size: int | None = None, seed: int = 0,
              select: str = "first", skip_invalid: bool = False, model: str | None = None,
+             at: list[int] | None = None, sample: int | None = None, turn_size: int = 1,
              configs: dict[str, dict] | None = None, loaded: LoadedModel | None = None, device: str = "auto",
              dtype: str | None = None, progress: Progress | None = None, host: PluginHost | None = None,
              plots: bool = True) -> dict:
@@ -290,7 +332,8 @@ def run_eval(out: str | Path, *, suite: str, data: str | None, methods: list[str
 
     run = EvalRun(out, suite=suite, data=data, edits=edits, protocol=protocol, every=every,
                   group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
-                  model=model if loaded is None or model is not None else loaded.name, host=host)
+                  model=model if loaded is None or model is not None else loaded.name, at=at, sample=sample,
+                  turn_size=turn_size, host=host)
     run.run(methods, configs, loaded=loaded, device=device, dtype=dtype, progress=progress)
     report = build_report(out)
     render_report(report, out, plots=plots)
