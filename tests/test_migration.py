@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from editkit.host import get_host
 from editkit.legacy import read_state_dir
-from editkit.session import Session
+from editkit.schemas import EditRequest
+from editkit.session import Session, turn_seed
 from editkit.store import Journal
 
 FIXTURE = Path(__file__).parent / "data" / "workspace-v1"
@@ -34,52 +36,56 @@ def old_workspace(tmp_path, tiny_dirs, tiny_loaded) -> Path:
     return ws
 
 
-@torch.no_grad()
-def logits(loaded, text="The capital of France is Paris. Who wrote Hamlet?"):
-    return loaded.model(loaded.tokenizer(text, return_tensors="pt").input_ids).logits
-
-
-def old_head(ws: Path):
+def old_states(ws: Path):
+    """The head's and each checkpoint's editor state as the old release stored them."""
     journal = Journal(ws / "journal.sqlite", readonly=True)
     try:
-        ref, digests = journal.db.execute("SELECT state_ref, digests FROM head").fetchone()
+        head = journal.db.execute("SELECT state_ref, digests FROM head").fetchone()
+        checkpoints = journal.db.execute("SELECT state_ref, digests, edit_ids FROM checkpoints").fetchall()
     finally:
         journal.close()
-    return read_state_dir(ws / "state" / ref, json.loads(digests))["editor"]
+    read = lambda ref, digests: read_state_dir(ws / "state" / ref, json.loads(digests))["editor"]  # noqa: E731
+    return read(*head), {max(json.loads(ids)): read(ref, d) for ref, d, ids in checkpoints}
+
+
+def same(a, b) -> bool:
+    return a[1] == b[1] and a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
 
 def test_old_workspace_migrates_bit_exactly(old_workspace, tiny_loaded):
     loaded = tiny_loaded["gpt2"]
-    tensors, meta = old_head(old_workspace)
+    head, checkpoints = old_states(old_workspace)
     with Session.open(old_workspace, loaded=loaded) as s:
         assert [(r.id, r.status, r.turn) for r in s.history()] == [
             (1, "applied", 1), (2, "applied", 2), (3, "applied", 3), (4, "rolled_back", 4), (5, "applied", 5)]
         assert s.journal.version == 2 and s.journal.checkpoint_ids() == [2]
-        new_tensors, new_meta = s.editor.state_dict()
-        assert new_meta == meta and torch.equal(new_tensors["delta"], tensors["delta"])
-        migrated = logits(loaded)
-        requests = [r.request for r in s.history(active_only=True)]
+        assert same(s.editor.state_dict(), head)
+        upto, manifest = s.journal.checkpoint_before(3)
+        assert upto == 2 and same(s.chunks.read(manifest)["editor"], checkpoints[2])
+        # Rolling back edit 3 replays edit 5 on the migrated checkpoint (seeded as the session does).
+        s.rollback(3)
+        rolled = s.editor.state_dict()
     assert json.loads((old_workspace / "workspace.json").read_text())["format"] == 2
     assert sorted(p.name for p in (old_workspace / "state").iterdir()) == ["chunks"]
-    with Session.open(old_workspace.parent / "replay", loaded=loaded, method="ft", method_config=FAST) as ref:
-        ref.edit(requests, measure=False)
-        assert torch.equal(logits(loaded), migrated)
-
-    # The migrated workspace works as any other: reopen, rollback from its checkpoint, edit.
-    with Session.open(old_workspace, loaded=loaded) as s:
-        assert torch.equal(logits(loaded), migrated)
-        s.rollback(3)
-        s.edit({"prompt": "The quick brown fox", "target_new": "Paris"}, measure=False)
-        after = logits(loaded)
-        requests = [r.request for r in s.history(active_only=True)]
-    with Session.open(old_workspace.parent / "replay2", loaded=loaded, method="ft", method_config=FAST) as ref:
-        ref.edit(requests, measure=False)
-        assert torch.equal(logits(loaded), after)
+    editor = get_host().editor("ft")(loaded, FAST)
+    editor.attach()
+    try:
+        editor.load_state_dict(*checkpoints[2])
+        fifth = EditRequest(prompt="The Eiffel Tower is located in the city of", target_new="Rome")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(turn_seed([fifth]))
+            editor.apply(fifth)
+        assert same(editor.state_dict(), rolled)
+    finally:
+        editor.detach()
+    with Session.open(old_workspace, loaded=loaded) as s:  # and it reopens as any workspace does
+        assert same(s.editor.state_dict(), rolled)
+        assert [r.id for r in s.history(active_only=True)] == [1, 2, 5]
 
 
 def test_old_workspace_opens_read_only_unchanged(old_workspace, tiny_loaded):
     loaded = tiny_loaded["gpt2"]
-    tensors, _ = old_head(old_workspace)
+    (tensors, _), _ = old_states(old_workspace)
     before = {p: p.read_bytes() for p in old_workspace.rglob("*") if p.is_file()}
     with Session.open(old_workspace, loaded=loaded, readonly=True) as s:
         assert torch.equal(s.editor.state_dict()[0]["delta"], tensors["delta"])
