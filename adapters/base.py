@@ -7,13 +7,18 @@ Nothing outside adapters/ looks at module names or model types.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from editkit.errors import InvalidRequest
 from editkit.sites import LAYER_COMPONENTS, Site
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to end a forward pass once everything asked for is in."""
 
 
 class Adapter:
@@ -32,6 +37,10 @@ class Adapter:
     qkv_layout: ClassVar[str] = "separate"
     # Rotary position embedding module (from the model root), for families that use one.
     rotary_path: ClassVar[str | None] = None
+    # The final norm: LayerNorm subtracts the mean (centers), RMSNorm does not; the name of
+    # the attribute holding its epsilon.
+    final_norm_centers: ClassVar[bool] = True
+    final_norm_eps_attr: ClassVar[str] = "eps"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -161,6 +170,57 @@ class Adapter:
         if final_norm:
             hidden = self.model.get_submodule(self.final_norm_path)(hidden)
         return hidden
+
+    def capture(self, inputs: Mapping[str, Any], points: Mapping[str, tuple[Site, str]],
+                stop: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
+        """Run the model on `inputs` (keyword arguments of its forward) and capture, for each
+        name in `points`, the input ("in") or output ("out": the hidden states of a tuple)
+        of the module at a Site, detached. With `stop`, the pass ends as soon as every point
+        is captured (nothing above the last one runs) and the model output is None;
+        otherwise it is the model's output. Hooks the components installed run as usual."""
+        got: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def keep(name, value):
+            got[name] = value.detach()
+            if stop and len(got) == len(points):
+                raise _Captured
+
+        try:
+            for name, (site, where) in points.items():
+                module = self.module(site)
+                if where == "in":
+                    def pre(mod, args, kwargs, _name=name):
+                        keep(_name, args[0] if args else next(iter(kwargs.values())))
+                    handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                elif where == "out":
+                    def post(mod, args, output, _name=name):
+                        keep(_name, output[0] if isinstance(output, tuple) else output)
+                    handles.append(module.register_forward_hook(post))
+                else:
+                    raise ValueError(f"capture point '{name}': where must be 'in' or 'out', not {where!r}")
+            try:
+                output = self.model(**inputs)
+            except _Captured:
+                output = None
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = set(points) - set(got)
+        if missing:
+            raise RuntimeError(f"capture points never reached: {sorted(missing)}")
+        return got, output
+
+    def final_norm_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+        """(weight, bias or None, epsilon, whether it centers) of the final norm, for methods
+        that linearise it (PH3's direct-path scores)."""
+        norm = self.module(Site("final_norm"))
+        eps = getattr(norm, self.final_norm_eps_attr, None)
+        weight = getattr(norm, "weight", None)
+        if eps is None or weight is None:
+            raise InvalidRequest(f"{type(self).__name__}: the final norm {type(norm).__name__} has no weight "
+                                 f"or '{self.final_norm_eps_attr}'")
+        return weight, getattr(norm, "bias", None), float(eps), self.final_norm_centers
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for final-normed hidden states (any leading shape)."""

@@ -24,3 +24,5 @@ class LlamaAdapter(Adapter):
     }
     rotary_path = "model.rotary_emb"
     qkv_layout = "separate"
+    final_norm_centers = False  # RMSNorm
+    final_norm_eps_attr = "variance_epsilon"

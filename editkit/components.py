@@ -63,12 +63,22 @@ class Component:
         raise NotImplementedError
 
     def detach(self) -> None:
-        """Remove everything attach() and later edits installed; the model is as before attach()."""
-        raise NotImplementedError
+        """Remove everything attach() and later edits installed; the model is as before attach().
+        The default removes the hooks registered with hook(); extend it for anything else."""
+        self.remove_hooks()
+        self.attached = False
+
+    def hook(self, module: torch.nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False):
+        """Register a forward hook (`pre`: a forward pre-hook) on `module` that detach()
+        removes; returns its handle."""
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        handle = register(fn, with_kwargs=with_kwargs)
+        self.__dict__.setdefault("_handles", []).append(handle)
+        return handle
 
     def remove_hooks(self) -> None:
-        """Remove the hook handles kept in self._handles (components that register several)."""
-        for handle in getattr(self, "_handles", []):
+        """Remove every hook registered with hook()."""
+        for handle in self.__dict__.get("_handles", []):
             handle.remove()
         self._handles = []
 

@@ -232,6 +232,59 @@ def test_a_plugin_adapter_adds_an_architecture(tiny_phi, tmp_path):
         host.adapter_for(types.SimpleNamespace(config=types.SimpleNamespace(model_type="rwkv")))
 
 
+@pytest.fixture(scope="module")
+def phi_loaded(tiny_phi):
+    @hookimpl
+    def register_adapters(register):
+        register(PhiAdapter)
+
+    host = PluginHost(candidates=[*builtin_candidates(), candidate("phi", plugin("phi", register_adapters=register_adapters))],
+                      env={})
+    return load_model(str(tiny_phi), device="cpu", host=host), host
+
+
+@torch.no_grad()
+def _logits(loaded, text="The capital of France is Paris. The quick brown fox"):
+    return loaded.model(loaded.tokenizer(text, return_tensors="pt").input_ids).logits
+
+
+@pytest.mark.parametrize("method, config", [
+    ("grace", {"steps": 3}),
+    ("wise", {"steps": 3, "n_contexts": 2, "context_lengths": [3], "unrelated_per_edit": 2, "replay": 1}),
+    ("nmc", {"fast_steps": 0, "slow_steps": 5}),
+])
+def test_every_editor_runs_on_a_plugin_architecture(phi_loaded, tmp_path, method, config):
+    """The editors reach the model only through the adapter (sites, capture, run_blocks,
+    unembed), so an architecture a plugin adds is edited like a built-in one."""
+    loaded, host = phi_loaded
+    pristine = _logits(loaded)
+    with Session.open(tmp_path / "ws", method=method, method_config=config, loaded=loaded, host=host) as s:
+        (record,) = s.edit(EDIT, measure=False)
+        assert record.status == "applied"
+        assert not torch.equal(_logits(loaded), pristine)
+    assert torch.equal(_logits(loaded), pristine)  # detached bit-identically
+
+
+def test_interventions_run_on_a_plugin_architecture(phi_loaded):
+    from editkit.plugins.ph3.locate import capture, norm_scale
+    from editkit.plugins.reweave.intervention import MemoryReweaving
+
+    loaded, _ = phi_loaded
+    pristine = _logits(loaded)
+    got = capture(loaded, ["The capital of France is", "Who wrote Hamlet?"], positions=2)
+    assert got.z.shape[:3] == (2, loaded.adapter.num_layers, 2) and got.logits.shape[0] == 2
+    assert norm_scale(loaded.adapter, got.final).shape == (2, 1)  # the final norm linearises
+    rw = MemoryReweaving(loaded, {"capture_layers": [0], "reweave_layer": 1})
+    rw.attach()
+    try:
+        with rw.conversation("c") as buf:
+            loaded.model(loaded.tokenizer("The code for the red door is 4821.", return_tensors="pt").input_ids)
+            assert len(buf) > 0
+    finally:
+        rw.detach()
+    assert torch.equal(_logits(loaded), pristine)
+
+
 # ---- lifecycle hooks --------------------------------------------------------------------
 def test_veto_reaches_the_user_and_changes_nothing(tmp_path, tiny_loaded):
     seen = []

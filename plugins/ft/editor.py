@@ -30,17 +30,12 @@ class FTEditor(Editor):
         module = self.adapter.module(self.site)
         weight = self.adapter.weight(self.site)  # (out, in), whatever the storage orientation
         self.delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self._handle = module.register_forward_hook(self._add_delta)
+        self.hook(module, self._add_delta)
         self.attached = True
 
     def _add_delta(self, module, inputs, output):
         x = inputs[0]
         return output + F.linear(x.to(self.delta.dtype), self.delta).to(output.dtype)
-
-    def detach(self) -> None:
-        if self.attached:
-            self._handle.remove()
-            self.attached = False
 
     def apply(self, request: EditRequest) -> dict[str, Any]:
         cfg = self.config

@@ -58,13 +58,8 @@ class GraceEditor(Editor):
         self._index = None  # faiss index over the keys, rebuilt lazily after a change
         self._capture: dict | None = None
         self._train: tuple[int, torch.Tensor] | None = None
-        self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
+        self.hook(module, self._hook, with_kwargs=True)
         self.attached = True
-
-    def detach(self) -> None:
-        if self.attached:
-            self._handle.remove()
-            self.attached = False
 
     # ---- the hook ----------------------------------------------------------------------
     def _hook(self, module, args, kwargs, output):

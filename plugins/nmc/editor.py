@@ -33,6 +33,7 @@ from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.evaluation.metrics import normalise
 from editkit.forward import call_context
 from editkit.schemas import EditRequest
+from editkit.sites import Site
 from editkit.tokens import teacher_forced_batch
 
 from .config import NMCConfig
@@ -40,10 +41,6 @@ from .feedback import SyntheticGradient, load_feedback, feedback_loss
 from .memory import Memory, WritePlan, plan_write, with_slot
 
 STATE_FORMAT = 1
-
-
-class _Stop(Exception):
-    """Ends a capture forward pass once the written block has run."""
 
 
 @dataclass
@@ -110,11 +107,9 @@ class NMCEditor(Editor):
         self.memory = Memory.empty(self.hidden, self.device)
         self.feedback = SyntheticGradient(self.hidden, cfg.feedback_hidden).to(self.device)
         self._local = threading.local()
-        self._handles = [
-            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
-            blocks[self.key_layer].register_forward_hook(self._key_hook),
-            blocks[self.layer].register_forward_hook(self._write_hook),
-        ]
+        self.hook(self.model, self._model_pre_hook, pre=True, with_kwargs=True)
+        self.hook(blocks[self.key_layer], self._key_hook)
+        self.hook(blocks[self.layer], self._write_hook)
         self.attached = True
         try:
             self._statistics()
@@ -123,11 +118,6 @@ class NMCEditor(Editor):
         except BaseException:
             self.detach()
             raise
-
-    def detach(self) -> None:
-        if self.attached:
-            self.remove_hooks()
-            self.attached = False
 
     def feedback_info(self) -> dict[str, Any]:
         return {"layer": self.layer, "key_layer": self.key_layer, "model": self.loaded.fingerprint}
@@ -159,14 +149,7 @@ class NMCEditor(Editor):
         tok = self.tokenizer
         enc = tok(list(UNRELATED), return_tensors="pt", padding=True)
         ids, attn = enc.input_ids.to(self.loaded.device), enc.attention_mask.to(self.loaded.device)
-        seen: dict[str, torch.Tensor] = {}
-        self._local.stats = seen
-        try:
-            self.model(input_ids=ids, attention_mask=attn)
-        except _Stop:
-            pass
-        finally:
-            self._local.stats = None
+        seen = self._unedited(ids, attn)
         keep = attn.bool().clone()
         keep[torch.arange(len(keep)), attn.argmax(dim=1)] = False  # each text's first token
         keys = seen["key"][keep].float()
@@ -178,20 +161,11 @@ class NMCEditor(Editor):
     def _model_pre_hook(self, module, args, kwargs):
         self._local.call = call_context(args, kwargs)
 
-    def _reading(self) -> bool:
-        st = self._local
-        return bool(len(self.memory)) or getattr(st, "capture", None) is not None
-
     def _key_hook(self, module, args, output):
         st = self._local
-        h = output[0] if isinstance(output, tuple) else output
-        stats = getattr(st, "stats", None)
-        if stats is not None:
-            stats["key"] = h.detach()
+        if getattr(st, "bypass", False) or not len(self.memory):
             return None
-        if not self._reading():
-            return None
-        st.query = self._queries(h)
+        st.query = self._queries(output[0] if isinstance(output, tuple) else output)
         return None
 
     def _queries(self, h: torch.Tensor) -> torch.Tensor:
@@ -221,17 +195,9 @@ class NMCEditor(Editor):
 
     def _write_hook(self, module, args, output):
         st = self._local
-        out = output[0] if isinstance(output, tuple) else output
-        stats = getattr(st, "stats", None)
-        if stats is not None:
-            stats["write"] = out.detach()
-            raise _Stop
-        capture = getattr(st, "capture", None)
-        if capture is not None:
-            capture.update(hidden=out.detach(), query=st.query.detach())
-            raise _Stop
-        if not len(self.memory):
+        if getattr(st, "bypass", False) or not len(self.memory):
             return None
+        out = output[0] if isinstance(output, tuple) else output
         cfg = self.config
         _, past = getattr(st, "call", (None, 0))
         carried = getattr(st, "best", None)
@@ -273,15 +239,21 @@ class NMCEditor(Editor):
     @torch.no_grad()
     def _capture(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H) written block's output without the memory, (T, H) queries, for one row."""
+        seen = self._unedited(ids, attn)
+        return seen["write"][0], self._queries(seen["key"])[0].detach()
+
+    def _unedited(self, ids: torch.Tensor, attn: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The key block's and the written block's outputs with the memory inert; the pass
+        ends at the written block."""
         st = self._local
-        st.capture = {}
+        st.bypass = True
         try:
-            self.model(input_ids=ids, attention_mask=attn)
-        except _Stop:
-            pass
+            seen, _ = self.adapter.capture({"input_ids": ids, "attention_mask": attn},
+                                           {"key": (Site("block", self.key_layer), "out"),
+                                            "write": (Site("block", self.layer), "out")})
         finally:
-            captured, st.capture = st.capture, None
-        return captured["hidden"][0], captured["query"][0]
+            st.bypass = False
+        return seen
 
     def _problem(self, plan, key, hidden, query, pos, target_ids) -> EditProblem:
         """The planned memory (other slots as they are, the written slot at `key`) read along

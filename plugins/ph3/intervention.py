@@ -47,12 +47,7 @@ class HeadPruning(Intervention):
     def attach(self) -> None:
         self.heads = torch.zeros((0, 2), dtype=torch.int64)
         self.meta: dict[str, Any] = {}
-        self._handles: list = []
         self.attached = True
-
-    def detach(self) -> None:
-        self.remove_hooks()
-        self.attached = False
 
     # ---- heads -------------------------------------------------------------------------
     def validate_heads(self, heads: torch.Tensor) -> torch.Tensor:
@@ -81,7 +76,7 @@ class HeadPruning(Intervention):
             module = self.adapter.module(Site("attn.out", layer))
             in_features = self.adapter.weight(Site("attn.out", layer)).shape[1]
             mask = head_mask(self.adapter, layer_heads, in_features).to(module.weight.device)
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(mask), with_kwargs=True))
+            self.hook(module, self._make_hook(mask), pre=True, with_kwargs=True)
 
     @staticmethod
     def _make_hook(mask: torch.Tensor):

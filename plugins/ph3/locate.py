@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from editkit.errors import InvalidRequest
 from editkit.model import LoadedModel
@@ -101,23 +100,17 @@ def logit_diff(logits: torch.Tensor, items: list[ConflictItem]) -> torch.Tensor:
 
 
 # ---- the final norm, linearised ------------------------------------------------------
-def _norm_parts(norm: nn.Module):
-    """(weight, bias, eps, centers) of a LayerNorm or an RMSNorm-style final norm."""
-    centers = isinstance(norm, nn.LayerNorm)
-    eps = getattr(norm, "eps", None)
-    if eps is None:
-        eps = getattr(norm, "variance_epsilon", None)
-    weight = getattr(norm, "weight", None)
-    if eps is None or weight is None:
-        raise InvalidRequest(f"ph3 cannot linearise the final norm {type(norm).__name__} (no weight / eps)")
-    bias = getattr(norm, "bias", None)
-    return weight.detach().float(), (None if bias is None else bias.detach().float()), float(eps), centers
+def _norm_parts(adapter) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+    """(weight, bias, eps, centers) of the final norm in float32, from the adapter."""
+    weight, bias, eps, centers = adapter.final_norm_parts()
+    return weight.detach().float(), (None if bias is None else bias.detach().float()), eps, centers
 
 
-def norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def norm_scale(adapter, x: torch.Tensor) -> torch.Tensor:
     """Per-row scale s with norm(x) = w * P x / s + b (P: centering for LayerNorm), (N, 1);
     checked against the module itself so an unfamiliar norm fails loudly instead of silently."""
-    weight, bias, eps, centers = _norm_parts(norm)
+    norm = adapter.module(Site("final_norm"))
+    weight, bias, eps, centers = _norm_parts(adapter)
     x = x.float()
     xc = x - x.mean(-1, keepdim=True) if centers else x
     scale = torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
@@ -146,28 +139,14 @@ def capture(loaded: LoadedModel, prompts: list[str], positions: int = 1, batch_s
     adapter = loaded.adapter
     layers = range(adapter.num_layers)
     zs, finals, logits = [], [], []
+    points = {layer: (Site("attn.out", layer), "in") for layer in layers}
+    points["final"] = (Site("final_norm"), "in")
     for start in range(0, len(prompts), batch_size):
-        got: dict[Any, torch.Tensor] = {}
-        handles = []
-        for layer in layers:
-            def grab(module, args, kwargs, _layer=layer):
-                x = args[0] if args else next(iter(kwargs.values()))
-                got[_layer] = x[:, -positions:].detach().float().cpu()
-            handles.append(adapter.module(Site("attn.out", layer)).register_forward_pre_hook(grab, with_kwargs=True))
-
-        def grab_final(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            got["final"] = x[:, -1].detach().float().cpu()
-        handles.append(adapter.module(Site("final_norm")).register_forward_pre_hook(grab_final, with_kwargs=True))
-        try:
-            enc = encode_left(loaded.tokenizer, prompts[start:start + batch_size], loaded.device)
-            out = loaded.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()
-        finally:
-            for handle in handles:
-                handle.remove()
-        zs.append(torch.stack([got[layer] for layer in layers], dim=1))
-        finals.append(got["final"])
-        logits.append(out)
+        enc = encode_left(loaded.tokenizer, prompts[start:start + batch_size], loaded.device)
+        got, output = adapter.capture({**enc, "use_cache": False, "logits_to_keep": 1}, points, stop=False)
+        zs.append(torch.stack([got[layer][:, -positions:].float().cpu() for layer in layers], dim=1))
+        finals.append(got["final"][:, -1].float().cpu())
+        logits.append(output.logits[:, -1].float().cpu())
     return Capture(torch.cat(zs), torch.cat(finals), torch.cat(logits))
 
 
@@ -274,9 +253,8 @@ def direct_effects(loaded: LoadedModel, items: list[ConflictItem], z: torch.Tens
     """(N, L, H): each head's direct contribution to LD for per-layer o_proj inputs `z`
     (N, L, D_in) at the last position, through the final norm linearised at `final_conflict`."""
     adapter = loaded.adapter
-    norm = adapter.module(Site("final_norm"))
-    weight, _, _, centers = _norm_parts(norm)
-    scale = norm_scale(norm, final_conflict.to(weight.device)).cpu()  # (N, 1)
+    weight, _, _, centers = _norm_parts(adapter)
+    scale = norm_scale(adapter, final_conflict.to(weight.device)).cpu()  # (N, 1)
     g = weight.cpu() * unembed_direction(loaded, items)  # (N, hidden)
     if centers:
         g = g - g.mean(-1, keepdim=True)

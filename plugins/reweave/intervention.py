@@ -210,21 +210,17 @@ class MemoryReweaving(Intervention):
         self.meta: dict[str, Any] = {}
         self.buffers: OrderedDict[str, MemoryBuffer] = OrderedDict()
         self._local = threading.local()  # per thread: conversation, staged captures, pad mask
-        self._handles = []
-        model = self.model
-        self._handles.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
+        self.hook(self.model, self._on_model_start, pre=True, with_kwargs=True)
+        self.hook(self.model, self._on_model_end, with_kwargs=True)
         for layer in self.capture_ids:
-            capture_block = adapter.module(Site("block", layer))
-            self._handles.append(capture_block.register_forward_hook(self._make_capture(layer)))
-        self._handles.append(reweave_block.register_forward_hook(self._reweave_hook))
+            self.hook(adapter.module(Site("block", layer)), self._make_capture(layer))
+        self.hook(reweave_block, self._reweave_hook)
         self.attached = True
 
     def detach(self) -> None:
-        self.remove_hooks()
+        super().detach()
         self.buffers.clear()
         self._local = threading.local()
-        self.attached = False
 
     # ---- conversations -----------------------------------------------------------------
     @property

@@ -57,17 +57,8 @@ def _forward_batch(rw: MemoryReweaving, texts: list[list[int]], layers: list[int
     for i, t in enumerate(texts):
         ids[i, :len(t)] = torch.tensor(t, device=device)
         mask[i, :len(t)] = 1
-    seen: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        block = rw.adapter.module(Site("block", layer))
-        handles.append(block.register_forward_hook(
-            lambda m, a, o, layer=layer: seen.__setitem__(layer, o[0] if isinstance(o, tuple) else o)))
-    try:
-        rw.model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
+    seen, _ = rw.adapter.capture({"input_ids": ids, "attention_mask": mask},
+                                 {layer: (Site("block", layer), "out") for layer in layers})
     return seen, mask
 
 

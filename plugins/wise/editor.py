@@ -33,10 +33,6 @@ STATE_FORMAT = 1
 _SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 
-class _Stop(Exception):
-    """Raised by a capture hook to end a forward pass early."""
-
-
 @dataclass
 class Rows:
     """Right-padded rows with target labels and the token span each row is scored on."""
@@ -121,15 +117,12 @@ class WISEEditor(Editor):
         self.layer = self.adapter.layer_index(cfg.layer)
         self.site = Site("mlp.down", self.layer)
         self.down = self.adapter.module(self.site)
-        self.block = self.adapter.blocks()[self.layer]
         weight = self.adapter.weight(self.site)
         self.shape = tuple(weight.shape)  # (out, in)
         self.device = weight.device
         self._reset()
-        self._handles = [
-            self.down.register_forward_hook(self._down_hook),
-            self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
-        ]
+        self.hook(self.down, self._down_hook)
+        self.hook(self.model, self._model_pre_hook, pre=True, with_kwargs=True)
         self.attached = True
 
     def _reset(self) -> None:
@@ -155,11 +148,6 @@ class WISEEditor(Editor):
         self._call: tuple[Any, int] = (None, 0)
         self._route: tuple[torch.Tensor, torch.Tensor] | None = None
         self._index = None
-
-    def detach(self) -> None:
-        if self.attached:
-            self.remove_hooks()
-            self.attached = False
 
     # ---- inference: hooks and routing ----------------------------------------------------
     def _model_pre_hook(self, module, args, kwargs):
@@ -255,29 +243,15 @@ class WISEEditor(Editor):
     def _capture(self, rows: Rows, block_out: bool) -> dict[str, torch.Tensor]:
         """Run the unedited model up to the edited layer: the down-projection input `x` and,
         with block_out, the edited block's output `h` (main memory only)."""
-        got: dict[str, torch.Tensor] = {}
-
-        def on_down(module, inputs, output):
-            got["x"] = inputs[0]
-            if not block_out:
-                raise _Stop
-
-        def on_block(module, inputs, output):
-            got["h"] = output[0] if isinstance(output, tuple) else output
-            raise _Stop
-
-        handles = [self.down.register_forward_hook(on_down)]
+        points = {"x": (self.site, "in")}
         if block_out:
-            handles.append(self.block.register_forward_hook(on_block))
+            points["h"] = (Site("block", self.layer), "out")
         self._bypass = True
         try:
-            self.model(input_ids=rows.ids, attention_mask=rows.attn, use_cache=False)
-        except _Stop:
-            pass
+            got, _ = self.adapter.capture({"input_ids": rows.ids, "attention_mask": rows.attn, "use_cache": False},
+                                          points)
         finally:
             self._bypass = False
-            for h in handles:
-                h.remove()
         return got
 
     # ---- session-level caches: margin unit and context prefixes -----------------------------
