@@ -23,10 +23,9 @@ import torch
 from editkit.evaluation.runner import run_eval
 from editkit.model import load_model
 from editkit.plugins.nmc import NMCEditor, save_feedback
-from editkit.plugins.nmc.pretrain import (HELD_OUT_FILE, TRAIN_FILE, counterfact_requests, evaluate_feedback,
-                                          pretrain, sgd_rate)
+from editkit.data import shared_file
+from editkit.plugins.nmc.pretrain import counterfact_requests, evaluate_feedback, pretrain, sgd_rate
 
-ZSRE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zsre" / "zsre-dev-500.json"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -35,7 +34,7 @@ def feedback_phase(loaded, args, stamp: str) -> tuple[dict, str | None]:
     editor.attach()
     try:
         report: dict = {}
-        train = counterfact_requests(TRAIN_FILE, args.records)
+        train = counterfact_requests(shared_file("counterfact-train"), args.records)
         if args.feedback:
             editor.load_feedback(args.feedback)
             path = args.feedback
@@ -47,7 +46,7 @@ def feedback_phase(loaded, args, stamp: str) -> tuple[dict, str | None]:
             save_feedback(path, editor.feedback, {**editor.feedback_info(), "pretrain": report["pretrain"]})
         if args.held_out:
             started = time.perf_counter()
-            held = evaluate_feedback(editor, counterfact_requests(HELD_OUT_FILE, args.held_out),
+            held = evaluate_feedback(editor, counterfact_requests(shared_file("counterfact"), args.held_out),
                                      sgd_rate(editor, train[:32]))
             held["seconds"] = time.perf_counter() - started
             report["held_out"] = held
@@ -65,7 +64,7 @@ def lifelong_phase(loaded, args, feedback: str | None) -> dict:
         if method == "nmc" and feedback:
             config, name = {"feedback": feedback}, f"nmc-{Path(feedback).stem}"
         out = RESULTS / f"lifelong-zsre-T{args.T}" / name
-        report = run_eval(out, suite="zsre", data=str(ZSRE), methods=[method], edits=args.T, loaded=loaded,
+        report = run_eval(out, suite="zsre", data=str(shared_file("zsre")), methods=[method], edits=args.T, loaded=loaded,
                           configs={method: config}, plots=False,
                           progress=lambda m, d, n, what: print(f"  {m} {d}/{n}: {what}", flush=True))
         m = report["methods"][method]
@@ -112,9 +111,8 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=50, help="lifelong zsRE edits (0: skip)")
     parser.add_argument("--methods", default="nmc,grace,wise")
     args = parser.parse_args()
-    for path in (TRAIN_FILE, HELD_OUT_FILE, ZSRE):
-        if not path.is_file():
-            raise SystemExit(f"{path} not found: this benchmark needs ../shared/data")
+    for name in ("counterfact-train", "counterfact", "zsre"):
+        shared_file(name)  # all three are there, or a clear error before any work
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     torch.manual_seed(0)

@@ -29,18 +29,19 @@ from pathlib import Path
 
 import torch
 
+from editkit.data import SHARED_FILES, shared_data_dir
 from editkit.model import load_model
 from editkit.schemas import EditRequest
 from editkit.session import Session
 from editkit.testing import stand_in_host
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-train-10k.json"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def requests(n: int, host) -> tuple[list[EditRequest], str]:
-    if SHARED.exists():
-        cases = host.suite("counterfact")().read(str(SHARED), None, skip_invalid=True).cases
+    shared = shared_data_dir().joinpath(*SHARED_FILES["counterfact-train"])
+    if shared.is_file():
+        cases = host.suite("counterfact")().read(str(shared), None, skip_invalid=True).cases
         reqs = [c.request for c in cases]
         source = f"CounterFact train ({len(reqs)} records, cycled with a suffix past them)"
     else:

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
+from editkit.data import shared_file
 from editkit.evaluation.metrics import agreement, answer_predictions, teacher_forced_accuracy
 from editkit.generation import generate
+from editkit.host import get_host
 from editkit.model import load_model
 from editkit.plugins.wise import WISEEditor
 from editkit.plugins.wise.editor import ties_merge
 from editkit.schemas import EditRequest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zsre" / "zsre-dev-500.json"
 RESULTS = Path(__file__).resolve().parent / "results"
 # The reference procedure: whole model every step, prefixes regenerated every edit, no early
 # stopping, the paper's absolute margins, one unrelated prompt, no replay, plain side copy.
@@ -32,9 +33,11 @@ REFERENCE = {"fast_path": False, "cache_contexts": False, "early_stop": False, "
 
 
 def requests(n: int) -> list[EditRequest]:
-    records = json.loads(SHARED.read_text())[:n]
-    return [EditRequest(prompt=r["src"], target_new=r["alt"], rephrases=[r["rephrase"]],
-                        locality=[{"prompt": r["loc"], "answer": r["loc_ans"]}]) for r in records]
+    """The first n zsRE dev records, through the zsre suite, as this benchmark always used
+    them: the prompt, the new target, one rephrase and the locality probe."""
+    reqs = get_host().suite("zsre")().load(shared_file("zsre"), limit=n)
+    return [EditRequest(prompt=r.prompt, target_new=r.target_new, rephrases=r.rephrases[:1],
+                        locality=r.locality[:1]) for r in reqs]
 
 
 def seeded(editor, req, seed):

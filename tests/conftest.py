@@ -9,7 +9,6 @@ import pytest
 
 from editkit.testing import FAMILIES, save_tiny_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +44,14 @@ def default_model():
         pytest.skip(f"default model unavailable: {exc}")
 
 
-def shared_path(*parts: str) -> Path:
-    """A file under ../shared, or a skip (a fail in CI, where ../shared must exist)."""
-    path = SHARED.joinpath(*parts)
+def shared_path(name: str) -> Path:
+    """Shared data set `name` (editkit.data.SHARED_FILES), or a skip (a fail in CI, where the
+    shared data must be present)."""
+    from editkit.data import SHARED_FILES, shared_data_dir
+
+    path = shared_data_dir().joinpath(*SHARED_FILES[name])
     if not path.exists():
         if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing; CI must have ../shared beside the checkout")
-        pytest.skip(f"{path} not found (../shared is absent on this machine)")
+            pytest.fail(f"{path} is missing; CI must have ../shared beside the checkout (or EDITKIT_SHARED_DATA)")
+        pytest.skip(f"{path} not found (no shared data on this machine)")
     return path

@@ -135,7 +135,7 @@ def test_ten_zsre_edits_on_the_default_model(default_model, tmp_path):
     """10 sequential zsRE dev edits per baseline (final protocol) end in a report; GRACE keeps
     its edits and leaves the unrelated probes alone. WISE (~10x the seconds per edit) is measured
     by benchmarks/wise.py and its own default-model test, keeping this suite's time bounded."""
-    data = shared_path("data", "zsre", "zsre-dev-500.json")
+    data = shared_path("zsre")
     methods = ["ft", "grace"]
     started = time.perf_counter()
     report = run_eval(tmp_path, suite="zsre", data=str(data), methods=methods, edits=10, protocol="final",

@@ -250,8 +250,8 @@ def test_every_config_field_is_described():
 def test_pretrain_command_on_a_tiny_model(tiny_dirs, tmp_path):
     from editkit.cli.main import build_app
 
-    data = shared_path("data", "counterfact", "counterfact-train-10k.json")
-    held = shared_path("data", "counterfact", "counterfact-dev-1k.json")
+    data = shared_path("counterfact-train")
+    held = shared_path("counterfact")
     out = tmp_path / "sg.safetensors"
     result = CliRunner().invoke(build_app(), [
         "nmc", "pretrain", "--out", str(out), "--model", str(tiny_dirs["llama"]), "--records", "6",
@@ -270,7 +270,7 @@ def test_pretrain_command_on_a_tiny_model(tiny_dirs, tmp_path):
 @pytest.mark.model
 @pytest.mark.shared
 def test_edits_hold_and_unrelated_prompts_keep_their_answers(default_model):
-    records = json.loads(shared_path("data", "zsre", "zsre-dev-500.json").read_text())[:8]
+    records = json.loads(shared_path("zsre").read_text())[:8]
     loaded = default_model
     loc_prompts, loc_answers = [r["loc"] for r in records], [r["loc_ans"] for r in records]
     before = answer_predictions(loaded, loc_prompts, loc_answers)
@@ -295,8 +295,8 @@ def test_pretrained_feedback_beats_plain_sgd_on_held_out_edits(default_model):
     absorb edits in one step, and need fewer steps than plain SGD."""
     from editkit.plugins.nmc.pretrain import counterfact_requests, evaluate_feedback, pretrain, sgd_rate
 
-    train = counterfact_requests(shared_path("data", "counterfact", "counterfact-train-10k.json"), 64)
-    held = counterfact_requests(shared_path("data", "counterfact", "counterfact-dev-1k.json"), 10)
+    train = counterfact_requests(shared_path("counterfact-train"), 64)
+    held = counterfact_requests(shared_path("counterfact"), 10)
     editor = NMCEditor(default_model, {})
     editor.attach()
     try:

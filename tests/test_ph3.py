@@ -232,7 +232,7 @@ def test_cli_apply_and_remove(tmp_path, tiny_dirs, tiny_loaded):
 def test_default_model_heads_beat_random(default_model):
     """Held-out items from the known-facts file: pruning the located heads moves the favoured
     rate more than pruning as many random heads (mean of 5 draws), with guardrails."""
-    shared_path("data", "known", "known_1000.json")
+    shared_path("known")
     loaded, started = default_model, time.perf_counter()
     items = build_items(loaded, "known", limit=120, seed=0)  # splits 48 / 36 / 36
     parts = split_items(items, seed=0)

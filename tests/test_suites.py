@@ -147,13 +147,13 @@ def test_unreadable_and_missing_files(tmp_path):
 
 @pytest.mark.shared
 def test_shared_zsre_loads():
-    data = ZsreSuite().read(shared_path("data", "zsre", "zsre-dev-500.json"))
+    data = ZsreSuite().read(shared_path("zsre"))
     assert len(data.cases) == 500 and not data.skipped
     assert all(c.request.rephrases and c.request.locality for c in data.cases)
 
 
 @pytest.mark.shared
 def test_shared_counterfact_loads():
-    data = CounterFactSuite().read(shared_path("data", "counterfact", "counterfact-dev-1k.json"))
+    data = CounterFactSuite().read(shared_path("counterfact"))
     assert len(data.cases) == 1000 and not data.skipped
     assert data.cases[0].request.target_old == "basketball"

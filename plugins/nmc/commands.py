@@ -10,12 +10,19 @@ import typer
 from editkit.cli._common import (ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console,
                                  echo_json, host_of, parse_config)
 
-from .pretrain import HELD_OUT_FILE, TRAIN_FILE
-
-DataOpt = Annotated[Path, typer.Option("--data", dir_okay=False, help="CounterFact JSON to train on.")]
-HeldOutDataOpt = Annotated[Path, typer.Option("--held-out-data", dir_okay=False,
-                                              help="CounterFact JSON whose first records are the held-out edits.")]
+DataOpt = Annotated[Optional[Path], typer.Option(
+    "--data", dir_okay=False, help="CounterFact JSON to train on (default: the shared CounterFact training file).")]
+HeldOutDataOpt = Annotated[Optional[Path], typer.Option(
+    "--held-out-data", dir_okay=False,
+    help="CounterFact JSON whose first records are the held-out edits (default: the shared dev file).")]
 HeldOutOpt = Annotated[int, typer.Option("--held-out", min=0, help="Held-out edits to measure (0: none).")]
+
+
+def _files(data: Path | None, held_out_data: Path | None) -> tuple[Path, Path]:
+    """The training and held-out CounterFact files: as given, else the shared data's."""
+    from editkit.data import shared_file
+
+    return data or shared_file("counterfact-train"), held_out_data or shared_file("counterfact")
 
 
 def _editor(ctx, config, model, device, dtype, device_map):
@@ -92,7 +99,7 @@ def make_app() -> typer.Typer:
         held_out: HeldOutOpt = 64,
         steps: Annotated[int, typer.Option("--steps", min=1, help="Slow-path points per training edit.")] = 8,
         epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the collected gradients.")] = 60,
-        data: DataOpt = TRAIN_FILE, held_out_data: HeldOutDataOpt = HELD_OUT_FILE,
+        data: DataOpt = None, held_out_data: HeldOutDataOpt = None,
         config: ConfigOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
         device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
     ) -> None:
@@ -101,6 +108,7 @@ def make_app() -> typer.Typer:
         from .feedback import save_feedback
         from .pretrain import counterfact_requests, evaluate_feedback, pretrain, sgd_rate
 
+        data, held_out_data = _files(data, held_out_data)
         train_reqs = counterfact_requests(data, records)
         test_reqs = counterfact_requests(held_out_data, held_out) if held_out else []
         editor = _editor(ctx, config, model, device, dtype, device_map)
@@ -129,7 +137,7 @@ def make_app() -> typer.Typer:
         file: Annotated[Optional[Path], typer.Argument(
             dir_okay=False, help="File from `nmc pretrain` (none: the untrained module).")] = None,
         held_out: HeldOutOpt = 64,
-        data: DataOpt = TRAIN_FILE, held_out_data: HeldOutDataOpt = HELD_OUT_FILE,
+        data: DataOpt = None, held_out_data: HeldOutDataOpt = None,
         config: ConfigOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
         device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
     ) -> None:
@@ -137,6 +145,7 @@ def make_app() -> typer.Typer:
         success, steps to the margin against Adam and plain SGD)."""
         from .pretrain import counterfact_requests, evaluate_feedback, sgd_rate
 
+        data, held_out_data = _files(data, held_out_data)
         test_reqs = counterfact_requests(held_out_data, max(held_out, 1))[:held_out]
         calibrate = counterfact_requests(data, 32)
         editor = _editor(ctx, config, model, device, dtype, device_map)

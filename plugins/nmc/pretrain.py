@@ -27,19 +27,17 @@ from editkit.schemas import EditRequest
 from .editor import EditProblem, NMCEditor, Scored
 from .feedback import feedback_loss
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-TRAIN_FILE = SHARED_DATA / "counterfact" / "counterfact-train-10k.json"
-HELD_OUT_FILE = SHARED_DATA / "counterfact" / "counterfact-dev-1k.json"
 Progress = Callable[[str, int, int], None]
 
 
 def counterfact_requests(path: str | Path, n: int, offset: int = 0) -> list[EditRequest]:
-    from editkit.evaluation.suites import CounterFactSuite
+    """Records offset..offset+n of a CounterFact file, read through the `counterfact` suite."""
+    from editkit.host import get_host
 
     path = Path(path)
     if not path.is_file():
-        raise InvalidRequest(f"{path} not found (CounterFact records live in ../shared/data; pass --data)")
-    return CounterFactSuite().load(path, limit=offset + n)[offset:]
+        raise InvalidRequest(f"{path} not found (CounterFact records live in the shared data; pass --data)")
+    return get_host().suite("counterfact")().load(path, limit=offset + n)[offset:]
 
 
 def edit_problem(editor: NMCEditor, request: EditRequest) -> EditProblem:

@@ -37,7 +37,7 @@ def make_app() -> typer.Typer:
         items: Annotated[str, typer.Option(
             "--items", metavar="FILE|builtin|known|counterfact",
             help="Facts to build conflict items from: the built-in set, the known-facts or CounterFact file "
-                 "under ../shared/data, or a JSON/JSONL file (prompt, answer, optional context_answer, relation).")]
+                 "in the shared data (editkit.data: ../shared/data or $EDITKIT_SHARED_DATA), or a JSON/JSONL file (prompt, answer, optional context_answer, relation).")]
         = "builtin",
         limit: Annotated[Optional[int], typer.Option("--limit", min=6, help="Most conflict items to use.")] = None,
         full_patching: Annotated[bool, typer.Option(

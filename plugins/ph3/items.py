@@ -6,7 +6,6 @@ context's answer."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,7 +17,6 @@ from editkit.model import LoadedModel
 from editkit.tokens import target_text
 
 SOURCES = ("builtin", "known", "counterfact")
-SHARED_FILES = {"known": ("known", "known_1000.json"), "counterfact": ("counterfact", "counterfact-dev-1k.json")}
 
 
 @dataclass(frozen=True)
@@ -61,14 +59,6 @@ def conflict_text(prompt: str, context_answer: str) -> str:
 
 
 # ---- sources ---------------------------------------------------------------------------
-def shared_dir() -> Path:
-    """../shared/data beside the checkout, or $EDITKIT_SHARED_DATA."""
-    env = os.environ.get("EDITKIT_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 def _read_records(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -123,12 +113,18 @@ def load_facts(source: str) -> list[Fact]:
         from .facts import FACTS
 
         return [Fact(prompt=p, answer=a, relation=rel, subject=s) for rel, s, p, a in FACTS]
-    if source in SHARED_FILES:
-        path = shared_dir().joinpath(*SHARED_FILES[source])
-        if not path.exists():
-            raise InvalidRequest(f"{path} not found: the '{source}' items need ../shared/data beside the checkout "
-                                 "(or set EDITKIT_SHARED_DATA), or pass a JSON/JSONL file")
-        return facts_from_records(_read_records(path))
+    if source == "counterfact":  # CounterFact through its suite: the fact is the true answer
+        from editkit.data import shared_file
+        from editkit.host import get_host
+
+        data = get_host().suite("counterfact")().read(str(shared_file("counterfact")), None, skip_invalid=True)
+        return [Fact(prompt=r.prompt.strip(), answer=r.target_old.strip(), relation="",
+                     subject=(r.subject or "").strip(), context_answer=r.target_new.strip())
+                for r in data.requests if r.target_old]
+    if source == "known":  # ROME's known facts: a fact format, not an edit suite
+        from editkit.data import shared_file
+
+        return facts_from_records(_read_records(shared_file("known")))
     path = Path(source)
     if not path.exists():
         raise InvalidRequest(f"--items must be one of {', '.join(SOURCES)} or an existing JSON/JSONL file, "

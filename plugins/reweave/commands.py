@@ -41,7 +41,7 @@ def make_app() -> typer.Typer:
         examples: Annotated[int, typer.Option("--examples", min=2, help="Training episodes.")] = 512,
         held_out: Annotated[int, typer.Option("--held-out", min=0, help="Held-out episodes to measure.")] = 64,
         data: Annotated[Data, typer.Option("--data", help="Episodes: built-in passkeys, CounterFact or zsRE "
-                                           "facts from ../shared/data, or a mix.")] = Data.passkey,
+                                           "facts from the shared data (../shared/data or $EDITKIT_SHARED_DATA), or a mix.")] = Data.passkey,
         distance: Annotated[int, typer.Option("--distance", min=1, help="Chunks between fact and query.")] = 1,
         lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak Adam learning rate (linear warm-up, cosine decay).")] = 3e-3,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Episodes per step.")] = 16,

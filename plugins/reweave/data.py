@@ -2,19 +2,15 @@
 the earlier chunks are not in the later chunk's context.
 
 Sources: built-in passkeys ("the code for the red locker is 4821", with a distractor code in
-the same chunk and filler chunks between), and facts from CounterFact / zsRE under
-../shared/data (the counterfactual target is stated, so the frozen model cannot know it)."""
+the same chunk and filler chunks between), and facts from CounterFact / zsRE in the shared
+data (editkit.data; the counterfactual target is stated, so the frozen model cannot know it)."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from editkit.errors import InvalidRequest
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 ADJECTIVES = ["red", "blue", "green", "black", "white", "silver", "golden", "old", "small", "large", "north",
               "south", "east", "west", "wooden", "iron", "glass", "yellow", "purple", "brown"]
@@ -77,19 +73,16 @@ def passkeys(n: int, seed: int = 0, distance: int = 1, digits: int = 4, distract
 
 
 def load_facts(source: str) -> list[tuple[str, str]]:
-    """(prompt, counterfactual answer) pairs from ../shared/data ('counterfact' or 'zsre')."""
-    if source == "counterfact":
-        path = SHARED_DATA / "counterfact" / "counterfact-train-10k.json"
-        key = ("prompt", "target_new")
-    elif source == "zsre":
-        path = SHARED_DATA / "zsre" / "zsre-dev-500.json"
-        key = ("src", "alt")
-    else:
+    """(prompt, counterfactual answer) pairs of the shared data ('counterfact': its training
+    file, or 'zsre'), read through the suite of that name."""
+    from editkit.data import shared_file
+    from editkit.host import get_host
+
+    files = {"counterfact": "counterfact-train", "zsre": "zsre"}
+    if source not in files:
         raise InvalidRequest(f"unknown fact source '{source}' (known: counterfact, zsre)")
-    if not path.is_file():
-        raise InvalidRequest(f"{path} not found (../shared/data is absent; use --data passkey)")
-    rows = json.loads(path.read_text())
-    return [(r[key[0]].strip(), r[key[1]].strip()) for r in rows if r.get(key[0]) and r.get(key[1])]
+    data = get_host().suite(source)().read(str(shared_file(files[source])), None, skip_invalid=True)
+    return [(r.prompt.strip(), r.target_new.strip()) for r in data.requests]
 
 
 def fact_episodes(source: str, n: int, seed: int = 0, distance: int = 1) -> list[Episode]:
