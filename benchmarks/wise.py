@@ -22,7 +22,7 @@ from editkit.generation import generate
 from editkit.host import get_host
 from editkit.model import load_model
 from editkit.plugins.wise import WISEEditor
-from editkit.plugins.wise.editor import ties_merge
+from editkit.plugins.wise.merge import ties_merge
 from editkit.schemas import EditRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"

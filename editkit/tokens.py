@@ -41,15 +41,16 @@ class Batch:
                      self.target_ids)
 
 
-def teacher_forced_batch(tokenizer, prompts: list[str], targets: list[str]) -> Batch:
-    """prompt+target rows for teacher forcing; labels are aligned with input_ids (not shifted)."""
+def teacher_forced_batch(tokenizer, prompts: list[str], targets: list[str | None], pad_to: int | None = None) -> Batch:
+    """prompt+target rows for teacher forcing, right-padded (to at least `pad_to`); labels are
+    aligned with input_ids (not shifted). A None target gives a prompt-only row."""
     rows, labels, target_ids = [], [], []
     for prompt, target in zip(prompts, targets, strict=True):
-        p, t = encode_pair(tokenizer, prompt, target)
+        p, t = (list(tokenizer(prompt).input_ids), []) if target is None else encode_pair(tokenizer, prompt, target)
         rows.append(p + t)
         labels.append([IGNORE] * len(p) + t)
         target_ids.append(t)
-    width = max(len(r) for r in rows)
+    width = max(max(len(r) for r in rows), pad_to or 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

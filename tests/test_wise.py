@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from editkit.errors import InvalidRequest
 from editkit.plugins.wise import WISEEditor
-from editkit.plugins.wise.editor import make_rows, reduce_scores, ties_merge
+from editkit.plugins.wise.merge import ties_merge
+from editkit.plugins.wise.routing import reduce_scores
+from editkit.plugins.wise.rows import make_rows
 from editkit.schemas import EditRequest
 from editkit.session import Session
 

@@ -1,0 +1,110 @@
+"""WISE at inference: the down-projection hook and the router that decides, per sequence,
+whether (and through which side memory) it goes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from editkit.forward import call_context
+
+
+def reduce_scores(token_norms: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T) per-token distances and 0/1 weights -> (B,) sequence scores."""
+    weight = weight.to(token_norms.dtype)
+    if how == "max":
+        return torch.where(weight > 0, token_norms, torch.zeros_like(token_norms)).amax(dim=1)
+    return (token_norms * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+
+
+
+class Routing:
+    """The WISEEditor's inference half (a mixin: the state lives on the editor)."""
+
+    def _model_pre_hook(self, module, args, kwargs):
+        self._call = call_context(args, kwargs)
+
+    def _down_hook(self, module, inputs, output):
+        if self._bypass:
+            return None
+        x = inputs[0]
+        if self._train_delta is not None:  # slow training path: every row through the side memory
+            xp = self._project(x.to(torch.float32))
+            self._train_x = xp
+            return output + F.linear(xp, self._train_delta).to(output.dtype)
+        if not self.edits:
+            return None
+        route, delta_out = self._route_rows(x)
+        return torch.where(route[:, None, None], output + delta_out.to(output.dtype), output)
+
+    def _route_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row routing decision (B,) and the side-minus-main output (B, T, out).
+
+        The decision is made when a sequence starts (no KV cache yet) from its valid tokens and
+        kept for the tokens generated after it, so a batch and its rows alone agree."""
+        mask, past = self._call
+        b, t = x.shape[:2]
+        xf = self._project(x.to(torch.float32))
+        fresh = past == 0 or self._route is None or self._route[0].shape[0] != b
+        if fresh:
+            if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == b:
+                valid = mask[:, -t:].to(torch.float32)
+            else:
+                valid = torch.ones((b, t), device=x.device)
+            route, idx, delta_out = self._decide(xf, valid)
+            self._route = (route, idx)
+            return route, delta_out
+        route, idx = self._route
+        if self.memories.shape[0] == 1:
+            return route, F.linear(xf, self.memories[0])
+        return route, torch.einsum("bti,bhi->bth", xf, self.memories[idx])
+
+    def _decide(self, xf: torch.Tensor, valid: torch.Tensor):
+        how = self.config.score_reduce
+        g = self.memories.shape[0]
+        b = xf.shape[0]
+        rows = torch.arange(b, device=xf.device)
+        if g == 1:
+            d = F.linear(xf, self.memories[0])
+            score = reduce_scores(d.norm(dim=-1), valid, how)
+            idx = torch.zeros(b, dtype=torch.long, device=xf.device)
+            return score > self.thresholds[0], idx, d
+        if g < self.config.faiss_min_memories:
+            d_all = torch.einsum("bti,ghi->gbth", xf, self.memories)
+            scores = reduce_scores(d_all.norm(dim=-1).flatten(0, 1), valid.repeat(g, 1), how).view(g, b)
+            best, idx = scores.max(dim=0)
+            return best > self.thresholds[idx], idx, d_all[idx, rows]
+        # Many memories: a faiss index over the memories' keys proposes candidates (this reads
+        # the query on the host), exact activation scores pick among them.
+        cand = self._candidates(xf, valid)  # (B, c)
+        best = torch.full((b,), -1.0, device=xf.device)
+        idx = cand[:, 0].clone()
+        d_best = torch.zeros(xf.shape[:2] + (self.shape[0],), device=xf.device)
+        for j in range(cand.shape[1]):
+            d = torch.einsum("bti,bhi->bth", xf, self.memories[cand[:, j]])
+            s = reduce_scores(d.norm(dim=-1), valid, how)
+            better = s > best
+            best = torch.where(better, s, best)
+            idx = torch.where(better, cand[:, j], idx)
+            d_best = torch.where(better[:, None, None], d, d_best)
+        return best > self.thresholds[idx], idx, d_best
+
+    def _candidates(self, xf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        import faiss
+
+        if self._index is None:
+            keys = F.normalize(self.keys, dim=-1).cpu().numpy()
+            self._index = faiss.IndexFlatIP(keys.shape[1])
+            self._index.add(keys)
+        q = (xf * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+        q = F.normalize(q, dim=-1).cpu().numpy()
+        k = min(self.config.faiss_candidates, self.memories.shape[0])
+        _, found = self._index.search(q, k)
+        return torch.as_tensor(found, dtype=torch.long, device=xf.device).clamp(min=0)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the down-projection input the side memory sees: without the directions
+        that carry most of the unrelated pool's activation energy (config.protect_energy)."""
+        if self.basis is None or self.basis.shape[1] == 0:
+            return x
+        return x - (x @ self.basis) @ self.basis.T

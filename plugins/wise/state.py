@@ -1,0 +1,74 @@
+"""WISE state: saving and restoring everything an editor learnt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from editkit.errors import WorkspaceError
+
+STATE_FORMAT = 1
+
+
+class StateIO:
+    """The WISEEditor's state_dict / load_state_dict (a mixin: the state lives on the editor)."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"memories": self.memories, "thresholds": self.thresholds, "keys": self.keys,
+                   "shard_base": self.shard_base, "merge_base": self.merge_base}
+        if self.mask is not None:
+            tensors["mask"] = self.mask
+        if self.pending:
+            tensors["pending"] = torch.stack(self.pending)
+        if self.basis is not None:
+            tensors["basis"] = self.basis
+        meta = {"format": STATE_FORMAT, "layer": self.layer, "shape": list(self.shape),
+                "mode": self.config.mode, "edits": [dict(e) for e in self.edits],
+                "shard_edits": self.shard_edits, "shards": self.shards, "unit": self.unit,
+                "contexts": self.contexts}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        out_f, in_f = self.shape
+        problems = []
+        if meta.get("format") != STATE_FORMAT:
+            problems.append(f"format {meta.get('format')}")
+        if meta.get("layer") != self.layer or list(meta.get("shape", [])) != [out_f, in_f]:
+            problems.append(f"layer {meta.get('layer')} shape {meta.get('shape')}")
+        if meta.get("mode") != self.config.mode:
+            problems.append(f"mode {meta.get('mode')}")
+        mem = tensors.get("memories")
+        if mem is None or mem.dim() != 3 or tuple(mem.shape[1:]) != (out_f, in_f):
+            problems.append(f"memories {None if mem is None else tuple(mem.shape)}")
+        else:
+            g = mem.shape[0]
+            for name, shape in (("thresholds", (g,)), ("keys", (g, in_f)), ("shard_base", (out_f, in_f)),
+                                ("merge_base", (out_f, in_f))):
+                if name not in tensors or tuple(tensors[name].shape) != shape:
+                    problems.append(f"{name} shape")
+            if "mask" in tensors and tuple(tensors["mask"].shape) != (out_f, in_f):
+                problems.append("mask shape")
+            if "basis" in tensors and (tensors["basis"].dim() != 2 or tensors["basis"].shape[0] != in_f):
+                problems.append("basis shape")
+            if "pending" in tensors and tuple(tensors["pending"].shape[1:]) != (out_f, in_f):
+                problems.append("pending shape")
+            if any(not 0 <= e.get("memory", -1) < g for e in meta.get("edits", [])):
+                problems.append("edit memory index")
+        if problems:
+            raise WorkspaceError("wise state does not fit this model/config: " + ", ".join(problems))
+        self._reset()
+        put = dict(device=self.device, dtype=torch.float32)
+        self.memories = tensors["memories"].to(**put).clone()
+        self.thresholds = tensors["thresholds"].to(**put).clone()
+        self.keys = tensors["keys"].to(**put).clone()
+        self.shard_base = tensors["shard_base"].to(**put).clone()
+        self.merge_base = tensors["merge_base"].to(**put).clone()
+        self.mask = tensors["mask"].to(self.device, torch.bool).clone() if "mask" in tensors else None
+        self.pending = [p.to(**put).clone() for p in tensors["pending"]] if "pending" in tensors else []
+        self.edits = [dict(e) for e in meta.get("edits", [])]
+        self.shard_edits = int(meta.get("shard_edits", 0))
+        self.shards = int(meta.get("shards", 0))
+        self.unit = meta.get("unit")
+        self.basis = tensors["basis"].to(**put).clone() if "basis" in tensors else None
+        self.contexts = meta.get("contexts")

@@ -1,0 +1,168 @@
+"""WISE training: capturing the edited layer's inputs, the session-level margin unit and
+context prefixes, and the step functions (fast: cached inputs, only the blocks above the
+edited one; slow: the whole model, as the reference procedure)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from editkit.sites import Site
+from editkit.tokens import IGNORE
+from editkit.unrelated import UNRELATED
+
+from .routing import reduce_scores
+from .rows import Rows, make_rows
+
+_SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+
+def target_lead(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits, (N,) targets -> the smallest lead, in nats of log-probability, of a target
+    token over the best other token (negative where the target is not the greedy prediction)."""
+    tgt = logits.gather(1, targets[:, None])[:, 0]
+    other = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+    return (tgt - other).min()
+
+
+
+class Training:
+    """The WISEEditor's training half (a mixin: the state lives on the editor)."""
+
+    # ---- capturing the edited layer's inputs ------------------------------------------------
+    @torch.no_grad()
+    def _capture(self, rows: Rows, block_out: bool) -> dict[str, torch.Tensor]:
+        """Run the unedited model up to the edited layer: the down-projection input `x` and,
+        with block_out, the edited block's output `h` (main memory only)."""
+        points = {"x": (self.site, "in")}
+        if block_out:
+            points["h"] = (Site("block", self.layer), "out")
+        self._bypass = True
+        try:
+            got, _ = self.adapter.capture({"input_ids": rows.ids, "attention_mask": rows.attn, "use_cache": False},
+                                          points)
+        finally:
+            self._bypass = False
+        return got
+
+    # ---- session-level caches: margin unit and context prefixes -----------------------------
+    def _pool(self) -> list[str]:
+        return list(self.config.unrelated_prompts or UNRELATED)
+
+    @torch.no_grad()
+    def _pool_statistics(self) -> None:
+        """Once per session, from the unrelated pool's activations at the edited layer: the
+        margin unit (1% of the median per-token norm of the main memory's output) and the
+        principal directions the side memory is kept blind to."""
+        if self.unit is not None and self.basis is not None:
+            return
+        rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
+        x = self._capture(rows, block_out=False)["x"].to(torch.float32)[rows.attn.bool()]  # (N, in)
+        main = F.linear(x, self.adapter.weight(self.site).to(torch.float32))
+        self.unit = float(main.norm(dim=-1).median()) / 100.0
+        energy = self.config.protect_energy
+        if energy <= 0:
+            self.basis = x.new_zeros((x.shape[1], 0))
+            return
+        _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+        share = (sv**2).cumsum(0) / (sv**2).sum()
+        k = int((share < energy).sum()) + 1
+        self.basis = vh[:k].T.contiguous()
+
+    def _margin_unit(self) -> float:
+        self._pool_statistics()
+        if self.config.margin_unit != "auto":
+            return float(self.config.margin_unit)
+        return self.unit
+
+    def _make_contexts(self, seed: int) -> list[str]:
+        from editkit.generation import generate
+
+        cfg = self.config
+        out: list[str] = []
+        self._bypass = True
+        try:
+            for li, length in enumerate(cfg.context_lengths):
+                want = [i for i in range(cfg.n_contexts) if i % len(cfg.context_lengths) == li]
+                if not want:
+                    continue
+                words = [_SEED_WORDS[i % len(_SEED_WORDS)] for i in want]
+                texts = generate(self.loaded, words, max_new_tokens=length, temperature=1.0, top_p=0.95,
+                                 seed=seed * 1000 + li)
+                for w, t in zip(words, texts):
+                    text = " ".join((w + t).replace("{", " ").replace("}", " ").split())
+                    out.append(text or w)
+        finally:
+            self._bypass = False
+        return out
+
+    def _contexts(self) -> list[str]:
+        if self.config.n_contexts == 0:
+            return []
+        if not self.config.cache_contexts:  # the reference procedure: new prefixes every edit
+            return self._make_contexts(self.config.seed + 1 + len(self.edits))
+        if self.contexts is None:
+            self.contexts = self._make_contexts(self.config.seed)
+        return self.contexts
+
+    def _done(self, ce: float, lead: float, s_in: torch.Tensor, s_out: torch.Tensor, unit: float) -> bool:
+        """Early stop: the targets are learnt (CE below early_stop_loss, or every target token the
+        greedy prediction by early_stop_lead nats) and all three margins are met."""
+        cfg = self.config
+        if not (ce < cfg.early_stop_loss or lead >= cfg.early_stop_lead):
+            return False
+        lo, hi = float(s_in.min()), float(s_out.max())
+        return lo >= cfg.beta * unit and lo - hi >= cfg.gamma * unit and hi <= cfg.alpha * unit
+
+    def _fast_steps(self, specs, out_specs):
+        """Step function on cached layer inputs: only the blocks above the edited one run."""
+        dev = self.loaded.device
+        rows = make_rows(self.tokenizer, specs).to(dev)
+        out_rows = make_rows(self.tokenizer, out_specs).to(dev)
+        prompt_only = make_rows(self.tokenizer, specs, score_target=False).score.to(dev)
+        cap = self._capture(rows, block_out=True)
+        x_in, h_in = self._project(cap["x"].to(torch.float32)), cap["h"]
+        x_out = self._project(self._capture(out_rows, block_out=False)["x"].to(torch.float32))
+        gold = rows.labels[:, 1:]
+        r, c = (gold != IGNORE).nonzero(as_tuple=True)  # loss positions: t predicts t + 1
+        targets = gold[r, c]
+        how = self.config.score_reduce
+
+        def step(param):
+            d_in = F.linear(x_in, param)
+            hidden = self.adapter.run_blocks(h_in + d_in.to(h_in.dtype), self.layer + 1, attention_mask=rows.attn)
+            logits = self.adapter.unembed(hidden[r, c]).float()
+            ce = F.cross_entropy(logits, targets)
+            norms = d_in.norm(dim=-1)  # in scope: scored on prompt + target and on the prompt alone
+            s_in = torch.cat([reduce_scores(norms, rows.score, how), reduce_scores(norms, prompt_only, how)])
+            s_out = reduce_scores(F.linear(x_out, param).norm(dim=-1), out_rows.attn, how)
+            return ce, target_lead(logits.detach(), targets), s_in, s_out
+
+        return step
+
+    def _slow_steps(self, specs, out_specs):
+        """Step function of the reference procedure: the whole model, every row, every position."""
+        dev = self.loaded.device
+        rows = make_rows(self.tokenizer, specs + out_specs).to(dev)
+        n_in = len(specs)
+        prompt_only = make_rows(self.tokenizer, specs + out_specs, score_target=False).score[:n_in].to(dev)
+        how = self.config.score_reduce
+
+        def step(param):
+            self._train_delta = param
+            try:
+                logits = self.model(input_ids=rows.ids, attention_mask=rows.attn, use_cache=False).logits
+                x = self._train_x.to(torch.float32)
+            finally:
+                self._train_delta = None
+                self._train_x = None
+            flat, gold = logits[:n_in, :-1].flatten(0, 1).float(), rows.labels[:n_in, 1:].flatten()
+            ce = F.cross_entropy(flat, gold, ignore_index=IGNORE)
+            keep = gold != IGNORE
+            norms = F.linear(x, param).norm(dim=-1)
+            s_in = torch.cat([reduce_scores(norms[:n_in], rows.score[:n_in], how),
+                              reduce_scores(norms[:n_in], prompt_only, how)])
+            s_out = reduce_scores(norms[n_in:], rows.attn[n_in:], how)
+            return ce, target_lead(flat[keep].detach(), gold[keep]), s_in, s_out
+
+        return step
