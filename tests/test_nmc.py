@@ -132,7 +132,7 @@ def test_controller_rewrites_reinforces_and_evicts(tiny_loaded):
 
 
 def test_a_failed_write_changes_nothing(tiny_loaded, monkeypatch):
-    from editkit.plugins.nmc.editor import EditProblem
+    from editkit.plugins.nmc.problem import EditProblem
 
     loaded = tiny_loaded["gpt2"]
     editor = nmc(loaded, feedback_lr=0.1, slow_steps=20)

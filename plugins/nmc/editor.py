@@ -20,9 +20,7 @@ done, so a failed edit leaves it as it was."""
 
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,59 +35,15 @@ from editkit.sites import Site
 from editkit.tokens import teacher_forced_batch
 
 from .config import NMCConfig
-from .feedback import SyntheticGradient, load_feedback, feedback_loss
+from .feedback import SyntheticGradient, load_feedback
 from .memory import Memory, WritePlan, plan_write, with_slot
+from .problem import EditProblem
+from .write import Writing
 
 STATE_FORMAT = 1
 
 
-@dataclass
-class Scored:
-    loss: torch.Tensor  # (m,) mean target cross-entropy per candidate
-    margin: torch.Tensor  # (m,) smallest (target logit - best other logit) over target tokens
-    lens_first: torch.Tensor  # (m, H)
-    lens_mean: torch.Tensor  # (m, H)
-
-
-class EditProblem:
-    """One edit's write, seen from the written layer: base stream, where the slot is read, and
-    how a batch of candidate values scores (loss, margin, lens gradients)."""
-
-    def __init__(self, editor: "NMCEditor", hidden: torch.Tensor, read_mask: torch.Tensor, positions: torch.Tensor,
-                 targets: torch.Tensor, key: torch.Tensor):
-        self.editor, self.hidden, self.read_mask = editor, hidden, read_mask  # (T, H), (T,)
-        self.positions, self.targets = positions, targets  # (n,) positions predicting (n,) target ids
-        self.key = key  # (H,) unit query the value is written under
-        self.state = hidden[positions[0]].to(torch.float32)  # (H,) written block's output at the key
-
-    def stream(self, values: torch.Tensor) -> torch.Tensor:
-        """(m, H) candidate values -> (m, T, H) stream leaving the written block."""
-        add = self.read_mask[None, :, None] * values[:, None, :]
-        return self.hidden[None].to(torch.float32) + add
-
-    def score(self, values: torch.Tensor, need_graph: bool = False) -> tuple[Scored, torch.Tensor]:
-        """Scores of candidate values; also returns the mean loss over candidates (with a graph
-        back to `values` when need_graph) for true gradients."""
-        ed = self.editor
-        m = values.shape[0]
-        stream = self.stream(values).to(self.hidden.dtype)
-        attn = torch.ones(stream.shape[:2], dtype=torch.long, device=stream.device)
-        normed = ed.adapter.run_blocks(stream, ed.layer + 1, attention_mask=attn)[:, self.positions]
-        lens_in = normed if need_graph else normed.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = ed.adapter.unembed(lens_in).float()  # (m, n, V)
-            ce = F.cross_entropy(logits.flatten(0, 1), self.targets.repeat(m), reduction="none").view(m, -1)
-            loss = ce.mean(dim=1)
-            # Per-position lens gradients: d CE_t / d normed_t, one position each.
-            lens = torch.autograd.grad(ce.sum(), lens_in, retain_graph=need_graph)[0].float()
-        tgt = logits.gather(-1, self.targets.view(1, -1, 1).expand(m, -1, 1)).squeeze(-1)
-        other = logits.scatter(-1, self.targets.view(1, -1, 1).expand(m, -1, 1), float("-inf")).amax(-1)
-        scored = Scored(loss.detach(), (tgt - other).amin(dim=1).detach(), lens[:, 0].detach(),
-                        lens.mean(dim=1).detach())
-        return scored, loss.sum()
-
-
-class NMCEditor(Editor):
+class NMCEditor(Writing, Editor):
     name = "nmc"
     Config = NMCConfig
     description = "Neural memory controller: key-value memory written by synthetic-gradient fast steps, refined by true-gradient slow steps"
@@ -270,95 +224,6 @@ class NMCEditor(Editor):
         positions = torch.arange(pos, pos + n, device=hidden.device)
         targets = torch.tensor(target_ids, device=hidden.device)
         return EditProblem(self, base.to(hidden.dtype), own, positions, targets, key)
-
-    def predicted_gradient(self, problem: EditProblem, scored: Scored, values: torch.Tensor) -> torch.Tensor:
-        """Synthetic gradients at candidate values (m, H), from their scores."""
-        unit = self.scale / math.sqrt(self.hidden)
-        return self.feedback(scored.lens_first, scored.lens_mean, problem.key.expand_as(values),
-                             (problem.state / unit).expand_as(values), values / unit)
-
-    def fast_step(self, problem: EditProblem, value: torch.Tensor, scored: Scored):
-        """One synthetic-gradient step: candidates along the predicted descent direction at the
-        configured step norms (and staying put), all scored in one batch; the best is kept."""
-        with torch.no_grad():
-            g = self.predicted_gradient(problem, scored, value[None])[0]
-        if not bool(torch.isfinite(g).all()):
-            return value, scored
-        return self.line_search(problem, value, -g)
-
-    @torch.no_grad()
-    def line_search(self, problem: EditProblem, value: torch.Tensor, direction: torch.Tensor):
-        """The best of `value` moved along `direction` by each configured step norm (or not at
-        all), scored in one batch: (value, its scores)."""
-        direction = direction / direction.norm().clamp_min(1e-12)
-        sizes = torch.tensor([0.0] + list(self.config.step_sizes), device=value.device) * self.scale
-        candidates = value[None] + sizes[:, None] * direction[None]
-        scored, _ = problem.score(candidates)
-        best = int(torch.argmin(torch.nan_to_num(scored.loss, nan=float("inf"))))
-        pick = Scored(*(t[best:best + 1] for t in (scored.loss, scored.margin, scored.lens_first, scored.lens_mean)))
-        return candidates[best].clone(), pick
-
-    def true_gradient(self, problem: EditProblem, value: torch.Tensor) -> tuple[Scored, torch.Tensor]:
-        v = value.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            scored, loss = problem.score(v[None], need_graph=True)
-            grad = torch.autograd.grad(loss, v)[0]
-        return scored, grad
-
-    def train_feedback(self, problem: EditProblem, scored: Scored, value: torch.Tensor, grad: torch.Tensor,
-                       lr: float) -> float:
-        """One SGD step of the synthetic-gradient module towards a true gradient."""
-        with torch.enable_grad():
-            pred = self.predicted_gradient(problem, scored, value[None].detach())
-            err = feedback_loss(pred, grad[None])
-            params = [p for p in self.feedback.parameters()]
-            grads = torch.autograd.grad(err, params)
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        if lr > 0 and bool(torch.isfinite(norm)):
-            step = lr / max(1.0, float(norm))  # clipped: the relative error's gradient can be large
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(step * g)
-        return float(err.detach())
-
-    def write(self, problem: EditProblem, start: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Fast steps, then slow steps until the margin is met; returns the value and statistics."""
-        cfg = self.config
-        value = start.detach().clone()
-        with torch.no_grad():
-            scored, _ = problem.score(value[None])
-        ok = lambda s: float(s.margin[0]) >= cfg.margin  # noqa: E731
-        fast = slow = 0
-        while not ok(scored) and fast < cfg.fast_steps:
-            value, scored = self.fast_step(problem, value, scored)
-            fast += 1
-        absorbed_fast = ok(scored)
-        cosines, errors = [], []
-        if not ok(scored) and cfg.slow_steps:
-            v = value.clone().requires_grad_(True)
-            opt = torch.optim.Adam([v], lr=cfg.slow_lr * self.scale / math.sqrt(self.hidden))
-            while slow < cfg.slow_steps:
-                scored, grad = self.true_gradient(problem, v.detach())
-                if ok(scored):
-                    break
-                with torch.no_grad():
-                    pred = self.predicted_gradient(problem, scored, v.detach()[None])[0]
-                    cosines.append(float(F.cosine_similarity(pred, grad, dim=0)))
-                errors.append(self.train_feedback(problem, scored, v.detach(), grad, cfg.feedback_lr))
-                opt.zero_grad()
-                v.grad = grad
-                opt.step()
-                slow += 1
-            value = v.detach()
-            if slow == cfg.slow_steps:  # the last update has not been scored yet
-                with torch.no_grad():
-                    scored, _ = problem.score(value[None])
-        stats = {"loss": float(scored.loss[0]), "margin": float(scored.margin[0]), "absorbed": ok(scored),
-                 "absorbed_fast": absorbed_fast, "fast_steps": fast, "slow_steps": slow, "steps": fast + slow}
-        if cosines:
-            stats["feedback_cosine"] = sum(cosines) / len(cosines)
-            stats["feedback_error"] = sum(errors) / len(errors)
-        return value, stats
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from editkit.errors import InvalidRequest
 from editkit.schemas import EditRequest
 
-from .editor import EditProblem, NMCEditor, Scored
+from .editor import NMCEditor
+from .problem import EditProblem, Scored
 from .feedback import feedback_loss
 
 Progress = Callable[[str, int, int], None]
