@@ -6,7 +6,7 @@ import typer
 
 from editkit.errors import EditkitError
 
-from . import demo, edit, eval, plugins, serve
+from . import demo, edit, eval, intervention, plugins, serve
 from ._common import EditkitGroup, fail
 
 
@@ -26,8 +26,10 @@ def build_app(host=None) -> typer.Typer:
     demo.register(app)
     serve.register(app)
     eval.register(app)
+    intervention.register(app)
     builtin = {info.name for info in app.registered_commands if info.name} | {
-        info.callback.__name__ for info in app.registered_commands if info.callback}
+        info.callback.__name__ for info in app.registered_commands if info.callback} | {
+        info.name for info in app.registered_groups if info.name}
     for name, (group, plugin) in sorted(host.registry["commands"].items()):
         if name in builtin:
             typer.echo(f"warning: plugin '{plugin}' registers command '{name}', which is built in; not mounted",

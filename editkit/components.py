@@ -118,3 +118,13 @@ class Editor(Component):
 
 class Intervention(Component):
     """Changes how the model uses what it knows (e.g. head pruning, memory reweaving)."""
+
+    @classmethod
+    def state_from_file(cls, path, options: dict[str, Any], loaded: LoadedModel
+                        ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor], dict[str, Any]]:
+        """What `editkit intervention add NAME --from FILE` attaches: (config, tensors, meta)
+        read from a file this intervention's own commands wrote (a calibration, a training),
+        with the user's --config values in `options`. Check the file against `loaded` (its
+        fingerprint) and raise InvalidRequest / WorkspaceError with a reason. The default
+        takes no file: such an intervention is added from --config alone."""
+        raise InvalidRequest(f"intervention '{cls.name}' is not added from a file; give its --config only")

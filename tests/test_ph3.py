@@ -199,7 +199,7 @@ def test_splits_do_not_overlap(tiny_loaded):
     assert len(load_facts("builtin")) >= 30
 
 
-def test_cli_apply_and_remove(tmp_path, tiny_dirs, tiny_loaded):
+def test_cli_intervention_add_list_remove(tmp_path, tiny_dirs, tiny_loaded):
     host = PluginHost([c for c in builtin_candidates() if c.name in {"adapters", "ft", "grace", "wise", "ph3"}], env={})
     app, runner = build_app(host), CliRunner()
     loaded = tiny_loaded["gpt2"]
@@ -209,18 +209,25 @@ def test_cli_apply_and_remove(tmp_path, tiny_dirs, tiny_loaded):
     path = tmp_path / "heads.json"
     path.write_text(json.dumps(heads))
     ws, model = str(tmp_path / "ws"), ["--model", str(tiny_dirs["gpt2"]), "--device", "cpu"]
-    result = runner.invoke(app, ["ph3", "apply", "--heads", str(path), "--favour", "memory", "-w", ws, *model])
+    add = ["intervention", "add", "ph3", "--from", str(path)]
+    result = runner.invoke(app, [*add, "--config", "favour=memory", "-w", ws, *model])
     assert result.exit_code == 0, result.output
-    assert "pruned 2 context heads" in result.output and "L0H0, L0H1" in result.output
-    result = runner.invoke(app, ["ph3", "apply", "--heads", str(path), "--favour", "context", "--k", "1",
-                                 "-w", ws, *model])
-    assert result.exit_code == 1 and "already applied" in result.output
-    result = runner.invoke(app, ["ph3", "apply", "--heads", str(path), "--favour", "context",
-                                 "-w", str(tmp_path / "ws2"), *model])
+    assert "attached ph3" in result.output and "'kind': 'context'" in result.output and "'k': 2" in result.output
+    with Session.open(ws, loaded=loaded) as s:
+        assert s.interventions["ph3"].heads.tolist() == [[0, 0], [0, 1]]
+    result = runner.invoke(app, ["intervention", "list", "-w", ws, "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["ph3"]["favour"] == "memory"
+    result = runner.invoke(app, [*add, "--config", "favour=context", "--config", "k=1", "-w", ws, *model])
+    assert result.exit_code == 1 and "already attached" in result.output
+    result = runner.invoke(app, [*add, "--config", "favour=context", "-w", str(tmp_path / "ws2"), *model])
     assert result.exit_code == 1 and "no chosen k for favouring context" in result.output
-    result = runner.invoke(app, ["ph3", "remove", "-w", ws])
+    result = runner.invoke(app, [*add, "-w", str(tmp_path / "ws3"), *model])
+    assert result.exit_code == 1 and "favour=memory" in result.output
+    result = runner.invoke(app, ["intervention", "add", "nope", "-w", ws, *model])
+    assert result.exit_code == 1 and "unknown intervention 'nope'" in result.output
+    result = runner.invoke(app, ["intervention", "remove", "ph3", "-w", ws])
     assert result.exit_code == 0 and "removed ph3" in result.output
-    result = runner.invoke(app, ["ph3", "remove", "-w", ws])
+    result = runner.invoke(app, ["intervention", "remove", "ph3", "-w", ws])
     assert result.exit_code == 1 and "not attached" in result.output
     result = runner.invoke(app, ["ph3", "locate", "--items", str(tmp_path / "nope.json"), "--out",
                                  str(tmp_path / "h.json"), *model])

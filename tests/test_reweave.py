@@ -263,13 +263,14 @@ def test_cli_train_apply_remove(tiny_dirs, tmp_path):
     tensors, doc = load_file(out)
     assert doc["config"]["capture_layers"] == [1, 2] and doc["state"]["trained_steps"] == 3 and "o.weight" in tensors
     ws = tmp_path / "ws"
-    assert runner.invoke(app, ["reweave", "apply", str(out), "--workspace", str(ws), *model]).exit_code == 0
+    result = runner.invoke(app, ["intervention", "add", "reweave", "--from", str(out), "--workspace", str(ws), *model])
+    assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["reweave", "train", "--workspace", str(ws), "--json", *small[:6]])
     assert result.exit_code == 0, result.output  # continues training the workspace's reweaver
     with Session.open(ws, create=False) as s:
         assert s.interventions["reweave"].meta["trained_steps"] == 6
-    assert runner.invoke(app, ["reweave", "remove", "--workspace", str(ws)]).exit_code == 0
-    result = runner.invoke(app, ["reweave", "remove", "--workspace", str(ws)])
+    assert runner.invoke(app, ["intervention", "remove", "reweave", "--workspace", str(ws)]).exit_code == 0
+    result = runner.invoke(app, ["intervention", "remove", "reweave", "--workspace", str(ws)])
     assert result.exit_code == 1 and "not attached" in result.output
     result = runner.invoke(app, ["reweave", "train", "--out", str(out), "--workspace", str(ws)])
     assert result.exit_code == 1 and "exactly one" in result.output

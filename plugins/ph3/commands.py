@@ -1,21 +1,14 @@
-"""`editkit ph3 ...`: locate heads, apply them to a workspace, remove them."""
+"""`editkit ph3 locate`: find memory and context heads and write a heads file; attach them to a
+workspace with `editkit intervention add ph3 --from HEADS --config favour=...`."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from editkit.cli._common import (DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, WorkspaceOpt, console,
-                                 echo_json, host_of, open_session)
-from editkit.errors import InvalidRequest, WorkspaceError
-
-
-class Favour(str, Enum):
-    memory = "memory"
-    context = "context"
+from editkit.cli._common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, echo_json, host_of
 
 
 def _pct(value) -> str:
@@ -79,40 +72,6 @@ def make_app() -> typer.Typer:
             echo_json({k: v for k, v in doc.items() if k not in ("scores", "split_items")})
             return
         _print_summary(doc, out)
-
-    @app.command()
-    def apply(
-        ctx: typer.Context,
-        heads: Annotated[Path, typer.Option("--heads", exists=False, dir_okay=False, help="Heads file from `ph3 locate`.")],
-        favour: Annotated[Favour, typer.Option("--favour", help="memory: prune context heads; context: prune memory heads.")],
-        workspace: WorkspaceOpt,
-        k: Annotated[Optional[int], typer.Option("--k", min=1, help="Heads to prune (default: the k chosen on validation).")] = None,
-        model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
-    ) -> None:
-        """Prune the heads in a workspace (kept across reopenings, combined with its edits)."""
-        from .pipeline import heads_to_prune, read_heads, state_for
-
-        doc = read_heads(heads)
-        chosen, k = heads_to_prune(doc, favour.value, k)
-        with open_session(ctx, workspace, create=True, model=model or doc.get("model"), device=device,
-                          dtype=dtype, device_map=device_map) as session:
-            if session.loaded.fingerprint != doc.get("fingerprint"):
-                raise WorkspaceError(f"heads file {heads} was located on other weights (fingerprint "
-                                     f"{doc.get('fingerprint')}, workspace model {session.loaded.fingerprint})")
-            if "ph3" in session.interventions:
-                raise InvalidRequest("ph3 is already applied in this workspace; run `editkit ph3 remove` first")
-            config, tensors, meta = state_for(chosen, favour.value, k, source=f"{heads.name} k={k}")
-            session.add_intervention("ph3", config, state=(tensors, meta))
-        typer.echo(f"pruned {k} {meta['kind']} heads (favouring {favour.value}) in {workspace}: "
-                   + ", ".join(f"L{layer}H{head}" for layer, head in chosen))
-
-    @app.command()
-    def remove(ctx: typer.Context, workspace: WorkspaceOpt) -> None:
-        """Restore the pruned heads in a workspace."""
-        with open_session(ctx, workspace, create=False, model=None, device="auto", dtype=None,
-                          device_map=None) as session:
-            session.remove_intervention("ph3")
-        typer.echo(f"removed ph3 from {workspace}")
 
     return app
 

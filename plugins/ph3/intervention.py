@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from editkit.components import Intervention
-from editkit.errors import InvalidRequest
+from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.model import LoadedModel
 from editkit.sites import Site
 
@@ -48,6 +49,27 @@ class HeadPruning(Intervention):
         self.heads = torch.zeros((0, 2), dtype=torch.int64)
         self.meta: dict[str, Any] = {}
         self.attached = True
+
+    @classmethod
+    def state_from_file(cls, path, options, loaded):
+        """From a heads file of `editkit ph3 locate`: options favour (memory | context,
+        required) and k (default: the k chosen on the validation split)."""
+        from .pipeline import heads_to_prune, read_heads, state_for
+
+        options = dict(options)
+        favour, k = options.pop("favour", None), options.pop("k", None)
+        if favour is None:
+            raise InvalidRequest("ph3 needs --config favour=memory (prune context heads) or favour=context")
+        if options:
+            raise InvalidRequest(f"ph3 takes favour and k with a heads file, not {', '.join(sorted(options))}")
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise InvalidRequest(f"ph3 k must be a whole number of at least 1, got {k!r}")
+        doc = read_heads(path)
+        if loaded.fingerprint != doc.get("fingerprint"):
+            raise WorkspaceError(f"heads file {path} was located on other weights (fingerprint "
+                                 f"{doc.get('fingerprint')}, workspace model {loaded.fingerprint})")
+        chosen, k = heads_to_prune(doc, favour, k)
+        return state_for(chosen, favour, k, source=f"{Path(path).name} k={k}")
 
     # ---- heads -------------------------------------------------------------------------
     def validate_heads(self, heads: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`editkit reweave ...`: train a reweaver into a workspace or a file, apply a file, remove it."""
+"""`editkit reweave train`: train a reweaver into a workspace or a file; attach a file with
+`editkit intervention add reweave --from FILE`."""
 
 from __future__ import annotations
 
@@ -119,36 +120,6 @@ def make_app() -> typer.Typer:
             echo_json(report)
             return
         _print_report(report)
-
-    @app.command()
-    def apply(
-        ctx: typer.Context,
-        file: Annotated[Path, typer.Argument(dir_okay=False, help="File written by `reweave train --out`.")],
-        workspace: Annotated[Path, typer.Option("--workspace", "-w", file_okay=False, metavar="DIR",
-                                                help="Workspace to attach it to.")],
-        model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
-        device_map: DeviceMapOpt = None,
-    ) -> None:
-        """Attach a trained reweaver file to a workspace."""
-        from .files import load_file
-
-        tensors, doc = load_file(file)
-        with open_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
-                          device_map=device_map) as session:
-            if doc.get("fingerprint") and session.loaded.fingerprint != doc["fingerprint"]:
-                raise WorkspaceError(f"{file} was trained on other weights (fingerprint {doc['fingerprint']}, "
-                                     f"workspace model {session.loaded.fingerprint})")
-            session.add_intervention("reweave", doc.get("config"), state=(tensors, doc.get("state", {})))
-        typer.echo(f"attached reweave from {file} to {workspace}")
-
-    @app.command()
-    def remove(ctx: typer.Context,
-               workspace: Annotated[Path, typer.Option("--workspace", "-w", file_okay=False, metavar="DIR")]) -> None:
-        """Detach the reweaver from a workspace."""
-        with open_session(ctx, workspace, create=False, model=None, device="auto", dtype=None,
-                          device_map=None) as session:
-            session.remove_intervention("reweave")
-        typer.echo(f"removed reweave from {workspace}")
 
     return app
 

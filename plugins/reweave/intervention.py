@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from editkit.components import Intervention
-from editkit.errors import InvalidRequest
+from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.sites import Site
 
 from .config import ReweaveConfig
@@ -360,6 +360,19 @@ class MemoryReweaving(Intervention):
         tensors = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         return tensors, {"format": STATE_FORMAT, "capture_layers": self.capture_ids,
                          "reweave_layer": self.reweave_id, **self.meta}
+
+    @classmethod
+    def state_from_file(cls, path, options, loaded):
+        """From a file of `editkit reweave train --out`: its config and trained weights."""
+        from .files import load_file
+
+        if options:
+            raise InvalidRequest("reweave takes its config from the trained file; drop --config")
+        tensors, doc = load_file(path)
+        if doc.get("fingerprint") and loaded.fingerprint != doc["fingerprint"]:
+            raise WorkspaceError(f"{path} was trained on other weights (fingerprint {doc['fingerprint']}, "
+                                 f"workspace model {loaded.fingerprint})")
+        return doc.get("config"), tensors, doc.get("state", {})
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("format", STATE_FORMAT) != STATE_FORMAT:
