@@ -28,8 +28,7 @@ from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_mode
 from editkit.schemas import EditRequest
 from editkit.store import EditRecord, Journal, atomic_write_text, checkpoint_spacing
 
-# WISE (retrieve, 8 edits per memory): after 50 zsRE edits on the default model Rel 0.96,
-# Gen 0.72, Loc 0.98 (benchmarks/wise.py). `nmc` is the fast choice (~10x less time per edit).
+# What a new workspace edits with unless told otherwise; docs/wise.md gives its measured figures.
 DEFAULT_METHOD = "wise"
 WORKSPACE_FORMAT = 2  # 1: state as whole directories (journal schema 1); migrated on open
 EDITOR_STATE = "editor"

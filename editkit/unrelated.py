@@ -5,9 +5,8 @@ user supplies none; NMC measures the model's activation statistics on it.
 The paper draws its unrelated prompts from NQ questions with answers (the zsRE training split's
 locality data), a fresh one per edit. NQ_STYLE plays that part here: hand-written
 general-knowledge questions in the same "nq question: ... answer" form, none of them taken from
-the evaluation data. With only the 32 GENERAL items, locality probes of that form were routed
-into the side memory (5 zsRE edits: 2 of 5 probes routed, Loc 0.92); with the full pool
-and the current defaults, none (Loc 1.00).
+the evaluation data: with GENERAL alone, probes of that form were routed into WISE's side
+memory (docs/wise.md).
 """
 
 GENERAL = [

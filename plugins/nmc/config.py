@@ -8,7 +8,7 @@ class NMCConfig(BaseModel):
 
     # the memory and how it is read
     layer: int | float = Field(0.7, description="Block whose output the memory writes into (index, negative index or fraction of depth).")
-    key_layer: int | float = Field(0.2, description="Block whose output addresses the memory: the query of a position is the running mean of this block's standardised outputs up to it. Early blocks separate prompts by content; late ones mostly by format (measured on zsRE: own rephrase vs other prompts' best cosine 0.83/0.39 at 20% depth, 0.74/0.57 at 60%).")
+    key_layer: int | float = Field(0.2, description="Block whose output addresses the memory: the query of a position is the running mean of this block's standardised outputs up to it. Early blocks separate prompts by content, late ones mostly by format (docs/nmc.md).")
     slots: int = Field(4096, ge=1, le=1_000_000, description="Memory capacity; when full, the least used slot is freed for a new edit.")
     threshold: float = Field(0.6, gt=0, lt=1, description="Deferral threshold: a position reads the memory only when its query's cosine similarity with the nearest key reaches this; below it the model runs unchanged.")
     gate_width: float = Field(0.15, gt=0, le=2, description="The read gate rises linearly from 0 at the threshold to 1 at threshold + gate_width.")

@@ -4,34 +4,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class WISEConfig(BaseModel):
-    """WISE (arXiv 2405.14768). Defaults follow the paper / its LLaMA-2 settings, except where
-    measured on the default model (5 sequential zsRE edits) they did not work:
-    - margins: the unit is measured on the model ("auto") to fit its activation scale, and
-      beta is 30 (not 20) so the thresholds (act_ratio x the weakest in-scope score) sit above
-      held-out unrelated probes' scores;
-    - protect_energy: the side memory is blind to the unrelated pool's dominant input
-      directions (with the plain copy no margin was ever met and every probe was routed);
-    - lr 10 (not 1.0): outside the protected directions the inputs keep ~10% of the unrelated
-      pool's activation energy, so gradients are ~10x smaller; at lr 1-2 some edits never
-      reached their target in 70 steps (Rel 0.79-0.89);
-    - 32 unrelated prompts per edit (paper: 1, but a fresh one for each of 1000s of edits) and
-      8 replayed earlier edits;
-    - early stop when every target token leads by early_stop_lead nats (not only CE < 0.01);
-    - WISE-Retrieve with 8 edits per memory (the paper's default is Merge with large shards):
-      this model's side memory (576 x 1536) does not hold dozens of edits at once. In one
-      memory, from the third edit on no edit met its targets within 70 steps and after 50
-      edits Rel was 0.41 (all 50 edits routed, the memory had forgotten them); with a
-      memory per 8 edits (each edit replays its shard-mates) Rel / Gen / Loc were 0.96 / 0.72 /
-      0.98 after 50 edits and 0.95 / 0.73 / 0.98 after 100 (benchmarks/wise.py). Cost: one side
-      memory (3.5 MB here) per 8 edits.
-    Result: Rel 1.00 / Loc 1.00 after 5 edits (records 0-4 and 5-9); lr 2, beta 20, 8 prompts
-    from a 32-item pool gave Rel 0.89 / Loc 0.92."""
+    """WISE (arXiv 2405.14768). Defaults follow the paper and its LLaMA-2 settings except where
+    they failed on the default model: the margin unit (fitted to the model's activation scale),
+    beta, protected input directions, lr, unrelated prompts per edit, replay, early stop, and
+    Retrieve with small shards. docs/wise.md lists each departure, why, and what was measured."""
 
     model_config = ConfigDict(extra="forbid")
 
     # where the side memory lives and how it is used
     layer: int | float = Field(0.85, description="Layer whose MLP down-projection is copied as side memory: index, negative index, or fraction of depth.")
-    mode: Literal["merge", "retrieve"] = Field("retrieve", description="WISE-Retrieve (one memory per shard, top-1 by activation score at inference) or WISE-Merge (shards TIES-merged into one side memory; the paper's default, but one memory of a small model forgets: see the class doc).")
+    mode: Literal["merge", "retrieve"] = Field("retrieve", description="WISE-Retrieve (one memory per shard, top-1 by activation score at inference) or WISE-Merge (shards TIES-merged into one side memory; the paper's default, but one memory of a small model forgets: see docs/wise.md).")
     act_ratio: float = Field(0.88, gt=0, le=1, description="Routing threshold as a fraction of the smallest activation score of the memory's own edits.")
     score_reduce: Literal["mean", "max"] = Field("mean", description="How per-token activation distances make one sequence score.")
 
