@@ -14,7 +14,7 @@ from editkit.errors import InvalidRequest
 from editkit.store import Journal, atomic_write_text
 
 from .metrics import DEFINITIONS, METRIC_LABELS, METRICS, mean, summarise
-from .runner import PROTOCOLS, _read_jsonl
+from .rundir import PROTOCOLS, read_jsonl
 
 REPORT_FORMAT = 1
 
@@ -55,7 +55,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
     }
     for method, config in plan["methods"].items():
         folder = out / "methods" / method
-        rows = _read_jsonl(folder / "measurements.jsonl")
+        rows = read_jsonl(folder / "measurements.jsonl")
         if protocol == "groups":
             stats = [s for g in sorted((folder / "groups").glob("g*")) for s in _stats(g)]
         else:

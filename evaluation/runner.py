@@ -34,7 +34,6 @@ written are not taken again.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Callable
@@ -49,17 +48,10 @@ from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_mode
 from editkit.store import atomic_write_text
 
 from .metrics import ItemBaseline, item_baseline, measure_item
+from .report import build_report, render_report
+from .rundir import PLAN_DEFAULTS, PROTOCOLS, RUN_FORMAT, append_jsonl, read_jsonl
 from .suites import EditCase
 
-PROTOCOLS = {
-    "final": "T sequential edits, then every edit measured once after the last",
-    "immediate": "every edit measured right after it is applied",
-    "retention": "every k edits, all edits so far re-measured (with their locality probes)",
-    "groups": "edits applied in groups of G from the unedited model (fresh workspace per group), "
-              "each group measured after its last edit, averaged over the stream",
-}
-RUN_FORMAT = 1
-PLAN_DEFAULTS = {"at": None, "turn_size": 1, "sample": None}  # what runs written before these keys used
 # A progress callback: (method, edits done, edits in total, what just happened).
 Progress = Callable[[str, int, int, str], None]
 
@@ -86,25 +78,6 @@ def _model_key(name: str | None) -> str:
     if name is None or name in DEFAULT_ALIASES:
         return DEFAULT_MODEL
     return str(Path(name).resolve()) if Path(name).is_dir() else name
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a torn last line from an interruption: that point is taken again
-            break
-    return rows
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def select_cases(cases: list[EditCase], edits: int, seed: int, select: str) -> list[EditCase]:
@@ -264,7 +237,7 @@ class EvalRun:
         folder = self.out / "methods" / method
         folder.mkdir(parents=True, exist_ok=True)
         mfile = folder / "measurements.jsonl"
-        measured = {row["step"] for row in _read_jsonl(mfile)}
+        measured = {row["step"] for row in read_jsonl(mfile)}
         n, turn = len(self.cases), self.plan["turn_size"]
         points = self._points()
         session, done = self._open(folder / "workspace", method, config, loaded, 0)
@@ -287,7 +260,7 @@ class EvalRun:
                 if stop in points and stop not in measured:
                     if stop < done:  # later edits are applied already: this point cannot be taken now
                         continue
-                    _append_jsonl(mfile, {"step": stop, "group": None,
+                    append_jsonl(mfile, {"step": stop, "group": None,
                                           "items": self._measure(loaded, baselines, points[stop])})
         finally:
             session.close()
@@ -296,7 +269,7 @@ class EvalRun:
         folder = self.out / "methods" / method
         folder.mkdir(parents=True, exist_ok=True)
         mfile = folder / "measurements.jsonl"
-        measured = {row["group"] for row in _read_jsonl(mfile)}
+        measured = {row["group"] for row in read_jsonl(mfile)}
         n, size = len(self.cases), self.plan["group_size"]
         for g, start in enumerate(range(0, n, size)):
             stop = min(n, start + size)
@@ -314,7 +287,7 @@ class EvalRun:
                             progress(method, i + 1, n, f"edit {i + 1} in {time.perf_counter() - started:.1f}s")
                     elif progress:
                         progress(method, i + 1, n, "journaled")
-                _append_jsonl(mfile, {"step": stop, "group": g,
+                append_jsonl(mfile, {"step": stop, "group": g,
                                       "items": self._measure(loaded, baselines, list(range(start, stop)))})
             finally:
                 session.close()
@@ -328,8 +301,6 @@ def run_eval(out: str | Path, *, suite: str, data: str | None, methods: list[str
              dtype: str | None = None, progress: Progress | None = None, host: PluginHost | None = None,
              plots: bool = True) -> dict:
     """Run (or resume) an evaluation into `out` and write its report; returns the report dict."""
-    from .report import build_report, render_report
-
     run = EvalRun(out, suite=suite, data=data, edits=edits, protocol=protocol, every=every,
                   group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
                   model=model if loaded is None or model is not None else loaded.name, at=at, sample=sample,
