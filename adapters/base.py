@@ -104,6 +104,11 @@ class Adapter:
         w = self.module(site).weight
         return w.t() if self.transposed_weights and site.component not in ("embed", "unembed") else w
 
+    def stored(self, site: Site, weight: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight for `site` in the orientation its module stores (the inverse of
+        weight()), e.g. to write an edited weight into a checkpoint."""
+        return weight.t() if self.transposed_weights and site.component not in ("embed", "unembed") else weight
+
     def linear_features(self, site: Site) -> tuple[int, int]:
         """(in_features, out_features) of the linear layer at `site`."""
         out_f, in_f = self.weight(site).shape

@@ -6,7 +6,7 @@ import typer
 
 from editkit.errors import EditkitError
 
-from . import demo, edit, eval, intervention, plugins, serve
+from . import demo, edit, eval, export, intervention, plugins, serve
 from ._common import EditkitGroup, fail
 
 
@@ -26,6 +26,7 @@ def build_app(host=None) -> typer.Typer:
     demo.register(app)
     serve.register(app)
     eval.register(app)
+    export.register(app)
     intervention.register(app)
     builtin = {info.name for info in app.registered_commands if info.name} | {
         info.callback.__name__ for info in app.registered_commands if info.callback} | {

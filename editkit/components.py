@@ -39,6 +39,9 @@ class Component:
     # writes and hashes only that (see editkit.chunks.StateChanges). False: every save
     # reads its whole state (correct for any component; the cost grows with the state).
     tracks_changes: ClassVar[bool] = False
+    # Why folded_weights() refuses (what a plain checkpoint would lose), for components that do.
+    export_refusal: ClassVar[str] = "it changes the model's behaviour through hooks at inference, which a " \
+                                    "checkpoint does not carry"
 
     def __init__(self, loaded: LoadedModel, config: BaseModel | dict | None = None):
         self.loaded = loaded
@@ -89,6 +92,14 @@ class Component:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore a state from state_dict(). Must validate shapes before changing anything."""
         raise NotImplementedError
+
+    def folded_weights(self) -> dict[str, torch.Tensor]:
+        """For `editkit export`: the model parameters this component changes (named as in
+        model.named_parameters()), with its effect folded in, so a plain checkpoint behaves
+        as the edited model does. A component whose effect is not a change of weights (it
+        routes, looks up, or keeps memory at inference) raises InvalidRequest naming what
+        would be lost; that is the default."""
+        raise InvalidRequest(f"{self.name} cannot be exported as plain weights: {self.export_refusal}")
 
     # Components with runtime memory per conversation (e.g. memory reweaving) override these;
     # for the rest a conversation changes nothing.

@@ -378,6 +378,14 @@ class Session:
         self.host.notify("after_rollback", session=self, edit_id=edit_id)
         return self.journal.record(edit_id)
 
+    # ---- leaving editkit ---------------------------------------------------------------
+    def export(self, out: str | Path) -> Path:
+        """Write the edited model as a plain Hugging Face checkpoint (safetensors), with its
+        tokenizer and a model card listing the edits; see editkit.export."""
+        from editkit.export import export
+
+        return export(self, out)
+
     # ---- reading -----------------------------------------------------------------------
     def history(self, active_only: bool = False) -> list[EditRecord]:
         return self.journal.records(active_only=active_only)

@@ -37,6 +37,15 @@ class FTEditor(Editor):
         x = inputs[0]
         return output + F.linear(x.to(self.delta.dtype), self.delta).to(output.dtype)
 
+    def folded_weights(self) -> dict[str, torch.Tensor]:
+        """FT-L adds delta x to the down-projection's output: its weight plus delta."""
+        from editkit.export import parameter_name
+
+        module = self.adapter.module(self.site)
+        weight = self.adapter.weight(self.site).detach()
+        new = self.adapter.stored(self.site, weight.to(torch.float32) + self.delta.detach().to(weight.device))
+        return {parameter_name(self.model, module.weight): new.to(module.weight.dtype)}
+
     def apply(self, request: EditRequest) -> dict[str, Any]:
         cfg = self.config
         batch = teacher_forced_batch(self.tokenizer, [request.prompt], [request.target_new]).to(self.loaded.device)

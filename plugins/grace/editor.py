@@ -39,6 +39,8 @@ class GraceEditor(Editor):
     Config = GraceConfig
     description = "GRACE codebook of (key, value, radius) at one layer (Hartvigsen et al. 2023)"
     tracks_changes = True  # entries are appended; an edit rewrites at most two existing rows
+    export_refusal = ("GRACE replaces a layer's output only where the input falls inside a codebook key's "
+                      "radius; a checkpoint cannot look keys up, so the codebook would be lost")
 
     def attach(self) -> None:
         cfg = self.config

@@ -47,6 +47,8 @@ class NMCEditor(Writing, Editor):
     name = "nmc"
     Config = NMCConfig
     description = "Neural memory controller: key-value memory written by synthetic-gradient fast steps, refined by true-gradient slow steps"
+    export_refusal = ("NMC reads a key-value memory addressed by the prompt's content at inference; a "
+                      "checkpoint cannot address it, so the memory would be lost")
 
     # ---- attach / detach ---------------------------------------------------------------
     def attach(self) -> None:

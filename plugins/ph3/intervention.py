@@ -71,6 +71,23 @@ class HeadPruning(Intervention):
         chosen, k = heads_to_prune(doc, favour, k)
         return state_for(chosen, favour, k, source=f"{Path(path).name} k={k}")
 
+    def folded_weights(self) -> dict[str, torch.Tensor]:
+        """Zeroing a head's slice of the output projection's input is zeroing those columns
+        of its weight: exact."""
+        from editkit.export import parameter_name
+
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads.tolist():
+            by_layer.setdefault(layer, []).append(head)
+        out = {}
+        for layer, heads in by_layer.items():
+            site = Site("attn.out", layer)
+            module = self.adapter.module(site)
+            weight = self.adapter.weight(site).detach().clone()  # (out, in)
+            weight[:, head_mask(self.adapter, heads, weight.shape[1]).to(weight.device)] = 0
+            out[parameter_name(self.model, module.weight)] = self.adapter.stored(site, weight)
+        return out
+
     # ---- heads -------------------------------------------------------------------------
     def validate_heads(self, heads: torch.Tensor) -> torch.Tensor:
         if heads.dim() != 2 or heads.shape[1] != 2 or heads.dtype not in (torch.int64, torch.int32):

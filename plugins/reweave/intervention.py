@@ -189,6 +189,8 @@ class MemoryReweaving(Intervention):
     description = ("contextual memory reweaving: capture hidden states of earlier chunks in a bounded "
                    "per-conversation buffer and add them back at a later layer with a trained gated "
                    "cross-attention (`editkit reweave train`)")
+    export_refusal = ("reweave keeps per-conversation memory at inference and a trained cross-attention "
+                      "module that the model's architecture has no place for in a checkpoint")
 
     # ---- lifecycle ---------------------------------------------------------------------
     def attach(self) -> None:

@@ -35,6 +35,9 @@ class WISEEditor(Routing, Training, StateIO, Editor):
     name = "wise"
     Config = WISEConfig
     description = "WISE: routed side memory of one MLP down-projection with knowledge sharding"
+    export_refusal = ("WISE routes each sequence through a side memory only when its activation score clears "
+                      "the memory's threshold; a checkpoint has one set of weights for every input, so the "
+                      "routing (and every retrieve-mode memory but one) would be lost")
 
     # ---- attach / detach ---------------------------------------------------------------
     def attach(self) -> None:
