@@ -6,7 +6,7 @@ import typer
 
 from editkit.errors import EditkitError
 
-from . import demo, edit, eval, export, intervention, plugins, serve
+from . import demo, edit, eval, export, intervention, methods, plugins, serve
 from ._common import EditkitGroup, fail
 
 
@@ -23,6 +23,7 @@ def build_app(host=None) -> typer.Typer:
         help="Lifelong model editing for Hugging Face causal language models.")
     edit.register(app)
     plugins.register(app)
+    methods.register(app)
     demo.register(app)
     serve.register(app)
     eval.register(app)

@@ -352,3 +352,15 @@ def test_demo_prints_a_table_in_a_temporary_workspace(app, tiny_dirs, tmp_path, 
                  "--method", "ft", "--config", "steps=1"))
     assert "a temporary workspace" in out and "edit 3:" in out and "scores" in out
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_methods_lists_configs_from_the_plugins(app):
+    listing = ok(run(app, "methods"))
+    assert "ft (editor)" in listing and "wise (editor)" in listing
+    detail = ok(run(app, "methods", "ft"))
+    assert "norm_constraint" in detail and "Adam learning rate" in detail
+    doc = json.loads(ok(run(app, "methods", "grace", "--json")))
+    keys = {f["key"]: f for f in doc["config"]}
+    assert doc["kind"] == "editor" and keys["steps"]["default"] == 100 and keys["steps"]["type"] == "int"
+    assert doc["schema"]["properties"]["epsilon"]["description"].startswith("Initial deferral radius")
+    user_error(run(app, "methods", "nope"), "no method or intervention 'nope'", "ft", "grace")
