@@ -112,6 +112,25 @@ def report_command(
     typer.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
 
 
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run directories written by `editkit eval`.",
+                                               file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", file_okay=False, metavar="DIR",
+                                      help="Where compare.md, compare.json and the plots go.")] = Path("editkit-compare"),
+    force: Annotated[bool, typer.Option("--force", help="Compare runs of other suites, records or seeds anyway "
+                                                        "(the report says what differs).")] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+) -> None:
+    """Merge several runs' reports into one table and overlaid plots (methods named RUN/METHOD)."""
+    from editkit.evaluation.compare import compare_runs, render_comparison
+
+    merged = compare_runs(runs, force=force)
+    paths = render_comparison(merged, out, plots=plots)
+    typer.echo((Path(out) / "compare.md").read_text(encoding="utf-8"))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("report")(report_command)
+    app.command("compare")(compare_command)

@@ -268,12 +268,31 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     return written
 
 
+def per_edit_csv(report: dict) -> str:
+    """One row per method and edit: the edit, its figures (both definitions) and its statistics."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "edit", "record", "prompt", "target_new", *METRICS, "seconds", "steps"])
+    for name, m in report["methods"].items():
+        for e in m["per_edit"]:
+            metrics, stats = e["metrics"] or {}, e["stats"] or {}
+            writer.writerow([name, e["edit"], e["record"], e["prompt"], e["target_new"],
+                             *("" if metrics.get(k) is None else f"{metrics[k]:.6g}" for k in METRICS),
+                             stats.get("seconds", ""), stats.get("steps", "")])
+    return buffer.getvalue()
+
+
 def render_report(report: dict, out: str | Path, plots: bool = True) -> list[Path]:
-    """Write report.json, report.md and (with plots) the PNGs into `out`; return the paths."""
+    """Write report.json, report.md, per_edit.csv and (with plots) the PNGs into `out`; return
+    the paths."""
     out = Path(out)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True))
     atomic_write_text(out / "report.md", markdown(report))
-    paths = [out / "report.json", out / "report.md"]
+    atomic_write_text(out / "per_edit.csv", per_edit_csv(report))
+    paths = [out / "report.json", out / "report.md", out / "per_edit.csv"]
     if plots:
         paths += write_plots(report, out)
     return paths

@@ -148,3 +148,26 @@ def test_ten_zsre_edits_on_the_default_model(default_model, tmp_path):
     g = report["methods"]["grace"]["summary"]
     assert g["rel_tf"] >= 0.95 and g["rel_em"] >= 0.9
     assert g["loc_tf"] >= 0.98 and g["loc_em"] >= 0.98
+
+
+def test_compare_runs_and_per_edit_csv(gpt2, tmp_path):
+    import csv
+
+    from editkit.evaluation.compare import compare_runs, render_comparison
+
+    a = run(tmp_path / "a", gpt2, "final", methods=("grace",))
+    run(tmp_path / "b", gpt2, "final", methods=("ft",))
+    rows = list(csv.DictReader((tmp_path / "a" / "per_edit.csv").open()))
+    assert [r["edit"] for r in rows] == ["1", "2", "3"] and rows[0]["method"] == "grace"
+    assert float(rows[0]["rel_tf"]) == pytest.approx(a["methods"]["grace"]["per_edit"][0]["metrics"]["rel_tf"], abs=1e-6)
+    merged = compare_runs([tmp_path / "a", tmp_path / "b"])
+    assert list(merged["methods"]) == ["a/grace", "b/ft"] and merged["differences"] == []
+    render_comparison(merged, tmp_path / "cmp", plots=False)
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| a/grace |" in text and "| b/ft |" in text
+    run(tmp_path / "c", gpt2, "final", methods=("ft",), seed=5)
+    with pytest.raises(InvalidRequest, match="not comparable.*seed"):
+        compare_runs([tmp_path / "a", tmp_path / "c"])
+    forced = compare_runs([tmp_path / "a", tmp_path / "c"], force=True)
+    render_comparison(forced, tmp_path / "cmp2", plots=False)
+    assert "Not like for like" in (tmp_path / "cmp2" / "compare.md").read_text()
