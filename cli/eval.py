@@ -58,12 +58,18 @@ def eval_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    log_to: Annotated[Optional[list[str]], typer.Option(
+        "--log-to", metavar="TRACKER", help="Also log the run to wandb, mlflow or tensorboard (repeatable; "
+                                            "pip install -e \".[tracking]\").")] = None,
 ) -> None:
     """Evaluate editing methods over a lifelong edit stream and write a report."""
     from editkit.evaluation.report import markdown
     from editkit.evaluation.runner import parse_method_configs, run_eval
 
+    from editkit.evaluation.tracking import check_trackers, log_report
+
     quiet_libraries()
+    check_trackers(log_to or [])
     methods = method or ["ft"]
     points = _parse_at(at)
     configs = parse_method_configs(config, methods)
@@ -80,6 +86,8 @@ def eval_command(
                           model=model_name(model), configs=configs, device=device, at=points, sample=sample,
                           turn_size=turn_size,
                           dtype=dtype.value if dtype else None, progress=progress, host=host_of(ctx), plots=plots)
+    if log_to:
+        log_report(report, out, log_to)
     typer.echo(markdown(report))
     if report["skipped"]:
         typer.echo(f"skipped {len(report['skipped'])} invalid record(s)", err=True)

@@ -171,3 +171,33 @@ def test_compare_runs_and_per_edit_csv(gpt2, tmp_path):
     forced = compare_runs([tmp_path / "a", tmp_path / "c"], force=True)
     render_comparison(forced, tmp_path / "cmp2", plots=False)
     assert "Not like for like" in (tmp_path / "cmp2" / "compare.md").read_text()
+
+
+def test_log_to_trackers_offline(gpt2, tmp_path, monkeypatch):
+    """wandb in offline mode, mlflow to a SQLite store in the run folder, tensorboard event files:
+    each holds the figures of every measurement point with the number of edits as the step."""
+    from editkit.evaluation.tracking import check_trackers, log_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = run(tmp_path / "r", gpt2, "retention", methods=("grace",), every=1)
+    log_report(report, tmp_path / "r", ["wandb", "mlflow", "tensorboard"], name="tiny")
+    assert list((tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'r' / 'mlflow.db').resolve()}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("editkit").experiment_id])
+    history = client.get_metric_history(mlrun.info.run_id, "grace.rel_tf")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert mlrun.data.params["protocol"] == "retention" and mlrun.data.params["grace.steps"] == "5"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard" / "tiny"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("grace/rel_tf")]
+    assert steps == [1, 2, 3]
+    with pytest.raises(InvalidRequest, match="use one of wandb, mlflow, tensorboard"):
+        check_trackers(["neptune"])
