@@ -6,7 +6,7 @@ import typer
 
 from editkit.errors import EditkitError
 
-from . import demo, edit, eval, export, intervention, methods, plugins, serve
+from . import demo, edit, eval, export, intervention, methods, plugins, serve, sweep
 from ._common import EditkitGroup, fail
 
 
@@ -28,6 +28,7 @@ def build_app(host=None) -> typer.Typer:
     serve.register(app)
     eval.register(app)
     export.register(app)
+    sweep.register(app)
     intervention.register(app)
     builtin = {info.name for info in app.registered_commands if info.name} | {
         info.callback.__name__ for info in app.registered_commands if info.callback} | {
