@@ -1,10 +1,13 @@
 """PH3 on a real model: locate memory / context heads on knowledge-conflict items, choose k on a
 validation split, and measure on held-out items against a random-head baseline.
 
-    python benchmarks/ph3.py [--model default] [--items known] [--limit 200] [--draws 5] [--full-patching]
+    python benchmarks/ph3.py [--model default] [--items known] [--limit 200] [--draws 5]
+                             [--mode direct|activation] [--orders effect,paper]
 
-Writes benchmarks/results/ph3.json and ph3.md (rates before / after, k, the heads found and the
-pruning order, the random-head baseline, guardrails, and the paper's numbers for comparison)."""
+Writes benchmarks/results/ph3.json and ph3.md: for each pruning order (editkit's "effect" and
+the paper's patching-score order "paper", on the same located scores and splits), the rates
+before / after, k, the heads pruned, the random-head baseline and guardrails; and the paper's
+numbers for comparison."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 
 from editkit.model import load_model
 from editkit.plugins.ph3 import ConflictItem, build_items, random_baseline, run_ph3
+from editkit.plugins.ph3.locate import HeadScores
 
 ROOT = Path(__file__).resolve().parent
 PAPER = {"memory": 44.0, "context": 38.5}  # Jin et al. 2024: mean gain (points, %) across eight LMs
@@ -36,7 +40,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tolerance", type=float, default=0.1)
-    ap.add_argument("--full-patching", action="store_true")
+    ap.add_argument("--mode", default="direct", choices=["direct", "activation"])
+    ap.add_argument("--orders", default="effect,paper", help="pruning orders to compare on the same scores")
     ap.add_argument("--out", default=str(ROOT / "results" / "ph3"))
     args = ap.parse_args()
 
@@ -44,27 +49,19 @@ def main() -> None:
     loaded = load_model(args.model, device="cpu")
     stats: dict = {}
     items = build_items(loaded, args.items, limit=args.limit, seed=args.seed, stats=stats)
-    doc = run_ph3(loaded, items, seed=args.seed, full_patching=args.full_patching, tolerance=args.tolerance)
-    test = [ConflictItem.from_dict(d) for d in doc["split_items"]["test"]]
-    # A direction whose validation found no usable k (k = 0) is reported, not pruned.
-    usable = [favour for favour, c in doc["choice"].items() if c["k"]]
-    rand = {favour: random_baseline(loaded, test, doc["choice"][favour]["k"], draws=args.draws, seed=args.seed)
-            for favour in usable}
-    before = doc["test"]["before"]
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    docs, scores = {}, None
+    for order in orders:
+        docs[order] = run_ph3(loaded, items, seed=args.seed, mode=args.mode, order=order, tolerance=args.tolerance,
+                              scores=scores)
+        scores = scores or HeadScores.from_dict(docs[order])
+    doc = docs[orders[0]]
     result = {
         "model": loaded.name, "fingerprint": loaded.fingerprint, "items": stats, "splits": doc["splits"],
         "mode": doc["mode"], "sign_convention": doc["sign_convention"], "seed": args.seed,
         "logit_diff": {"conflict": doc["logit_diff_conflict"], "reference": doc["logit_diff_reference"]},
         "memory_heads": doc["memory_heads"][:12], "context_heads": doc["context_heads"][:12],
-        "pruning_order": {kind: order[:12] for kind, order in doc["pruning_order"].items()},
-        "pruned": {f: [h[:2] for h in doc["pruning_order"][doc["choice"][f]["pruned_kind"]][:doc["choice"][f]["k"]]]
-                   for f in usable},
-        "choice": {f: {"k": c["k"], "pruned_kind": c["pruned_kind"], "tolerance": c["tolerance"],
-                       "validation_table": c["table"], "validation_baseline": c["baseline"]}
-                   for f, c in doc["choice"].items()},
-        "test": doc["test"], "random": {f: {"k": r["k"], "draws": r["draws"], "mean": r["mean"]} for f, r in rand.items()},
-        "gain_points": {f: 100 * (doc["test"][f][f"{f}_rate"] - before[f"{f}_rate"]) for f in usable},
-        "random_gain_points": {f: 100 * (rand[f]["mean"][f"{f}_rate"] - before[f"{f}_rate"]) for f in rand},
+        "orders": {order: by_order(loaded, d, args) for order, d in docs.items()},
         "paper_gain_points": PAPER,
         "seconds": time.perf_counter() - started,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -77,15 +74,56 @@ def main() -> None:
     print(out.with_suffix(".md").read_text())
 
 
-def markdown(r: dict, args) -> str:
+def by_order(loaded, doc: dict, args) -> dict:
+    """One pruning order's outcome: k per direction (validation), test rates, random heads."""
+    test = [ConflictItem.from_dict(d) for d in doc["split_items"]["test"]]
+    # A direction whose validation found no usable k (k = 0) is reported, not pruned.
+    usable = [favour for favour, c in doc["choice"].items() if c["k"]]
+    rand = {favour: random_baseline(loaded, test, doc["choice"][favour]["k"], draws=args.draws, seed=args.seed)
+            for favour in usable}
+    before = doc["test"]["before"]
+    return {
+        "pruning_order": {kind: order[:12] for kind, order in doc["pruning_order"].items()},
+        "pruned": {f: [h[:2] for h in doc["pruning_order"][doc["choice"][f]["pruned_kind"]][:doc["choice"][f]["k"]]]
+                   for f in usable},
+        "choice": {f: {"k": c["k"], "pruned_kind": c["pruned_kind"], "tolerance": c["tolerance"],
+                       "validation_table": c["table"], "validation_baseline": c["baseline"]}
+                   for f, c in doc["choice"].items()},
+        "test": doc["test"], "random": {f: {"k": r["k"], "draws": r["draws"], "mean": r["mean"]} for f, r in rand.items()},
+        "gain_points": {f: 100 * (doc["test"][f][f"{f}_rate"] - before[f"{f}_rate"]) for f in usable},
+        "random_gain_points": {f: 100 * (rand[f]["mean"][f"{f}_rate"] - before[f"{f}_rate"]) for f in rand},
+        "clean_loss_points": {f: 100 * (before["clean_accuracy"] - doc["test"][f]["clean_accuracy"]) for f in usable},
+    }
+
+
+def markdown(result: dict, args) -> str:
+    lines = ["# PH3 head pruning: pruning orders side by side", "",
+             "| order | direction | k | gain (points) | random heads | clean accuracy lost (points) | paper (8 LMs) |",
+             "|---|---|---|---|---|---|---|"]
+    for order, r in result["orders"].items():
+        for f in ("memory", "context"):
+            if f in r["gain_points"]:
+                lines.append(f"| {order} | favour {f} | {r['choice'][f]['k']} | {r['gain_points'][f]:+.1f} | "
+                             f"{r['random_gain_points'][f]:+.1f} | {r['clean_loss_points'][f]:.1f} | "
+                             f"+{result['paper_gain_points'][f]} |")
+            elif f in r["choice"]:
+                lines.append(f"| {order} | favour {f} | 0 | no k kept clean accuracy within tolerance | - | - | "
+                             f"+{result['paper_gain_points'][f]} |")
+    lines.append("")
+    for order, r in result["orders"].items():
+        lines += [f"## Order `{order}`", "", one_order({**result, **r}, args)]
+    return "\n".join(lines)
+
+
+def one_order(r: dict, args) -> str:
     before = r["test"]["before"]
     lines = [
-        "# PH3 head pruning", "",
+
         f"Model `{r['model']}`; items: `{args.items}` ({r['items'].get('considered')} facts read, "
         f"{r['items'].get('known')} known, {r['items'].get('items')} conflict items); splits {r['splits']} "
-        f"(seed {r['seed']}); scoring: {r['mode']} path; {r['seconds']:.0f} s on CPU.",
-        f"Command: `python benchmarks/ph3.py --items {args.items} --limit {args.limit} --draws {args.draws}"
-        + (" --full-patching" if args.full_patching else "") + "`", "",
+        f"(seed {r['seed']}); scoring: {r['mode']} patching; {r['seconds']:.0f} s on CPU.",
+        f"Command: `python benchmarks/ph3.py --items {args.items} --limit {args.limit} --draws {args.draws} "
+        f"--mode {args.mode} --orders {args.orders}`", "",
         "Rates on the held-out test split (first answer token, greedy):", "",
         "| setting | k | memory rate | context rate | clean accuracy | perplexity |",
         "|---|---|---|---|---|---|",

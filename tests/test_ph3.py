@@ -169,19 +169,24 @@ def test_pruning_order():
     assert old.top("context", 2) == [(0, 0), (0, 1)]
     with pytest.raises(InvalidRequest):
         HeadScores.from_dict({"scores": scores.tolist(), "ablation": [[1.0]]})
+    paper = HeadScores.from_dict({**hs.to_dict(), "order": "paper"})  # PH3's own order: the patching score
+    assert paper.top("context", 3) == [(0, 0), (0, 1), (1, 0)] and paper.to_dict()["order"] == "paper"
+    assert HeadScores.from_dict({"scores": scores.tolist(), "mode": "full"}).mode == "activation"  # old name
+    with pytest.raises(InvalidRequest, match="order"):
+        HeadScores.from_dict({"scores": scores.tolist(), "order": "sometimes"})
 
 
-def test_full_patching(loaded):
+def test_activation_patching(loaded):
     """Patching from a run identical to the conflict run changes nothing; in GPT-NeoX's parallel
-    blocks a last-layer head reaches the logits only directly, so there full path patching and
+    blocks a last-layer head reaches the logits only directly, so there activation patching and
     the direct-path score agree (up to the norm's linearisation)."""
     items = tiny_items(loaded)
     conflict = capture(loaded, [it.conflict_prompt for it in items], positions=8)
     same = full_scores(loaded, items, conflict, conflict)
     assert same.abs().max() < 1e-4
     direct = locate_heads(loaded, items)
-    full = locate_heads(loaded, items, full_patching=True)
-    assert full.mode == "full" and direct.mode == "direct" and full.scores.shape == direct.scores.shape
+    full = locate_heads(loaded, items, mode="activation")
+    assert full.mode == "activation" and direct.mode == "direct" and full.scores.shape == direct.scores.shape
     assert all(s > 0 for *_, s in direct.ranked("memory")) and all(s < 0 for *_, s in direct.ranked("context"))
     if loaded.adapter.name == "gpt_neox":
         last = loaded.adapter.num_layers - 1
@@ -232,6 +237,8 @@ def test_cli_intervention_add_list_remove(tmp_path, tiny_dirs, tiny_loaded):
     result = runner.invoke(app, ["ph3", "locate", "--items", str(tmp_path / "nope.json"), "--out",
                                  str(tmp_path / "h.json"), *model])
     assert result.exit_code == 1 and "--items must be one of" in result.output
+    result = runner.invoke(app, ["ph3", "locate", "--order", "sometimes", "--out", str(tmp_path / "h.json"), *model])
+    assert result.exit_code == 1 and "--order one of effect, paper" in result.output
 
 
 @pytest.mark.model

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from editkit.cli._common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, echo_json, host_of
+from editkit.errors import InvalidRequest
 
 
 def _pct(value) -> str:
@@ -33,8 +34,16 @@ def make_app() -> typer.Typer:
                  "in the shared data (editkit.data: ../shared/data or $EDITKIT_SHARED_DATA), or a JSON/JSONL file (prompt, answer, optional context_answer, relation).")]
         = "builtin",
         limit: Annotated[Optional[int], typer.Option("--limit", min=6, help="Most conflict items to use.")] = None,
+        mode: Annotated[str, typer.Option(
+            "--mode", metavar="direct|activation",
+            help="direct: direct path patching (one cached pass per prompt); activation: activation patching "
+                 "(every downstream path, one forward pass per head).")] = "direct",
+        order: Annotated[str, typer.Option(
+            "--order", metavar="effect|paper",
+            help="Pruning order: effect (editkit's: each head's direct effect in the conflict run minus its help "
+                 "to the clean answer) or paper (PH3's: the patching score).")] = "effect",
         full_patching: Annotated[bool, typer.Option(
-            "--full-patching", help="Score all paths (one forward pass per head) instead of the direct path.")] = False,
+            "--full-patching", hidden=True, help="Deprecated: --mode activation.")] = False,
         tolerance: Annotated[float, typer.Option(
             "--tolerance", min=0.0, max=1.0, help="Most clean-accuracy loss allowed when choosing k.")] = 0.1,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the splits and of conflicting answers.")] = 0,
@@ -49,6 +58,14 @@ def make_app() -> typer.Typer:
         from .items import build_items, load_facts
         from .pipeline import run_ph3, write_heads
 
+        from .locate import MODES, ORDERS
+
+        if full_patching:
+            typer.echo("warning: --full-patching is deprecated (it is activation patching); use --mode activation",
+                       err=True)
+            mode = "activation"
+        if mode not in MODES or order not in ORDERS:
+            raise InvalidRequest(f"--mode is one of {', '.join(MODES)} and --order one of {', '.join(ORDERS)}")
         facts = load_facts(items)  # a bad --items fails before the model loads
         loaded = load_model(model, device=device, dtype=dtype.value if dtype else None, device_map=device_map,
                             host=host_of(ctx))
@@ -64,8 +81,7 @@ def make_app() -> typer.Typer:
 
             built = build_items(loaded, facts, limit=limit, seed=seed, stats=stats,
                                 progress=lambda d, t: report("known facts", d, t))
-            doc = run_ph3(loaded, built, seed=seed, full_patching=full_patching, tolerance=tolerance,
-                          progress=report)
+            doc = run_ph3(loaded, built, seed=seed, mode=mode, order=order, tolerance=tolerance, progress=report)
         doc["items"] = {**stats, "source": items}
         write_heads(doc, out)
         if as_json:
@@ -82,7 +98,8 @@ def _print_summary(doc: dict, out: Path) -> None:
     con = console()
     items = doc.get("items", {})
     con.print(f"{items.get('items')} conflict items from {items.get('considered')} facts "
-              f"({items.get('known')} known); splits {doc['splits']}; scoring: {doc['mode']} path")
+              f"({items.get('known')} known); splits {doc['splits']}; scoring: {doc['mode']} patching, "
+              f"pruning order: {doc['order']}")
     for kind in ("memory", "context"):
         top = doc[f"{kind}_heads"][:8]
         con.print(f"top {kind} heads: " + (", ".join(f"L{l}H{h} ({s:+.2f})" for l, h, s in top) or "none"))

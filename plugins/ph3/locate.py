@@ -20,10 +20,11 @@ centering for LayerNorm, taken from the conflict run's final-norm input). Then
     g = P (w_norm * (W_U[memory] - W_U[context])) / s_conflict
 
 so one cached forward pass per prompt (the output projection's input at every layer,
-captured with hooks) serves every head. Full path-patching mode patches the head's slice of
-the output projection's input from the reference run into the conflict run, over the repeated
-prompt's positions (the two prompts agree there, aligned from the end), and measures LD: all
-paths, one forward pass per head (items batched).
+captured with hooks) serves every head. Activation-patching mode (called "full path
+patching" before: it patches the head's output through every downstream path, which is
+activation patching) patches the head's slice of the output projection's input from the
+reference run into the conflict run, over the repeated prompt's positions (the two prompts
+agree there, aligned from the end), and measures LD: one forward pass per head (items batched).
 
 Which heads to prune (pruning order). The path-patching score above says which heads behave
 differently when the context contradicts memory; it is the documented classification, but it
@@ -44,7 +45,9 @@ and the heads of a kind are pruned in the order of
 
 keeping only heads whose patching score has the kind's sign and whose gain is > 0: removing
 them moves LD the favoured way in the conflict run, by more than they help the clean prompt's
-answer (the guardrail's proxy). k is still chosen by measuring on the validation split.
+answer (the guardrail's proxy). That is order "effect" (the default, editkit's own); order
+"paper" prunes by the patching score alone, as PH3 does. k is chosen by measuring on the
+validation split either way.
 """
 
 from __future__ import annotations
@@ -151,12 +154,16 @@ def capture(loaded: LoadedModel, prompts: list[str], positions: int = 1, batch_s
 
 
 # ---- scores ----------------------------------------------------------------------------
+MODES = ("direct", "activation")
+ORDERS = ("effect", "paper")
+
+
 @dataclass
 class HeadScores:
     """Mean score per (layer, head) and how it was measured."""
 
     scores: torch.Tensor  # (L, H) float32
-    mode: str  # "direct" or "full"
+    mode: str  # "direct" (direct path patching) or "activation" (activation patching)
     n_items: int
     per_item: torch.Tensor | None = field(default=None, repr=False)  # (N, L, H)
     logit_diff_conflict: float | None = None
@@ -164,6 +171,7 @@ class HeadScores:
     # direct-path quantities behind the pruning order (module doc); None: order by `scores`
     ablation: torch.Tensor | None = None  # (L, H) contribution to LD in the conflict run
     clean: torch.Tensor | None = None  # (L, H) contribution to LD on the clean prompt
+    order: str = "effect"  # pruning order: "effect" (by gain) or "paper" (by patching score)
 
     @staticmethod
     def _check_kind(kind: str) -> None:
@@ -190,11 +198,11 @@ class HeadScores:
         return sign * self.ablation - self.clean.clamp(min=0)
 
     def prune_ranked(self, kind: str) -> list[tuple[int, int, float]]:
-        """The heads of `kind` to prune, best first, with their gain: heads the patching score
-        puts in `kind` whose gain is > 0, by gain. Without ablation / clean matrices (a heads
-        file from before they existed): `ranked(kind)`."""
+        """The heads of `kind` to prune, best first. Order "effect": heads the patching score
+        puts in `kind` whose gain is > 0, by gain (with the gain). Order "paper", or a heads file
+        without ablation / clean matrices: `ranked(kind)`, by patching score."""
         gain = self.gain(kind)
-        if gain is None:
+        if gain is None or self.order == "paper":
             return self.ranked(kind)
         kept = {(layer, head) for layer, head, _ in self.ranked(kind)}
         flat = gain.flatten()
@@ -209,7 +217,7 @@ class HeadScores:
 
     def to_dict(self) -> dict[str, Any]:
         rows = lambda m: None if m is None else [[round(float(v), 6) for v in row] for row in m]
-        return {"mode": self.mode, "n_items": self.n_items, "sign_convention": SIGN_CONVENTION,
+        return {"mode": self.mode, "order": self.order, "n_items": self.n_items, "sign_convention": SIGN_CONVENTION,
                 "logit_diff_conflict": self.logit_diff_conflict, "logit_diff_reference": self.logit_diff_reference,
                 "scores": rows(self.scores), "ablation": rows(self.ablation), "clean": rows(self.clean),
                 "memory_heads": [[l, h, round(s, 6)] for l, h, s in self.ranked("memory")],
@@ -235,9 +243,14 @@ class HeadScores:
         for m in (ablation, clean):
             if m is not None and m.shape != scores.shape:
                 raise InvalidRequest("heads file 'ablation' / 'clean' must have the shape of 'scores'")
-        return cls(scores, data.get("mode", "direct"), int(data.get("n_items", 0)),
+        order = data.get("order", "effect")
+        if order not in ORDERS:
+            raise InvalidRequest(f"heads file order '{order}': one of {', '.join(ORDERS)}")
+        mode = {"full": "activation"}.get(data.get("mode", "direct"), data.get("mode", "direct"))
+        return cls(scores, mode, int(data.get("n_items", 0)),
                    logit_diff_conflict=data.get("logit_diff_conflict"),
-                   logit_diff_reference=data.get("logit_diff_reference"), ablation=ablation, clean=clean)
+                   logit_diff_reference=data.get("logit_diff_reference"), ablation=ablation, clean=clean,
+                   order=order)
 
 
 def unembed_direction(loaded: LoadedModel, items: list[ConflictItem]) -> torch.Tensor:
@@ -320,11 +333,17 @@ def full_scores(loaded: LoadedModel, items: list[ConflictItem], conflict: Captur
     return out
 
 
-def locate_heads(loaded: LoadedModel, items: list[ConflictItem], full_patching: bool = False,
+def locate_heads(loaded: LoadedModel, items: list[ConflictItem], mode: str = "direct", order: str = "effect",
                  batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> HeadScores:
-    """Score every (layer, head) on `items` (see the module doc for the sign convention)."""
+    """Score every (layer, head) on `items` (see the module doc for the sign convention) by
+    direct path patching ("direct") or activation patching ("activation"); `order` is the
+    pruning order the scores carry ("effect" or "paper")."""
     if not items:
         raise InvalidRequest("no conflict items to locate heads with")
+    if mode not in MODES or order not in ORDERS:
+        raise InvalidRequest(f"ph3 mode '{mode}' / order '{order}': modes {', '.join(MODES)}; "
+                             f"orders {', '.join(ORDERS)}")
+    full_patching = mode == "activation"
     positions = max(it.suffix_tokens for it in items) if full_patching else 1
     conflict = capture(loaded, [it.conflict_prompt for it in items], positions, batch_size)
     total = 3 + (loaded.adapter.num_layers * loaded.adapter.num_heads if full_patching else 0)
@@ -343,10 +362,8 @@ def locate_heads(loaded: LoadedModel, items: list[ConflictItem], full_patching: 
     if full_patching:
         step = (lambda done, _: progress(3 + done, total)) if progress else None
         per_item = full_scores(loaded, items, conflict, reference, batch_size * 2, step)
-        mode = "full"
     else:
         per_item = direct_scores(loaded, items, conflict, reference)
-        mode = "direct"
     return HeadScores(per_item.mean(0), mode, len(items), per_item,
                       float(logit_diff(conflict.logits, items).mean()),
-                      float(logit_diff(reference.logits, items).mean()), ablation, clean_effect)
+                      float(logit_diff(reference.logits, items).mean()), ablation, clean_effect, order)

@@ -1,9 +1,10 @@
 """The whole PH3 recipe in one place, shared by the CLI and the benchmark: split the items,
 locate heads on one split, choose k for each direction on another, report rates on the third;
-and the heads file (JSON) that carries the result to `editkit ph3 apply`."""
+and the heads file (JSON) that carries the result to `editkit intervention add ph3`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -21,18 +22,23 @@ from .locate import HeadScores, locate_heads
 HEADS_FORMAT = 1
 
 
-def run_ph3(loaded: LoadedModel, items: list[ConflictItem], *, seed: int = 0, full_patching: bool = False,
-            ks: tuple[int, ...] = DEFAULT_KS, tolerance: float = 0.1,
+def run_ph3(loaded: LoadedModel, items: list[ConflictItem], *, seed: int = 0, mode: str = "direct",
+            order: str = "effect", ks: tuple[int, ...] = DEFAULT_KS, tolerance: float = 0.1,
             fractions: tuple[float, float, float] = (0.4, 0.3, 0.3),
-            progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[str, int, int], None] | None = None,
+            scores: HeadScores | None = None) -> dict[str, Any]:
     """Locate (locate split), choose k per direction (validation split), measure (test split).
-    Returns the heads-file document."""
+    Returns the heads-file document. `scores` from an earlier call with the same items and
+    seed skips the locate step (e.g. to compare pruning orders on the same scores)."""
     splits = split_items(items, seed, fractions)
     if not splits["locate"] or not splits["validation"] or not splits["test"]:
         raise InvalidRequest(f"{len(items)} conflict items are too few for three non-empty splits "
                              "(locate / validation / test); use more items")
     step = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
-    scores = locate_heads(loaded, splits["locate"], full_patching=full_patching, progress=step("locate"))
+    if scores is None:
+        scores = locate_heads(loaded, splits["locate"], mode=mode, order=order, progress=step("locate"))
+    else:
+        scores = dataclasses.replace(scores, order=order)
     val_base = evaluate_rates(loaded, splits["validation"])
     test_base = {**evaluate_rates(loaded, splits["test"]), "perplexity": perplexity(loaded)}
     choice, test = {}, {"before": test_base}
