@@ -25,6 +25,7 @@ from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.schemas import EditRequest
 from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
+from editkit.limits import check_seed, check_texts, max_prompt_chars
 
 # WISE (retrieve, 8 edits per memory): after 50 zsRE edits on the default model Rel 0.96,
 # Gen 0.72, Loc 0.98 (benchmarks/wise.py). `nmc` is the fast choice (~10x less time per edit).
@@ -59,6 +60,10 @@ def request_seed(request: EditRequest) -> int:
 
 
 class Session:
+    # The longest prompt or target accepted by edit() and generate(); None: the shared
+    # default, $EDITKIT_MAX_PROMPT_CHARS or 4000 (editkit.limits). The service sets its own.
+    max_prompt_chars: int | None = None
+
     def __init__(self, workspace: Path, settings: dict[str, Any], loaded: LoadedModel, editor: Editor,
                  journal: Journal, store: StateStore, interventions: dict[str, Intervention],
                  host: PluginHost, lock_file, readonly: bool):
@@ -171,6 +176,10 @@ class Session:
         reqs = [as_request(r, i if len(items) > 1 else None) for i, r in enumerate(items)]
         if not reqs:
             raise InvalidRequest("no edit requests given")
+        limit = self.prompt_limit()
+        for i, req in enumerate(reqs):
+            where = f"edit request {i}: " if len(reqs) > 1 else ""
+            check_texts(((where + field, text) for field, text in req.texts()), limit)
         for req in reqs:
             veto = self.host.veto(self, req)
             if veto:
@@ -309,6 +318,9 @@ class Session:
         items = [prompts] if isinstance(prompts, str) else list(prompts)
         if any(not p or not p.strip() for p in items):
             raise InvalidRequest("prompt must not be empty")
+        check_texts(((f"prompt {i}" if len(items) > 1 else "prompt", p) for i, p in enumerate(items)),
+                    self.prompt_limit())
+        check_seed(seed)
         if conversation is None:
             return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
         check_conversation(conversation)
@@ -316,6 +328,10 @@ class Session:
             for component in self._components():
                 stack.enter_context(component.conversation(conversation))
             return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+
+    def prompt_limit(self) -> int:
+        """The longest prompt or target this session accepts (see max_prompt_chars)."""
+        return self.max_prompt_chars or max_prompt_chars()
 
     def clear_conversation(self, conversation: str) -> None:
         """Forget everything `conversation` left in runtime memory (its next turn starts fresh)."""
