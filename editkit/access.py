@@ -64,3 +64,19 @@ def changes_state_when(body_model: type[BaseModel], field: str):
 
     dependency.changes_state_when = field
     return dependency
+
+
+def declared(route) -> list[str]:
+    """The access markers a FastAPI route depends on, by name ('changes_state_when:FIELD'
+    for the conditional one). A route must declare exactly one (the tests check each)."""
+    markers = {changes_state: "changes_state", reads_server_files: "reads_server_files",
+               reads_state: "reads_state"}
+    found, pending = [], [route.dependant]
+    while pending:
+        dependant = pending.pop()
+        pending.extend(dependant.dependencies)
+        if dependant.call in markers:
+            found.append(markers[dependant.call])
+        elif hasattr(dependant.call, "changes_state_when"):
+            found.append(f"changes_state_when:{dependant.call.changes_state_when}")
+    return sorted(found)

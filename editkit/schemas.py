@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from editkit.limits import Text
+from editkit.limits import NonBlank, Text
 
 
 def _not_blank(value: str, what: str) -> str:
@@ -18,7 +18,7 @@ class LocalityProbe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: Text = Field(description="Prompt unrelated to the edit.")
+    prompt: NonBlank = Field(description="Prompt unrelated to the edit.")
     answer: Text | None = Field(default=None, description="Expected answer, if known.")
 
     @field_validator("prompt")
@@ -32,11 +32,11 @@ class EditRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: Text = Field(description="The prompt whose completion changes.")
-    target_new: Text = Field(description="The new completion.")
-    subject: Text | None = Field(default=None, description="Entity the fact is about, if known.")
+    prompt: NonBlank = Field(description="The prompt whose completion changes.")
+    target_new: NonBlank = Field(description="The new completion.")
+    subject: NonBlank | None = Field(default=None, description="Entity the fact is about, if known.")
     target_old: Text | None = Field(default=None, description="The completion before the edit, if known.")
-    rephrases: list[Text] = Field(default_factory=list, description="Paraphrases that should follow the edit.")
+    rephrases: list[NonBlank] = Field(default_factory=list, description="Paraphrases that should follow the edit.")
     locality: list[LocalityProbe] = Field(default_factory=list, description="Unrelated probes that must not change.")
 
     @field_validator("prompt")

@@ -10,8 +10,8 @@ the bearer token when one is set. Errors: every error is JSON with a reason, and
 names a server directory (they are redacted) or carries a traceback (an unexpected error is
 logged with a request id, and the response gives only the id)."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads each route's body model from its
+# annotation, and the capped models are local to create_app.
 import ipaddress
 import logging
 import threading
@@ -19,18 +19,18 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Path as PathParam, Request
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editkit.access import Unauthorized, changes_state, changes_state_when, reads_server_files, reads_state
 from editkit.errors import (EditkitError, EditVetoed, InvalidRequest, UnknownComponent,
                             WorkspaceError)
-from editkit.limits import MAX_SEED, Text, TextError, check_texts, max_prompt_chars
+from editkit.limits import MAX_SEED, NonBlank, Text, TextError, check_texts, max_prompt_chars
 from editkit.rwlock import RWLock
 from editkit.schemas import EditRequest
 from editkit.session import CONVERSATION_ID, Session
@@ -66,12 +66,13 @@ class EditBatch(BaseModel):
     edits: list[EditRequest] = Field(min_length=1, description="Edit requests, applied in order.")
 
 
+NOT_BLANK = Field(json_schema_extra={"pattern": r"\S"})
 Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Seed for sampling (0 to 2^63-1).")]
 
 
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompts: list[Text] = Field(min_length=1)
+    prompts: list[NonBlank] = Field(min_length=1)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -85,7 +86,9 @@ class CompletionBody(BaseModel):
     """The OpenAI /v1/completions fields editkit honours."""
     model_config = ConfigDict(extra="ignore")
     model: Text | None = None
-    prompt: str | list[str] = Field(description="One prompt or a list of them (checked in the handler).")
+    # Plain strings (the handler checks each): a union of validated types would name its members in errors.
+    prompt: Annotated[str, NOT_BLANK] | list[Annotated[str, NOT_BLANK]] = Field(
+        description="One prompt or a list of them.")
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -99,6 +102,21 @@ class EvaluateBody(BaseModel):
     suite: Text = "builtin"
     data: Text | None = Field(None, description="Suite file, relative to the server's data directory.")
     limit: int | None = Field(None, ge=1)
+
+
+def capped_bodies(config: ServiceConfig) -> tuple[type[EditBatch], type[GenerateBody], type[CompletionBody]]:
+    """The request bodies with this server's caps (batch size, new tokens) in their schema,
+    so pydantic enforces them and the OpenAPI document states them."""
+    tokens = config.max_new_tokens
+    edits = create_model("EditBatch", __base__=EditBatch, edits=(list[EditRequest], Field(
+        min_length=1, max_length=config.max_batch, description="Edit requests, applied in order.")))
+    generate = create_model(
+        "GenerateBody", __base__=GenerateBody,
+        prompts=(list[NonBlank], Field(min_length=1, max_length=config.max_batch)),
+        max_new_tokens=(int, Field(min(32, tokens), ge=1, le=tokens)))
+    completion = create_model("CompletionBody", __base__=CompletionBody,
+                              max_tokens=(int, Field(min(16, tokens), ge=1, le=tokens)))
+    return edits, generate, completion
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -254,14 +272,7 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
         return _error(500, f"internal error; the server log has the details under request id {request_id}",
                       request_id=request_id)
 
-    def check_batch(field: str, items: list) -> None:
-        if len(items) > config.max_batch:
-            raise ApiError(422, f"{field}: at most {config.max_batch} items", [{"field": field, "reason": "too many items"}])
-
-    def check_tokens(field: str, value: int) -> None:
-        if value > config.max_new_tokens:
-            reason = f"at most {config.max_new_tokens}"
-            raise ApiError(422, f"{field}: {reason}", [{"field": field, "reason": reason}])
+    Edits, Generate, Completion = capped_bodies(config)
 
     def generate(prompts: list[str], **kwargs) -> list[str]:
         started = time.perf_counter()
@@ -306,8 +317,7 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
         return metrics.render()
 
     @app.post("/v1/edits", dependencies=[Depends(changes_state)])
-    def post_edits(body: EditBatch) -> dict:
-        check_batch("edits", body.edits)
+    def post_edits(body: Edits) -> dict:
         for i, e in enumerate(body.edits):
             check_texts(((f"edits.{i}.{field}", text) for field, text in e.texts()), config.max_prompt_chars)
         started = time.perf_counter()
@@ -319,11 +329,8 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
                            "seconds": r.stats.get("seconds")} for r in records]}
 
     @app.get("/v1/edits", dependencies=[Depends(reads_state)])
-    def list_edits(offset: int = 0, limit: int = 50, status: str | None = None) -> dict:
-        if offset < 0 or not 1 <= limit <= 1000:
-            raise ApiError(422, "offset must be >= 0 and limit within 1..1000")
-        if status not in (None, "applied", "rolled_back"):
-            raise ApiError(422, "status: one of applied, rolled_back", [{"field": "status", "reason": "unknown status"}])
+    def list_edits(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                   status: Literal["applied", "rolled_back"] | None = None) -> dict:
         journal = read_journal()
         try:
             records = journal.records()
@@ -349,10 +356,8 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
         return record.to_dict()
 
     @app.post("/v1/generate")
-    def post_generate(body: Annotated[GenerateBody, Depends(changes_state_when(GenerateBody, "conversation"))]) -> dict:
-        check_batch("prompts", body.prompts)
+    def post_generate(body: Annotated[Generate, Depends(changes_state_when(Generate, "conversation"))]) -> dict:
         check_texts(((f"prompts.{i}", p) for i, p in enumerate(body.prompts)), config.max_prompt_chars)
-        check_tokens("max_new_tokens", body.max_new_tokens)
         texts = generate(body.prompts, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                          top_p=body.top_p, seed=body.seed, conversation=body.conversation)
         return {"completions": texts}
@@ -364,13 +369,13 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
         return {"conversation": conversation, "cleared": True}
 
     @app.post("/v1/completions", dependencies=[Depends(reads_state)])
-    def completions(body: CompletionBody) -> dict:
+    def completions(body: Completion) -> dict:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(422, "prompt: give at least one prompt", [{"field": "prompt", "reason": "empty list"}])
-        check_batch("prompt", prompts)
+        if len(prompts) > config.max_batch:
+            raise ApiError(422, f"prompt: at most {config.max_batch} prompts", [{"field": "prompt", "reason": "too many"}])
         check_texts(((f"prompt.{i}", p) for i, p in enumerate(prompts)), config.max_prompt_chars)
-        check_tokens("max_tokens", body.max_tokens)
         texts = generate(prompts, max_new_tokens=body.max_tokens, temperature=body.temperature,
                          top_p=body.top_p, seed=body.seed)
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])

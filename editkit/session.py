@@ -20,12 +20,12 @@ from pydantic import ValidationError
 
 from editkit.components import Editor, Intervention, describe_validation_error
 from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
-from editkit.generation import generate as _generate
+from editkit.generation import check_fits, generate as _generate
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.schemas import EditRequest
 from editkit.store import EditRecord, Journal, StateStore, atomic_write_text
-from editkit.limits import check_seed, check_texts, max_prompt_chars
+from editkit.limits import check_sampling, check_seed, check_texts, max_prompt_chars
 
 # WISE (retrieve, 8 edits per memory): after 50 zsRE edits on the default model Rel 0.96,
 # Gen 0.72, Loc 0.98 (benchmarks/wise.py). `nmc` is the fast choice (~10x less time per edit).
@@ -33,6 +33,9 @@ DEFAULT_METHOD = "wise"
 WORKSPACE_FORMAT = 1
 EDITOR_STATE = "editor"
 INTERVENTION_STATE = "intervention."  # + name; its JSON holds {"config": ..., "state": ...}
+# Tokens an edit's texts leave free in the model's context: a method's context prefix (WISE:
+# up to 10 tokens) and the 8 tokens generated for a locality probe without an answer.
+EDIT_CONTEXT_ROOM = 16
 
 
 def _model_key(name: str | None) -> str:
@@ -180,6 +183,7 @@ class Session:
         for i, req in enumerate(reqs):
             where = f"edit request {i}: " if len(reqs) > 1 else ""
             check_texts(((where + field, text) for field, text in req.texts()), limit)
+            check_fits(self.loaded, ((where + field, text, EDIT_CONTEXT_ROOM) for field, text in _sequences(req)))
         for req in reqs:
             veto = self.host.veto(self, req)
             if veto:
@@ -321,6 +325,9 @@ class Session:
         check_texts(((f"prompt {i}" if len(items) > 1 else "prompt", p) for i, p in enumerate(items)),
                     self.prompt_limit())
         check_seed(seed)
+        check_sampling(temperature, top_p)
+        check_fits(self.loaded, ((f"prompt {i}" if len(items) > 1 else "prompt", p, max_new_tokens)
+                                 for i, p in enumerate(items)))
         if conversation is None:
             return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
         check_conversation(conversation)
@@ -341,6 +348,13 @@ class Session:
 
     def _components(self) -> list:
         return [self.editor, *self.interventions.values()]
+
+
+def _sequences(req: EditRequest) -> list[tuple[str, str]]:
+    """The texts an edit runs through the model: each prompt followed by its answer."""
+    return [("prompt + target_new", req.prompt + req.target_new),
+            *[(f"rephrases.{i} + target_new", r + req.target_new) for i, r in enumerate(req.rephrases)],
+            *[(f"locality.{i}", p.prompt + (p.answer or "")) for i, p in enumerate(req.locality)]]
 
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")

@@ -12,26 +12,16 @@ from fastapi.testclient import TestClient
 from editkit import access
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TOKEN_MARKERS = {"changes_state": access.changes_state, "reads_server_files": access.reads_server_files}
-OPEN_MARKERS = {"reads_state": access.reads_state}
+TOKEN_MARKERS = {"changes_state", "reads_server_files"}
 # Routes FastAPI adds itself: its schema and docs pages, read-only.
 FRAMEWORK_ROUTES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 # A valid body for each route that changes state only when a body field is set.
 CONDITIONAL_BODIES = {"/v1/generate": {"prompts": ["The capital of France is"], "max_new_tokens": 1}}
 
 
-def calls(dependant) -> set:
-    out = {dependant.call}
-    for sub in dependant.dependencies:
-        out |= calls(sub)
-    return out
-
-
 def marker(route: APIRoute) -> str:
-    """The route's one access marker, by name ('changes_state_when:FIELD' for the conditional one)."""
-    found = calls(route.dependant)
-    names = [name for name, fn in {**TOKEN_MARKERS, **OPEN_MARKERS}.items() if fn in found]
-    names += [f"changes_state_when:{fn.changes_state_when}" for fn in found if hasattr(fn, "changes_state_when")]
+    """The route's one access marker (editkit.access.declared)."""
+    names = access.declared(route)
     assert len(names) == 1, f"{sorted(route.methods)} {route.path} declares {names or 'no access marker'}; " \
                             "depend on exactly one of editkit.access's markers"
     return names[0]

@@ -52,6 +52,13 @@ def test_bad_input_is_a_4xx_with_a_reason(client, tmp_path):
         assert error(r, 422, field, "not valid Unicode")
         assert r.json()["error"]["fields"][0]["field"] == field
 
+    # Found by the schemathesis run: a tiny temperature overflowed sampling, and a prompt past
+    # the model's context (128 positions here) failed inside GPT-2's position embedding.
+    error(client.post("/v1/generate", json={**prompt, "temperature": 1e-30}), 422, "temperature")
+    long = "the quick brown fox " * 30
+    error(client.post("/v1/generate", json={"prompts": [long]}), 422, "over the model's context of 128 tokens")
+    error(client.post("/v1/edits", json={"edits": [{"prompt": long, "target_new": "b"}]}, headers=AUTH),
+          422, "prompt + target_new", "over the model's context")
     error(client.post("/v1/completions", json={"prompt": []}), 422, "prompt", "at least one")
     error(client.post("/v1/generate", json={"prompts": []}), 422, "prompts")
     error(client.post("/v1/generate", json={"prompts": ["x" * 4001]}), 422, "prompts.0", "longer than 4000")
