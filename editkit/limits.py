@@ -45,7 +45,8 @@ def valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(valid_unicode)]
 # One that must hold more than whitespace: the model's validator says so in its own words;
 # the schema states it as a pattern (some non-space character), for clients and the fuzzer.
-NonBlank = Annotated[Text, Field(json_schema_extra={"pattern": r"\S"})]
+NOT_BLANK_SCHEMA = {"pattern": r"\S"}
+NonBlank = Annotated[Text, Field(json_schema_extra=NOT_BLANK_SCHEMA)]
 
 
 class TextError(InvalidRequest):

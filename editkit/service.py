@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from editkit.access import Unauthorized, changes_state, changes_state_when, reads_server_files, reads_state
 from editkit.errors import (EditkitError, EditVetoed, InvalidRequest, UnknownComponent,
                             WorkspaceError)
-from editkit.limits import MAX_SEED, NonBlank, Text, TextError, check_texts, max_prompt_chars
+from editkit.limits import NOT_BLANK_SCHEMA, MAX_SEED, NonBlank, Text, TextError, check_texts, max_prompt_chars
 from editkit.rwlock import RWLock
 from editkit.schemas import EditRequest
 from editkit.session import CONVERSATION_ID, Session
@@ -66,7 +66,7 @@ class EditBatch(BaseModel):
     edits: list[EditRequest] = Field(min_length=1, description="Edit requests, applied in order.")
 
 
-NOT_BLANK = Field(json_schema_extra={"pattern": r"\S"})
+NOT_BLANK = Field(json_schema_extra=NOT_BLANK_SCHEMA)
 Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED, description="Seed for sampling (0 to 2^63-1).")]
 
 
@@ -93,7 +93,7 @@ class CompletionBody(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
-    stop: Text | list[Text] | None = None
+    stop: str | list[str] | None = None  # only compared with the output, never tokenized or echoed
     seed: Seed = None
 
 
