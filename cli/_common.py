@@ -16,6 +16,11 @@ from typer.core import TyperGroup
 
 from editkit.errors import EditkitError, InvalidRequest
 
+try:  # typer >= 0.2x carries its own click, whose exceptions derive from TyperException
+    from typer import TyperException as ClickError
+except ImportError:  # older typer: click's own
+    from click import ClickException as ClickError
+
 if TYPE_CHECKING:
     from editkit.host import PluginHost
     from editkit.session import Session
@@ -68,9 +73,32 @@ def fail(exc: BaseException | str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def usage_error(exc: ClickError) -> NoReturn:
+    """Click's own errors (a bad option value, a missing argument, an unknown command) as
+    `error: <reason>` on one line, keeping their exit status (2 for usage errors)."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _is_help(exc: ClickError) -> bool:
+    """`editkit` or a command group called without arguments: the help text, not an error."""
+    return type(exc).__name__ == "NoArgsIsHelpError"
+
+
 class EditkitGroup(TyperGroup):
     """The root command group: user errors raised anywhere below it (built-in commands,
-    plugin command groups, option callbacks) end in `fail`, never in a traceback."""
+    plugin command groups, option callbacks) end in `fail`, and usage errors in
+    `usage_error`, never in a traceback or a box."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except ClickError as exc:  # options of the root itself, e.g. `editkit --bogus`
+            if _is_help(exc):
+                raise
+            usage_error(exc)
 
     def invoke(self, ctx):
         quiet_libraries()
@@ -78,6 +106,10 @@ class EditkitGroup(TyperGroup):
             return super().invoke(ctx)
         except (EditkitError, ValidationError) as exc:
             fail(exc)
+        except ClickError as exc:
+            if _is_help(exc):
+                raise
+            usage_error(exc)
 
 
 def quiet_libraries() -> None:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from editkit.errors import InvalidRequest, WorkspaceError
+from editkit.limits import MAX_SEED, check_texts, max_prompt_chars
 
 from ._common import (DEFAULT_WORKSPACE, SCORES, SCORES_CAPTION, ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt,
                       JsonOpt, MethodOpt, ModelOpt, WorkspaceOpt, console, echo_json, fmt_score, fmt_seconds,
-                      open_session, parse_config)
+                      one_line, open_session, parse_config)
 
 if TYPE_CHECKING:
     from editkit.schemas import EditRequest
@@ -26,6 +27,44 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 
 # ---- reading requests -------------------------------------------------------------------
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is an error, not 'the last one wins'."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
+def parse_line(line: str) -> dict[str, Any]:
+    """One JSONL line as a JSON object; InvalidRequest (without the line number) otherwise."""
+    try:
+        data = json.loads(line, object_pairs_hook=_object)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"key '{exc.args[0]}' is given twice") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. a number over Python's digit limit, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else one_line(exc)
+        raise InvalidRequest(f"invalid JSON: {reason}") from None
+    if not isinstance(data, dict):
+        kind = _JSON_TYPES.get(type(data), type(data).__name__)
+        raise InvalidRequest(f"expected a JSON object (an edit request), got {kind}")
+    return data
+
+
+def checked(request: EditRequest) -> EditRequest:
+    """`request`, once its texts are within the shared limit (the session checks it too,
+    but only after opening the workspace)."""
+    check_texts(request.texts(), max_prompt_chars())
+    return request
+
+
 def read_requests(path: str) -> list[EditRequest]:
     """Every request of a JSONL file (`-`: stdin), all validated before any is returned."""
     from editkit.session import as_request
@@ -38,18 +77,13 @@ def read_requests(path: str) -> list[EditRequest]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"{label} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     requests = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only: str.splitlines() would also split inside a JSON string holding
+    # U+2028, U+0085 and the like, which JSON allows unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise InvalidRequest(f"{label} line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(data, dict):
-            kind = _JSON_TYPES.get(type(data), type(data).__name__)
-            raise InvalidRequest(f"{label} line {number}: expected a JSON object (an edit request), got {kind}")
-        try:
-            requests.append(as_request(data))
+            requests.append(checked(as_request(parse_line(line))))
         except InvalidRequest as exc:
             raise InvalidRequest(f"{label} line {number}: {exc}") from None
     if not requests:
@@ -65,8 +99,9 @@ def request_from_options(prompt: str, target: str, rephrases: list[str], locs: l
         raise InvalidRequest(f"--loc-answer is given {len(loc_answers)} time(s) for {len(locs)} --loc "
                              "prompt(s); give one per --loc, in the same order, or none")
     answers = loc_answers or [None] * len(locs)
-    return as_request({"prompt": prompt, "target_new": target, "subject": subject, "target_old": target_old,
-                       "rephrases": rephrases, "locality": [{"prompt": p, "answer": a} for p, a in zip(locs, answers)]})
+    return checked(as_request({"prompt": prompt, "target_new": target, "subject": subject, "target_old": target_old,
+                               "rephrases": rephrases,
+                               "locality": [{"prompt": p, "answer": a} for p, a in zip(locs, answers)]}))
 
 
 # ---- reading the journal without a model ------------------------------------------------
@@ -182,7 +217,7 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(
         "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for sampling.")] = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -193,6 +228,7 @@ def generate(
     """Generate with the workspace's edits in force (the workspace must exist)."""
     if any(not p.strip() for p in prompts):
         raise InvalidRequest("prompt must not be empty")
+    check_texts((("PROMPT", p) for p in prompts), max_prompt_chars())
     with open_session(ctx, workspace, create=False, readonly=True, model=model, device=device, dtype=dtype,
                       device_map=device_map) as session:
         texts = session.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -17,9 +17,11 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; a non-loopback one needs a token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     token: Annotated[Optional[str], typer.Option(
-        "--token", envvar="EDITKIT_TOKEN", help="Bearer token required by write endpoints.")] = None,
+        "--token", envvar="EDITKIT_TOKEN", help="Bearer token required by every request that changes state.")] = None,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (413 above).")] = 1_000_000,
-    max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Longest prompt (422 above).")] = 4000,
+    max_prompt_chars: Annotated[Optional[int], typer.Option(
+        "--max-prompt-chars", min=1, show_default=False,
+        help="Longest prompt or target (422 above). Default: $EDITKIT_MAX_PROMPT_CHARS, else 4000.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per generation.")] = 512,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where /v1/evaluate may read suite files.")] = None,
     model: ModelOpt = None,
@@ -33,8 +35,9 @@ def serve(
     (OpenAPI docs at /docs)."""
     from editkit.service import ServiceConfig, serve as run
 
-    settings = ServiceConfig(token=token, max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
-                             max_new_tokens=max_new_tokens, data_dir=str(data_dir) if data_dir else None)
+    limits = {"max_prompt_chars": max_prompt_chars} if max_prompt_chars else {}
+    settings = ServiceConfig(token=token, max_body_bytes=max_body_bytes, max_new_tokens=max_new_tokens,
+                             data_dir=str(data_dir) if data_dir else None, **limits)
 
     run(lambda: start_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
                               device_map=device_map, method=method, method_config=parse_config(config)),

@@ -25,7 +25,7 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{field}: {err['msg']}")
+        parts.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
     return f"invalid {what}: " + "; ".join(parts)
 
 

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
+from editkit.errors import InvalidRequest
 from editkit.model import LoadedModel
+
+
+def check_fits(loaded: LoadedModel, items: Iterable[tuple[str, str, int]]) -> None:
+    """InvalidRequest for the first (field, text, extra tokens) whose tokens plus the extra
+    ones (tokens to generate, or room a method needs) are over the model's context length:
+    past it a model with learned positions (GPT-2) fails, and others lose the thread."""
+    limit = loaded.context_length
+    if not limit:
+        return
+    for field, text, extra in items:
+        n = len(loaded.tokenizer(text).input_ids)
+        if n + extra > limit:
+            raise InvalidRequest(f"{field}: {n} tokens + {extra} is over the model's context of {limit} tokens")
 
 
 @torch.no_grad()

@@ -42,6 +42,12 @@ class LoadedModel:
         """Where inputs go: the device of the input embeddings (right under device_map too)."""
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def context_length(self) -> int | None:
+        """Most positions (prompt plus generated tokens) the model takes, from its config
+        (transformers maps each family's name for it, e.g. GPT-2's n_positions); None: none stated."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
 
 def cache_dir() -> Path:
     root = os.environ.get("EDITKIT_CACHE") or os.path.join(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from editkit.limits import NonBlank, Text
+
 
 def _not_blank(value: str, what: str) -> str:
     if not value or not value.strip():
@@ -16,8 +18,8 @@ class LocalityProbe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(description="Prompt unrelated to the edit.")
-    answer: str | None = Field(default=None, description="Expected answer, if known.")
+    prompt: NonBlank = Field(description="Prompt unrelated to the edit.")
+    answer: Text | None = Field(default=None, description="Expected answer, if known.")
 
     @field_validator("prompt")
     @classmethod
@@ -30,11 +32,11 @@ class EditRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(description="The prompt whose completion changes.")
-    target_new: str = Field(description="The new completion.")
-    subject: str | None = Field(default=None, description="Entity the fact is about, if known.")
-    target_old: str | None = Field(default=None, description="The completion before the edit, if known.")
-    rephrases: list[str] = Field(default_factory=list, description="Paraphrases that should follow the edit.")
+    prompt: NonBlank = Field(description="The prompt whose completion changes.")
+    target_new: NonBlank = Field(description="The new completion.")
+    subject: NonBlank | None = Field(default=None, description="Entity the fact is about, if known.")
+    target_old: Text | None = Field(default=None, description="The completion before the edit, if known.")
+    rephrases: list[NonBlank] = Field(default_factory=list, description="Paraphrases that should follow the edit.")
     locality: list[LocalityProbe] = Field(default_factory=list, description="Unrelated probes that must not change.")
 
     @field_validator("prompt")
@@ -56,3 +58,11 @@ class EditRequest(BaseModel):
     @classmethod
     def _subject(cls, v: str | None) -> str | None:
         return None if v is None else _not_blank(v, "subject")
+
+    def texts(self) -> list[tuple[str, str | None]]:
+        """(field, text) for every text of the request, named as in its JSON form."""
+        return [("prompt", self.prompt), ("target_new", self.target_new), ("subject", self.subject),
+                ("target_old", self.target_old),
+                *[(f"rephrases.{i}", r) for i, r in enumerate(self.rephrases)],
+                *[item for i, p in enumerate(self.locality)
+                  for item in ((f"locality.{i}.prompt", p.prompt), (f"locality.{i}.answer", p.answer))]]

@@ -22,10 +22,11 @@ from editkit import legacy
 from editkit.chunks import ChunkStore
 from editkit.components import Editor, Intervention, describe_validation_error
 from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
-from editkit.generation import generate as _generate
+from editkit.generation import check_fits, generate as _generate
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.schemas import EditRequest
+from editkit.limits import check_sampling, check_seed, check_texts, max_prompt_chars
 from editkit.store import EditRecord, Journal, atomic_write_text, checkpoint_spacing
 
 # What a new workspace edits with unless told otherwise; docs/wise.md gives its measured figures.
@@ -33,6 +34,9 @@ DEFAULT_METHOD = "wise"
 WORKSPACE_FORMAT = 2  # 1: state as whole directories (journal schema 1); migrated on open
 EDITOR_STATE = "editor"
 INTERVENTION_STATE = "intervention."  # + name; its JSON holds {"config": ..., "state": ...}
+# Tokens an edit's texts leave free in the model's context: a method's context prefix (WISE:
+# up to 10 tokens) and the 8 tokens generated for a locality probe without an answer.
+EDIT_CONTEXT_ROOM = 16
 
 
 def _model_key(name: str | None) -> str:
@@ -79,6 +83,10 @@ def _turns(records: list[EditRecord]) -> list[list[EditRecord]]:
 
 
 class Session:
+    # The longest prompt or target accepted by edit() and generate(); None: the shared
+    # default, $EDITKIT_MAX_PROMPT_CHARS or 4000 (editkit.limits). The service sets its own.
+    max_prompt_chars: int | None = None
+
     def __init__(self, workspace: Path, settings: dict[str, Any], loaded: LoadedModel, editor: Editor,
                  journal: Journal, chunks: ChunkStore, bases: dict[str, dict],
                  interventions: dict[str, Intervention], host: PluginHost, lock_file, readonly: bool):
@@ -194,6 +202,11 @@ class Session:
         reqs = [as_request(r, i if len(items) > 1 else None) for i, r in enumerate(items)]
         if not reqs:
             raise InvalidRequest("no edit requests given")
+        limit = self.prompt_limit()
+        for i, req in enumerate(reqs):
+            where = f"edit request {i}: " if len(reqs) > 1 else ""
+            check_texts(((where + field, text) for field, text in req.texts()), limit)
+            check_fits(self.loaded, ((where + field, text, EDIT_CONTEXT_ROOM) for field, text in _sequences(req)))
         for req in reqs:
             veto = self.host.veto(self, req)
             if veto:
@@ -398,6 +411,12 @@ class Session:
         items = [prompts] if isinstance(prompts, str) else list(prompts)
         if any(not p or not p.strip() for p in items):
             raise InvalidRequest("prompt must not be empty")
+        check_texts(((f"prompt {i}" if len(items) > 1 else "prompt", p) for i, p in enumerate(items)),
+                    self.prompt_limit())
+        check_seed(seed)
+        check_sampling(temperature, top_p)
+        check_fits(self.loaded, ((f"prompt {i}" if len(items) > 1 else "prompt", p, max_new_tokens)
+                                 for i, p in enumerate(items)))
         if conversation is None:
             return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
         check_conversation(conversation)
@@ -405,6 +424,10 @@ class Session:
             for component in self._components():
                 stack.enter_context(component.conversation(conversation))
             return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+
+    def prompt_limit(self) -> int:
+        """The longest prompt or target this session accepts (see max_prompt_chars)."""
+        return self.max_prompt_chars or max_prompt_chars()
 
     def clear_conversation(self, conversation: str) -> None:
         """Forget everything `conversation` left in runtime memory (its next turn starts fresh)."""
@@ -414,6 +437,13 @@ class Session:
 
     def _components(self) -> list:
         return [self.editor, *self.interventions.values()]
+
+
+def _sequences(req: EditRequest) -> list[tuple[str, str]]:
+    """The texts an edit runs through the model: each prompt followed by its answer."""
+    return [("prompt + target_new", req.prompt + req.target_new),
+            *[(f"rephrases.{i} + target_new", r + req.target_new) for i, r in enumerate(req.rephrases)],
+            *[(f"locality.{i}", p.prompt + (p.answer or "")) for i, p in enumerate(req.locality)]]
 
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,34 @@ def shared_path(name: str) -> Path:
             pytest.fail(f"{path} is missing; CI must have ../shared beside the checkout (or EDITKIT_SHARED_DATA)")
         pytest.skip(f"{path} not found (no shared data on this machine)")
     return path
+
+
+# ---- the HTTP service in process, over a tiny model -----------------------------------------
+TOKEN = "s3cret"
+# FT-L with few, large steps: an edit that goes through is quick and shows in greedy generation.
+FAST_FT = {"steps": 2, "lr": 0.05, "norm_constraint": 10.0, "early_stop_loss": 0.0}
+
+
+@contextmanager
+def served(workspace: Path, loaded, **config):
+    """(app, session): the service over a new ft workspace on `loaded`; closed afterwards,
+    which leaves the shared model as it was."""
+    from editkit.service import ServiceConfig, create_app
+    from editkit.session import Session
+
+    session = Session.open(workspace, loaded=loaded, method="ft", method_config=FAST_FT)
+    try:
+        yield create_app(session, ServiceConfig(**{"token": TOKEN, **config})), session
+    finally:
+        session.close()
+
+
+def journal_rows(workspace: Path) -> list:
+    """Everything the journal holds, read without touching it."""
+    import sqlite3
+
+    db = sqlite3.connect(f"{(workspace / 'journal.sqlite').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return [db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("edits", "head", "checkpoints")]
+    finally:
+        db.close()

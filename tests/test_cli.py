@@ -173,6 +173,13 @@ def test_bad_input_changes_nothing(app, gpt2, tiny_dirs, edited, tmp_path, monke
         "array": write_jsonl(tmp_path / "array.jsonl", [1, 2]),
         "extra": write_jsonl(tmp_path / "extra.jsonl", {"prompt": "a b", "target": "c"}),
         "empty": write_jsonl(tmp_path / "empty.jsonl", ""),
+        "twice": write_jsonl(tmp_path / "twice.jsonl", {"prompt": "a b", "target_new": "c"},
+                             '{"prompt": "a b", "target_new": "c", "target_new": "d"}'),
+        "twice_nested": write_jsonl(tmp_path / "nested.jsonl",
+                                    '{"prompt": "a b", "target_new": "c", "locality": [{"prompt": "x", "prompt": "y"}]}'),
+        "surrogate": write_jsonl(tmp_path / "surrogate.jsonl", '{"prompt": "a b", "target_new": "\\ud800"}'),
+        "digits": write_jsonl(tmp_path / "digits.jsonl", '{"prompt": "a b", "target_new": ' + "9" * 5000 + "}"),
+        "long": write_jsonl(tmp_path / "long.jsonl", {"prompt": "p" * 4001, "target_new": "c"}),
     }
     ws = ["--workspace", edited]
     cases = [
@@ -185,6 +192,13 @@ def test_bad_input_changes_nothing(app, gpt2, tiny_dirs, edited, tmp_path, monke
         (("edit", "--file", files["array"], *ws), ["array.jsonl line 1", "JSON object"]),
         (("edit", "--file", files["extra"], *ws), ["extra.jsonl line 1", "target_new", "target"]),
         (("edit", "--file", files["empty"], *ws), ["no edit requests"]),
+        (("edit", "--file", files["twice"], *ws), ["twice.jsonl line 2", "key 'target_new' is given twice"]),
+        (("edit", "--file", files["twice_nested"], *ws), ["nested.jsonl line 1", "key 'prompt' is given twice"]),
+        (("edit", "--file", files["surrogate"], *ws), ["surrogate.jsonl line 1", "target_new", "not valid Unicode"]),
+        (("edit", "--file", files["digits"], *ws), ["digits.jsonl line 1", "invalid JSON"]),
+        (("edit", "--file", files["long"], *ws), ["long.jsonl line 1", "prompt: longer than 4000 characters"]),
+        (("edit", "p" * 4001, "r", *ws, *gpt2), ["prompt: longer than 4000 characters"]),
+        (("generate", "x" * 4001, *ws, *gpt2), ["PROMPT: longer than 4000 characters"]),
         (("edit", "--file", tmp_path / "missing.jsonl", *ws), ["cannot read", "missing.jsonl"]),
         (("edit", "p q", "r", "--config", "steps", *ws, *gpt2), ["--config expects KEY=VALUE"]),
         (("edit", "p q", "r", "--method", "nope", *ws, *gpt2), ["method 'ft', not 'nope'"]),
@@ -198,6 +212,15 @@ def test_bad_input_changes_nothing(app, gpt2, tiny_dirs, edited, tmp_path, monke
     for args, reasons in cases:
         user_error(run(app, *args), *reasons)
         assert journal(edited) == before, args
+
+    # One limit, set by EDITKIT_MAX_PROMPT_CHARS, for every text of a request.
+    short = {"EDITKIT_MAX_PROMPT_CHARS": "8"}
+    user_error(run(app, "edit", "p q", "r", "--rephrase", "r" * 9, *ws, *gpt2, env=short),
+               "rephrases.0: longer than 8 characters")
+    user_error(run(app, "generate", "x" * 9, *ws, *gpt2, env=short), "PROMPT: longer than 8 characters")
+    user_error(run(app, "generate", "x", *ws, *gpt2, env={"EDITKIT_MAX_PROMPT_CHARS": "many"}),
+               "EDITKIT_MAX_PROMPT_CHARS must be a whole number")
+    assert journal(edited) == before
 
     # Bad input for a new workspace leaves no workspace behind.
     fresh = tmp_path / "fresh"
@@ -218,12 +241,27 @@ def test_bad_input_changes_nothing(app, gpt2, tiny_dirs, edited, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     user_error(run(app, "history"), "no workspace at editkit-workspace")
 
-    # Usage errors stay Typer's (exit 2): unknown command or plugin group, PROMPT with --file, no TARGET.
-    for args in (("nosuchplugin", "x"), ("edit", "a", "b", "--file", files["line3"], *ws), ("edit", "a", *ws),
-                 ("history", "--bogus")):
+    # Usage errors (exit 2) in the same one-line form: unknown command or plugin group, PROMPT
+    # with --file, no TARGET, an unknown option, a bad or missing argument, a file as workspace.
+    a_file = write_jsonl(tmp_path / "a-file", "")
+    for args, reason in [
+        (("nosuchplugin", "x"), "No such command 'nosuchplugin'"),
+        (("edit", "a", "b", "--file", files["line3"], *ws), "either PROMPT TARGET"),
+        (("edit", "a", *ws), "give PROMPT and TARGET"),
+        (("history", "--bogus"), "No such option: --bogus"),
+        (("--bogus",), "No such option: --bogus"),
+        (("rollback", "abc", *ws), "Invalid value for 'ID'"),
+        (("rollback", *ws), "Missing argument 'ID'"),
+        (("history", "--workspace", a_file), "is a file"),
+        (("generate", "x", "--seed", "-1", *ws), "--seed"),
+        (("generate", "x", "--seed", str(2**63), *ws), "--seed"),
+    ]:
         result = run(app, *args)
         assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], (args, result.stderr)
     assert journal(edited) == before
+    assert "Usage: editkit" in run(app).output  # no arguments: the help, as before
 
 
 def test_tampered_or_unreadable_state_is_refused(app, gpt2, edited):

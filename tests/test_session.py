@@ -103,6 +103,39 @@ def test_bad_requests_change_nothing(tmp_path, tiny_loaded):
         assert torch.equal(logits(loaded), pristine)
 
 
+def test_one_prompt_limit_and_valid_unicode(tmp_path, tiny_loaded, monkeypatch):
+    """Session.edit and Session.generate share the limit of the CLI and the service
+    ($EDITKIT_MAX_PROMPT_CHARS, default 4000) and refuse lone surrogates and bad seeds."""
+    from editkit.limits import DEFAULT_MAX_PROMPT_CHARS
+
+    loaded = tiny_loaded["gpt2"]
+    pristine = logits(loaded)
+    assert DEFAULT_MAX_PROMPT_CHARS == 4000
+    with open_session(tmp_path / "ws", loaded) as s:
+        assert s.prompt_limit() == 4000
+        with pytest.raises(InvalidRequest, match="^prompt: longer than 4000 characters"):
+            s.edit({"prompt": "a" * 4001, "target_new": "b"})
+        with pytest.raises(InvalidRequest, match="edit request 1: locality.0.answer: longer than"):
+            s.edit([EDITS[0], {"prompt": "a", "target_new": "b", "locality": [{"prompt": "c", "answer": "d" * 4001}]}])
+        with pytest.raises(InvalidRequest, match="target_new: is not valid Unicode"):
+            s.edit({"prompt": "a", "target_new": "b\ud800"})
+        with pytest.raises(InvalidRequest, match="prompt 1: longer than 4000"):
+            s.generate(["a", "b" * 4001])
+        with pytest.raises(InvalidRequest, match="prompt: is not valid Unicode"):
+            s.generate("\udfff")
+        for seed in (-1, 2**63, True):
+            with pytest.raises(InvalidRequest, match="seed must be a whole number"):
+                s.generate("a", seed=seed)
+        assert len(s.generate("a", max_new_tokens=1, temperature=1.0, seed=2**63 - 1)) == 1
+        monkeypatch.setenv("EDITKIT_MAX_PROMPT_CHARS", "5")
+        with pytest.raises(InvalidRequest, match="prompt: longer than 5 characters"):
+            s.generate("abcdef")
+        s.max_prompt_chars = 6  # a session's own limit (the service sets its configured one)
+        assert s.generate("abcdef", max_new_tokens=1)
+        assert s.history() == []
+        assert torch.equal(logits(loaded), pristine)
+
+
 def test_failed_edit_leaves_no_trace(tmp_path, tiny_loaded, monkeypatch):
     loaded = tiny_loaded["llama"]
     with open_session(tmp_path / "ws", loaded) as s:
