@@ -1,8 +1,21 @@
-"""Batched text generation with whatever edits are attached to the model."""
+"""Batched text generation with whatever edits are attached to the model.
+
+One decoding loop serves the library (Session.generate, metrics, WISE's context prefixes) and
+the service's scheduler: left-padded prompts, a KV cache, and per row its own number of new
+tokens, temperature, top-p, stop strings and random stream. Rows that finish stay in the
+batch (padded) until the last one does, because components keep per-row state by batch
+index (WISE's routing decision, NMC's running query) for the cached steps.
+
+Sampling matches transformers' generate: temperature, then top-k (the model's generation
+config, 50 by default), then top-p, then one multinomial draw. Rows that share a random
+stream (one `seed` for a whole call) draw together in row order, as generate does with the
+global generator; a row with a stream of its own draws alone, so a request with a seed gets
+the same text alone or batched with others."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,43 +30,137 @@ def check_fits(loaded: LoadedModel, items: Iterable[tuple[str, str, int]]) -> No
     limit = loaded.context_length
     if not limit:
         return
-    for field, text, extra in items:
+    for field_name, text, extra in items:
         n = len(loaded.tokenizer(text).input_ids)
         if n + extra > limit:
-            raise InvalidRequest(f"{field}: {n} tokens + {extra} is over the model's context of {limit} tokens")
+            raise InvalidRequest(f"{field_name}: {n} tokens + {extra} is over the model's context of {limit} tokens")
+
+
+@dataclass
+class Row:
+    """One prompt to continue and how."""
+
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stream: int | None = None  # rows with the same stream id share one random generator
+    seed: int | None = None  # the stream's seed (None: drawn from torch's global generator)
+    stop: tuple[str, ...] = ()  # the row ends before the first of these in its text
+
+
+@dataclass
+class Decoded:
+    ids: list[int] = field(default_factory=list)  # new tokens, up to the end (no end token)
+    text: str = ""
+    finish: str = "length"  # "length", "stop" (a stop string) or "end" (the end-of-text token)
+
+
+TokenCallback = Callable[[int, int, str], None]  # (row, token id, text so far of that row)
+
+
+def _end_tokens(loaded: LoadedModel) -> set[int]:
+    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
+    """transformers' sampling warpers, in its order: temperature, top-k, top-p."""
+    scores = logits / temperature
+    if top_k:
+        k = min(top_k, scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return scores
+
+
+def _generators(rows: list[Row], device: torch.device) -> dict[int, torch.Generator]:
+    out = {}
+    for row in rows:
+        if row.stream is not None and row.stream not in out and row.temperature > 0:
+            seed = row.seed if row.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            out[row.stream] = torch.Generator(device=device).manual_seed(seed)
+    return out
 
 
 @torch.no_grad()
-def generate_ids(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> torch.Tensor:
-    """New token ids (B, max_new_tokens; padded after an early end) continuing `prompts`,
-    greedy when temperature is 0. Left padding keeps every row's last prompt token at the
-    same position, which batched decoding needs."""
-    tok = loaded.tokenizer
+def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None = None) -> list[Decoded]:
+    """Continue every row's prompt in one batch (see the module doc)."""
+    if not rows:
+        return []
+    tok, model, device = loaded.tokenizer, loaded.model, loaded.device
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True).to(loaded.device)
+        enc = tok([r.prompt for r in rows], return_tensors="pt", padding=True).to(device)
     finally:
         tok.padding_side = side
-    sample = temperature > 0
-    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:  # the model's generation_config may ask for sampling; greedy means greedy
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    device = loaded.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = loaded.model.generate(**enc, **kwargs)
-    return out[:, enc.input_ids.shape[1]:]
+    ids, mask = enc.input_ids, enc.attention_mask
+    top_k = getattr(model.generation_config, "top_k", None)
+    top_k = 50 if top_k is None else top_k  # transformers' default where the model sets none
+    ends = _end_tokens(loaded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(ends) if ends else 0)
+    generators = _generators(rows, device)
+    out = [Decoded() for _ in rows]
+    live = [r.max_new_tokens > 0 for r in rows]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    step_ids, cache = ids, None
+    for _ in range(max((r.max_new_tokens for r in rows), default=0)):
+        if not any(live):
+            break
+        result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cache = result.cache
+        logits = result.logits[:, -1].float()
+        chosen = logits.argmax(dim=-1)
+        for stream, generator in generators.items():  # rows of one stream draw together, in order
+            members = [i for i, r in enumerate(rows) if r.stream == stream and r.temperature > 0]
+            r0 = rows[members[0]]
+            probs = _warp(logits[members], r0.temperature, top_k, r0.top_p).softmax(dim=-1)
+            chosen[members] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        for i in (i for i, r in enumerate(rows) if r.temperature > 0 and r.stream is None):
+            probs = _warp(logits[i: i + 1], rows[i].temperature, top_k, rows[i].top_p).softmax(dim=-1)
+            chosen[i] = torch.multinomial(probs, 1).squeeze()
+        tokens = chosen.tolist()
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            if not live[i]:
+                tokens[i] = pad
+                continue
+            if token in ends:
+                live[i], out[i].finish, tokens[i] = False, "end", pad
+                continue
+            out[i].ids.append(token)
+            out[i].text = tok.decode(out[i].ids, skip_special_tokens=True)
+            hit = min((out[i].text.find(s) for s in row.stop if s and s in out[i].text), default=-1)
+            if hit >= 0:
+                out[i].text, out[i].finish, live[i] = out[i].text[:hit], "stop", False
+            elif len(out[i].ids) >= row.max_new_tokens:
+                live[i] = False
+            if on_token:
+                on_token(i, token, out[i].text)
+        step_ids = torch.tensor(tokens, device=device)[:, None]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        positions = positions[:, -1:] + 1
+    return out
+
+
+def generate_ids(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+    """New token ids continuing each prompt (up to the end token), greedy when temperature is 0;
+    with sampling, one random stream from `seed` for the whole call."""
+    rows = [Row(p, max_new_tokens, temperature, top_p, stream=0, seed=seed) for p in prompts]
+    return [d.ids for d in decode(loaded, rows)]
 
 
 def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None) -> list[str]:
     """Text continuations of `prompts` (see generate_ids)."""
-    if not prompts:
-        return []
-    new = generate_ids(loaded, prompts, max_new_tokens, temperature, top_p, seed)
-    return loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
+    rows = [Row(p, max_new_tokens, temperature, top_p, stream=0, seed=seed) for p in prompts]
+    return [d.text for d in decode(loaded, rows)]

@@ -329,7 +329,7 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
                            "seconds": r.stats.get("seconds")} for r in records]}
 
     @app.get("/v1/edits", dependencies=[Depends(reads_state)])
-    def list_edits(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    def list_edits(offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                    status: Literal["applied", "rolled_back"] | None = None) -> dict:
         journal = read_journal()
         try:

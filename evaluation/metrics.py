@@ -153,15 +153,8 @@ def greedy_token_ids(loaded: LoadedModel, prompts: list[str], lengths: list[int]
     generating the longest length and cutting each row equals generating each on its own."""
     if not prompts:
         return []
-    new = generate_ids(loaded, prompts, max_new_tokens=max(lengths)).tolist()
-    eos = loaded.tokenizer.eos_token_id
-    rows = []
-    for ids, n in zip(new, lengths):
-        ids = ids[:n]
-        if eos is not None and eos in ids:
-            ids = ids[: ids.index(eos)]
-        rows.append(ids)
-    return rows
+    new = generate_ids(loaded, prompts, max_new_tokens=max(lengths))  # each row ends at the end token
+    return [ids[:n] for ids, n in zip(new, lengths)]
 
 
 @dataclass
