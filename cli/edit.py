@@ -218,6 +218,8 @@ def generate(
     top_p: Annotated[float, typer.Option(
         "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for sampling.")] = None,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Send each PROMPT as a user message through the model's chat template.")] = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -231,7 +233,8 @@ def generate(
     check_texts((("PROMPT", p) for p in prompts), max_prompt_chars())
     with open_session(ctx, workspace, create=False, readonly=True, model=model, device=device, dtype=dtype,
                       device_map=device_map) as session:
-        texts = session.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+        inputs = [session.chat_prompt([{"role": "user", "content": p}]) for p in prompts] if chat else prompts
+        texts = session.generate(inputs, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, seed=seed)
     if as_json:
         echo_json([{"prompt": p, "text": t} for p, t in zip(prompts, texts)])

@@ -66,6 +66,23 @@ def changes_state_when(body_model: type[BaseModel], field: str):
     return dependency
 
 
+def api_routes(app) -> tuple[list, list]:
+    """(the app's API routes, including those of routers it includes; its other routes, such as
+    the OpenAPI document and /docs), for walking every route."""
+    from fastapi.routing import APIRoute
+
+    api, other, pending = [], [], list(app.routes)
+    while pending:
+        route = pending.pop(0)
+        if isinstance(route, APIRoute):
+            api.append(route)
+        elif hasattr(route, "original_router"):  # a router included with include_router
+            pending.extend(route.original_router.routes)
+        else:
+            other.append(route)
+    return api, other
+
+
 def declared(route) -> list[str]:
     """The access markers a FastAPI route depends on, by name ('changes_state_when:FIELD'
     for the conditional one). A route must declare exactly one (the tests check each)."""

@@ -53,7 +53,7 @@ class Row:
 class Decoded:
     ids: list[int] = field(default_factory=list)  # new tokens, up to the end (no end token)
     text: str = ""
-    finish: str = "length"  # "length", "stop" (a stop string) or "end" (the end-of-text token)
+    finish: str = "length"  # "length", "stop" (a stop string), "end" (the end-of-text token), "cancelled"
 
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, text so far of that row)
@@ -92,8 +92,11 @@ def _generators(rows: list[Row], device: torch.device) -> dict[int, torch.Genera
 
 
 @torch.no_grad()
-def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None = None) -> list[Decoded]:
-    """Continue every row's prompt in one batch (see the module doc)."""
+def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None = None,
+           cancelled: Callable[[int], bool] | None = None) -> list[Decoded]:
+    """Continue every row's prompt in one batch (see the module doc). `on_token(row, id, text)`
+    hears each new token; a row for which `cancelled(row)` turns true stops there (its client
+    went away) and the batch ends once no live row is left."""
     if not rows:
         return []
     tok, model, device = loaded.tokenizer, loaded.model, loaded.device
@@ -130,6 +133,8 @@ def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None 
             chosen[i] = torch.multinomial(probs, 1).squeeze()
         tokens = chosen.tolist()
         for i, (row, token) in enumerate(zip(rows, tokens)):
+            if live[i] and cancelled is not None and cancelled(i):
+                live[i], out[i].finish = False, "cancelled"
             if not live[i]:
                 tokens[i] = pad
                 continue

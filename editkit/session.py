@@ -22,7 +22,7 @@ from editkit import legacy
 from editkit.chunks import ChunkStore
 from editkit.components import Editor, Intervention, describe_validation_error
 from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
-from editkit.generation import check_fits, generate as _generate
+from editkit.generation import Decoded, Row, check_fits, decode as _decode
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.schemas import EditRequest
@@ -405,25 +405,53 @@ class Session:
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, conversation: str | None = None) -> list[str]:
-        """Continuations of `prompts` with the edits in force. With `conversation`, components
-        that keep runtime memory per conversation (memory reweaving) read and extend that
-        conversation's memory; without it they stay inert."""
+        """Continuations of `prompts` with the edits in force (one random stream from `seed`
+        for the whole call when sampling). With `conversation`, components that keep runtime
+        memory per conversation (memory reweaving) read and extend that conversation's memory;
+        without it they stay inert."""
         items = [prompts] if isinstance(prompts, str) else list(prompts)
-        if any(not p or not p.strip() for p in items):
-            raise InvalidRequest("prompt must not be empty")
-        check_texts(((f"prompt {i}" if len(items) > 1 else "prompt", p) for i, p in enumerate(items)),
-                    self.prompt_limit())
-        check_seed(seed)
-        check_sampling(temperature, top_p)
-        check_fits(self.loaded, ((f"prompt {i}" if len(items) > 1 else "prompt", p, max_new_tokens)
-                                 for i, p in enumerate(items)))
+        rows = [Row(p, max_new_tokens, temperature, top_p, stream=0, seed=seed) for p in items]
+        return [d.text for d in self.decode(rows, conversation)]
+
+    def decode(self, rows: list[Row], conversation: str | None = None, on_token=None,
+               cancelled=None) -> list[Decoded]:
+        """Continue each row (its own prompt, length, sampling, stream and stop strings) in one
+        batch; see editkit.generation.decode. Checked first (check_rows)."""
+        self.check_rows(rows, conversation)
         if conversation is None:
-            return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
-        check_conversation(conversation)
+            return _decode(self.loaded, rows, on_token, cancelled)
         with ExitStack() as stack:
             for component in self._components():
                 stack.enter_context(component.conversation(conversation))
-            return _generate(self.loaded, items, max_new_tokens, temperature, top_p, seed)
+            return _decode(self.loaded, rows, on_token, cancelled)
+
+    def check_rows(self, rows: list[Row], conversation: str | None = None) -> None:
+        """InvalidRequest unless every row can be decoded: a prompt within the limit and the
+        model's context, valid sampling values and seed, a valid conversation id."""
+        if not rows:
+            raise InvalidRequest("no prompts given")
+        if any(not r.prompt or not r.prompt.strip() for r in rows):
+            raise InvalidRequest("prompt must not be empty")
+        name = (lambda i: f"prompt {i}") if len(rows) > 1 else (lambda i: "prompt")
+        check_texts(((name(i), r.prompt) for i, r in enumerate(rows)), self.prompt_limit())
+        for r in rows:
+            check_seed(r.seed)
+            check_sampling(r.temperature, r.top_p)
+        check_fits(self.loaded, ((name(i), r.prompt, r.max_new_tokens) for i, r in enumerate(rows)))
+        if conversation is not None:
+            check_conversation(conversation)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a chat (role/content messages) in the model's chat template, ready
+        for the assistant's turn. Edits are made on prompt texts: to edit what the model says in
+        chat, edit the prompt this returns (see the README)."""
+        tok = self.loaded.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequest(f"model '{self.settings['model']}' has no chat template; use completions")
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # a template's own error (e.g. roles it does not accept): one line
+            raise InvalidRequest(f"chat template: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
     def prompt_limit(self) -> int:
         """The longest prompt or target this session accepts (see max_prompt_chars)."""

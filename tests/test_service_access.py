@@ -28,7 +28,7 @@ def marker(route: APIRoute) -> str:
 
 
 def operations(app):
-    for route in app.routes:
+    for route in access.api_routes(app)[0]:
         if isinstance(route, APIRoute):
             for method in sorted(route.methods):
                 yield method, route, route.path.replace("{edit_id}", "1").replace("{conversation}", "c1")
@@ -43,8 +43,8 @@ def app_and_session(tiny_loaded, tmp_path):
 
 def test_every_route_declares_its_access(app_and_session):
     app, _ = app_and_session
-    api = [r for r in app.routes if isinstance(r, APIRoute)]
-    assert {r.path for r in app.routes if not isinstance(r, APIRoute)} <= FRAMEWORK_ROUTES
+    api, other = access.api_routes(app)
+    assert {r.path for r in other} <= FRAMEWORK_ROUTES
     kinds = {(sorted(r.methods)[0], r.path): marker(r) for r in api}
     # The routes that exist today; a new route is covered by the loop below whatever it declares.
     assert kinds[("POST", "/v1/edits")] == kinds[("DELETE", "/v1/edits/{edit_id}")] == "changes_state"
@@ -61,8 +61,9 @@ def test_changing_requests_need_the_token(app_and_session, monkeypatch, tmp_path
     client.post("/v1/edits", json={"edits": [{"prompt": "The capital of France is", "target_new": "Rome"}]},
                 headers=AUTH).raise_for_status()
     touched = []  # every conversation the session was asked to read, extend or clear
-    generate, clear = session.generate, session.clear_conversation
-    monkeypatch.setattr(session, "generate", lambda *a, **kw: touched.append(kw.get("conversation")) or generate(*a, **kw))
+    decode, clear = session.decode, session.clear_conversation
+    monkeypatch.setattr(session, "decode",
+                        lambda rows, conversation=None, **kw: touched.append(conversation) or decode(rows, conversation, **kw))
     monkeypatch.setattr(session, "clear_conversation", lambda c: touched.append(c) or clear(c))
 
     checked = []

@@ -91,7 +91,7 @@ def test_an_unexpected_error_is_logged_with_an_id_and_hidden(client, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError(f"cannot open {session.workspace.resolve()}/secret.bin")
 
-    monkeypatch.setattr(session, "generate", broken)
+    monkeypatch.setattr(session, "decode", broken)
     with caplog.at_level(logging.ERROR, logger="editkit.service"):
         r = client.post("/v1/generate", json={"prompts": ["a"]})
     reason = error(r, 500, "internal error", "request id")

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import schemathesis
 from conftest import TOKEN, journal_rows, served
-from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from editkit.access import declared
+from editkit.access import api_routes, declared
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("EDITKIT_FUZZ_EXAMPLES", "20"))
@@ -37,7 +36,7 @@ def api(tiny_loaded, tiny_dirs, tmp_path_factory):
     # Small caps keep each generated request cheap: edits train 2 FT steps on a 4-layer model.
     with served(root / "ws", tiny_loaded["gpt2"], data_dir=str(data), max_new_tokens=8, max_batch=4,
                 max_body_bytes=20_000) as (app, _):
-        kinds = {(method, r.path): declared(r) for r in app.routes if isinstance(r, APIRoute) for method in r.methods}
+        kinds = {(method, r.path): declared(r) for r in api_routes(app)[0] for method in r.methods}
         paths = {str(root), str(Path(tiny_dirs["gpt2"]).parent), str(ROOT), sys.prefix}
         yield {"app": app, "workspace": root / "ws", "kinds": kinds, "paths": paths}
 
