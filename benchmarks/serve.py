@@ -1,7 +1,10 @@
-"""Throughput and latency of `editkit serve`: generate with and without edits in force,
-and edit latency under generate load. A real server (uvicorn subprocess) on loopback.
+"""Throughput and latency of `editkit serve` under concurrent load: at each concurrency
+(1, 8, 32 by default) the same single-prompt requests (16 new tokens, greedy, through
+/v1/completions), against the same work sent as ONE batched request (the upper bound), with
+no edits and with the built-in edits in force; and edit latency under generate load. A real
+server (uvicorn subprocess) on loopback.
 
-    python benchmarks/serve.py [--model default] [--method grace] [--requests 40] [--concurrency 4]
+    python benchmarks/serve.py [--model default] [--method wise] [--concurrency 1,8,32] [--requests 32]
 
 Writes benchmarks/results/serve.json and serve.md."""
 
@@ -62,28 +65,50 @@ def start_server(args, workspace: Path) -> tuple[subprocess.Popen, str]:
 
 
 def generate_load(url: str, requests: int, concurrency: int, max_new_tokens: int) -> dict:
-    def one(i: int) -> float:
+    def one(i: int) -> tuple[float, int]:
         started = time.perf_counter()
-        r = httpx.post(url + "/v1/generate", json={"prompts": [PROMPTS[i % len(PROMPTS)]],
-                                                   "max_new_tokens": max_new_tokens}, timeout=600)
+        r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0,
+                                                      "max_tokens": max_new_tokens}, timeout=600)
         r.raise_for_status()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, r.json()["usage"]["completion_tokens"]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(one, range(requests)))
+        results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - started
-    return {"requests": requests, "concurrency": concurrency, "max_new_tokens": max_new_tokens,
-            "requests_per_second": requests / wall, "p50_seconds": statistics.median(latencies),
-            "p95_seconds": percentile(latencies, 0.95)}
+    latencies = [r[0] for r in results]
+    return {"requests": requests, "concurrency": concurrency, "max_new_tokens": max_new_tokens, "wall_seconds": wall,
+            "requests_per_second": requests / wall, "tokens_per_second": sum(r[1] for r in results) / wall,
+            "p50_seconds": statistics.median(latencies), "p95_seconds": percentile(latencies, 0.95)}
+
+
+def batched_bound(url: str, requests: int, max_new_tokens: int) -> dict:
+    """The same prompts as one request: what the model does when the work is batched."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    started = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json={"prompt": prompts, "temperature": 0, "max_tokens": max_new_tokens},
+                   timeout=600)
+    r.raise_for_status()
+    wall = time.perf_counter() - started
+    return {"requests": requests, "wall_seconds": wall, "requests_per_second": requests / wall,
+            "tokens_per_second": r.json()["usage"]["completion_tokens"] / wall}
+
+
+def phase(url: str, args) -> dict:
+    rows = {}
+    for c in args.concurrency:
+        n = max(args.requests, c)
+        rows[str(c)] = {"load": generate_load(url, n, c, args.max_new_tokens),
+                        "batched": batched_bound(url, n, args.max_new_tokens)}
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model id or directory (default: the embedded model)")
-    parser.add_argument("--method", default="grace")
-    parser.add_argument("--requests", type=int, default=40)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--method", default="wise")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
@@ -93,15 +118,14 @@ def main() -> None:
     auth = {"Authorization": "Bearer bench"}
     try:
         generate_load(url, 4, 1, args.max_new_tokens)  # warm-up
-        unedited = generate_load(url, args.requests, args.concurrency, args.max_new_tokens)
+        unedited = phase(url, args)
 
         edit_latencies: list[float] = []
         stop = threading.Event()
-        background: list[dict] = []
 
         def keep_generating():
             while not stop.is_set():
-                background.append(generate_load(url, args.concurrency, args.concurrency, args.max_new_tokens))
+                generate_load(url, 8, 8, args.max_new_tokens)
 
         loader = threading.Thread(target=keep_generating)
         loader.start()
@@ -111,28 +135,36 @@ def main() -> None:
             edit_latencies.append(time.perf_counter() - started)
         stop.set()
         loader.join()
-
-        edited = generate_load(url, args.requests, args.concurrency, args.max_new_tokens)
+        edited = phase(url, args)
+        metrics = httpx.get(url + "/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
 
+    wait = [line for line in metrics.splitlines() if line.startswith("editkit_edit_wait_seconds_")]
     result = {"benchmark": "serve", "model": args.model or "default", "method": args.method,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "generate_unedited": unedited, "generate_with_edits": edited,
-              "edits_in_force": len(BUILTIN_EDITS),
-              "edit_latency_under_load_seconds": {"each": edit_latencies,
-                                                  "median": statistics.median(edit_latencies)}}
+              "no_edits": unedited, "with_edits": edited, "edits_in_force": len(BUILTIN_EDITS),
+              "edit_latency_under_load_seconds": {"each": edit_latencies, "median": statistics.median(edit_latencies)},
+              "edit_wait_metric": wait}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(result, indent=2))
-    rows = [("generate, no edits", unedited), (f"generate, {len(BUILTIN_EDITS)} edits in force", edited)]
     lines = [f"# editkit serve benchmark ({result['model']}, method {args.method})", "",
-             "| load | req/s | p50 s | p95 s |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['requests_per_second']:.2f} | {r['p50_seconds']:.3f} | {r['p95_seconds']:.3f} |"
-              for name, r in rows]
-    lines += ["", f"Edit latency under generate load: median {statistics.median(edit_latencies):.2f} s "
-              f"({', '.join(f'{x:.2f}' for x in edit_latencies)})",
-              f"{args.requests} requests per row, concurrency {args.concurrency}, {args.max_new_tokens} new tokens each."]
+             f"Single-prompt /v1/completions requests, {args.max_new_tokens} new tokens each (greedy); 'batched' is "
+             "the same prompts in one request (the upper bound).", "",
+             "| edits in force | concurrency | req/s | tok/s | p50 s | p95 s | batched req/s | of batched | vs c=1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, rows in ((0, unedited), (len(BUILTIN_EDITS), edited)):
+        base = rows[str(args.concurrency[0])]["load"]["requests_per_second"]
+        for c, r in rows.items():
+            load, bound = r["load"], r["batched"]
+            lines.append(f"| {label} | {c} | {load['requests_per_second']:.2f} | {load['tokens_per_second']:.1f} | "
+                         f"{load['p50_seconds']:.2f} | {load['p95_seconds']:.2f} | {bound['requests_per_second']:.2f} | "
+                         f"{load['requests_per_second'] / bound['requests_per_second']:.0%} | "
+                         f"{load['requests_per_second'] / base:.2f}x |")
+    lines += ["", f"Edit latency under generate load (concurrency 8): median {statistics.median(edit_latencies):.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in edit_latencies)}); time edits waited for batches in flight: "
+              + "; ".join(wait)]
     (args.out / "serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

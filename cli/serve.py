@@ -24,6 +24,9 @@ def serve(
         help="Longest prompt or target (422 above). Default: $EDITKIT_MAX_PROMPT_CHARS, else 4000.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per generation.")] = 512,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where /v1/evaluate may read suite files.")] = None,
+    batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Most prompts decoded together.")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(
+        "--batch-window-ms", min=0.0, help="How long a batch's first request waits for others (ms).")] = 20.0,
     model: ModelOpt = None,
     method: MethodOpt = None,
     config: ConfigOpt = None,
@@ -37,7 +40,8 @@ def serve(
 
     limits = {"max_prompt_chars": max_prompt_chars} if max_prompt_chars else {}
     settings = ServiceConfig(token=token, max_body_bytes=max_body_bytes, max_new_tokens=max_new_tokens,
-                             data_dir=str(data_dir) if data_dir else None, **limits)
+                             data_dir=str(data_dir) if data_dir else None, batch_rows=batch_rows,
+                             batch_window_ms=batch_window_ms, **limits)
 
     run(lambda: start_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
                               device_map=device_map, method=method, method_config=parse_config(config)),

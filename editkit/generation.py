@@ -142,17 +142,21 @@ def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None 
                 live[i], out[i].finish, tokens[i] = False, "end", pad
                 continue
             out[i].ids.append(token)
-            out[i].text = tok.decode(out[i].ids, skip_special_tokens=True)
-            hit = min((out[i].text.find(s) for s in row.stop if s and s in out[i].text), default=-1)
-            if hit >= 0:
-                out[i].text, out[i].finish, live[i] = out[i].text[:hit], "stop", False
-            elif len(out[i].ids) >= row.max_new_tokens:
+            if row.stop or on_token:  # the text so far is needed now; otherwise once at the end
+                out[i].text = tok.decode(out[i].ids, skip_special_tokens=True)
+                hit = min((out[i].text.find(s) for s in row.stop if s and s in out[i].text), default=-1)
+                if hit >= 0:
+                    out[i].text, out[i].finish, live[i] = out[i].text[:hit], "stop", False
+            if live[i] and len(out[i].ids) >= row.max_new_tokens:
                 live[i] = False
             if on_token:
                 on_token(i, token, out[i].text)
         step_ids = torch.tensor(tokens, device=device)[:, None]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         positions = positions[:, -1:] + 1
+    for row, decoded in zip(rows, out):
+        if not (row.stop or on_token):
+            decoded.text = tok.decode(decoded.ids, skip_special_tokens=True)
     return out
 
 

@@ -20,7 +20,7 @@ class ServiceConfig(BaseModel):
     data_dir: str | None = Field(None, description="Directory /v1/evaluate may read suite files from.")
     batch_rows: int = Field(32, ge=1, description=(
         "Most prompts decoded together: concurrent generation requests share batches up to this size."))
-    batch_window_ms: float = Field(5.0, ge=0, description=(
+    batch_window_ms: float = Field(20.0, ge=0, description=(
         "How long the first request of a batch waits for others to join it (milliseconds)."))
 
 
