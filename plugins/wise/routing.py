@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from editkit.forward import call_context
+from editkit.search import faiss
 
 
 def reduce_scores(token_norms: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
@@ -69,7 +70,7 @@ class Routing:
             score = reduce_scores(d.norm(dim=-1), valid, how)
             idx = torch.zeros(b, dtype=torch.long, device=xf.device)
             return score > self.thresholds[0], idx, d
-        if g < self.config.faiss_min_memories:
+        if g < self.config.faiss_min_memories or faiss() is None:  # every memory scored exactly
             d_all = torch.einsum("bti,ghi->gbth", xf, self.memories)
             scores = reduce_scores(d_all.norm(dim=-1).flatten(0, 1), valid.repeat(g, 1), how).view(g, b)
             best, idx = scores.max(dim=0)
@@ -90,11 +91,9 @@ class Routing:
         return best > self.thresholds[idx], idx, d_best
 
     def _candidates(self, xf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        import faiss
-
         if self._index is None:
             keys = F.normalize(self.keys, dim=-1).cpu().numpy()
-            self._index = faiss.IndexFlatIP(keys.shape[1])
+            self._index = faiss().IndexFlatIP(keys.shape[1])
             self._index.add(keys)
         q = (xf * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
         q = F.normalize(q, dim=-1).cpu().numpy()
