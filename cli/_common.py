@@ -55,6 +55,10 @@ ConfigOpt = Annotated[Optional[list[str]], typer.Option(
     "--config", metavar="KEY=VALUE",
     help="Method config value, repeatable; VALUE is read as JSON where it parses, else as a string.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ConfigFileOpt = Annotated[Optional[Path], typer.Option(
+    "--config-file", dir_okay=False, metavar="FILE",
+    help="YAML or JSON file of method settings (KEY: VALUE); --config values override it.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Check and resolve everything, print the plan, change nothing.")]
 
 
 # ---- the one error formatter -----------------------------------------------------------
@@ -153,6 +157,33 @@ def parse_config(items: list[str] | None) -> dict[str, Any] | None:
         except ValueError:
             config[key] = raw
     return config
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """A YAML or JSON mapping from `path` (empty without one); a one-line error otherwise."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        import yaml
+
+        data = yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / ValueError: one line naming the file
+        raise InvalidRequest(f"config file {path} is not valid: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise InvalidRequest(f"config file {path} must hold a mapping of settings (KEY: VALUE)")
+    return data
+
+
+def method_config(items: list[str] | None, path: Path | None) -> dict[str, Any] | None:
+    """Method settings: the config file's, with --config KEY=VALUE items over them."""
+    merged = {**read_config_file(path), **(parse_config(items) or {})}
+    return merged or None
 
 
 def start_session(ctx: typer.Context, workspace: Path, *, create: bool, model: str | None, device: str,

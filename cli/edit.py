@@ -14,9 +14,9 @@ import typer
 from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.limits import MAX_SEED, check_texts, max_prompt_chars
 
-from ._common import (DEFAULT_WORKSPACE, SCORES, SCORES_CAPTION, ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt,
-                      JsonOpt, MethodOpt, ModelOpt, WorkspaceOpt, console, echo_json, fmt_score, fmt_seconds,
-                      one_line, open_session, parse_config)
+from ._common import (DEFAULT_WORKSPACE, SCORES, SCORES_CAPTION, ConfigFileOpt, ConfigOpt, DeviceMapOpt, DeviceOpt,
+                      DryRunOpt, DtypeOpt, JsonOpt, MethodOpt, ModelOpt, WorkspaceOpt, console, echo_json, fmt_score,
+                      fmt_seconds, host_of, method_config, one_line, open_session)
 
 if TYPE_CHECKING:
     from editkit.schemas import EditRequest
@@ -183,6 +183,8 @@ def edit(
         help="JSONL file of edit requests, one per line (- reads stdin); all are validated before any is applied.")] = None,
     method: MethodOpt = None,
     config: ConfigOpt = None,
+    config_file: ConfigFileOpt = None,
+    dry_run: DryRunOpt = False,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -200,14 +202,34 @@ def edit(
             ctx.fail("give PROMPT and TARGET, or --file FILE")
         requests = [request_from_options(prompt, target, rephrase or [], loc or [], loc_answer or [],
                                          subject, target_old)]
-    method_config = parse_config(config)
+    settings = method_config(config, config_file)
+    if dry_run:
+        from editkit.session import plan_open
+
+        plan = {**plan_open(Path(workspace), host_of(ctx), model=model, method=method, method_config=settings),
+                "requests": [r.model_dump(mode="json", exclude_defaults=True) for r in requests]}
+        echo_json(plan)
+        return
     with open_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
-                      device_map=device_map, method=method, method_config=method_config) as session:
-        records = session.edit(requests)
+                      device_map=device_map, method=method, method_config=settings) as session:
+        records = _apply_with_progress(session, requests, quiet=as_json)
     if as_json:
         echo_json([r.to_dict() for r in records])
     else:
         console().print(_records_table(records, f"{len(records)} edit(s) applied to {workspace}", with_status=False))
+
+
+def _apply_with_progress(session, requests, quiet: bool):
+    """session.edit, with a progress bar on stderr when there are several requests."""
+    if quiet or len(requests) < 2:
+        return session.edit(requests)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("edits"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("edits", total=len(requests))
+        return session.edit(requests, on_applied=lambda record: bar.advance(task))
 
 
 def generate(

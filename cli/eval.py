@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from editkit.errors import InvalidRequest
 
-from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, host_of, model_name, quiet_libraries
+from ._common import (DeviceMapOpt, DeviceOpt, DryRunOpt, DtypeOpt, ModelOpt, console, echo_json, host_of,
+                      model_name, quiet_libraries, read_config_file)
 
 
 def _progress_bar():
@@ -57,22 +59,39 @@ def eval_command(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
     log_to: Annotated[Optional[list[str]], typer.Option(
         "--log-to", metavar="TRACKER", help="Also log the run to wandb, mlflow or tensorboard (repeatable; "
                                             "pip install -e \".[tracking]\").")] = None,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config-file", dir_okay=False, metavar="RUN.yaml",
+        help="YAML or JSON of this command's settings (suite, data, method, edits, protocol, at, ..., and "
+             "configs: {METHOD: {KEY: VALUE}}); options given on the command line win. The effective "
+             "settings are written into the run folder as run-config.yaml.")] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Evaluate editing methods over a lifelong edit stream and write a report."""
     from editkit.evaluation.report import markdown
-    from editkit.evaluation.runner import parse_method_configs, run_eval
-
+    from editkit.evaluation.runner import EvalRun, parse_method_configs, run_eval
     from editkit.evaluation.tracking import check_trackers, log_report
 
     quiet_libraries()
-    check_trackers(log_to or [])
-    methods = method or ["ft"]
-    points = _parse_at(at)
-    configs = parse_method_configs(config, methods)
+    given = {k: v for k, v in ctx.params.items() if _given(ctx, k)}
+    run = _run_settings(ctx.params, given, read_config_file(config_file))
+    check_trackers(run["log_to"] or [])
+    methods = run["method"] or ["ft"]
+    configs = parse_method_configs(config, methods, base=run["configs"])
+    args = dict(suite=run["suite"], data=run["data"], edits=run["edits"], protocol=run["protocol"],
+                every=run["every"], group_size=run["group_size"], seed=run["seed"], select=run["select"],
+                skip_invalid=run["skip_invalid"], model=model_name(run["model"]), at=_parse_at(run["at"]),
+                sample=run["sample"], turn_size=run["turn_size"])
+    effective = {**{k: v for k, v in run.items() if k not in ("configs", "out")}, "method": methods,
+                 "configs": configs, "out": str(out)}
+    if dry_run:
+        plan = EvalRun(out, host=host_of(ctx), **args).describe(methods, configs)
+        echo_json({"settings": effective, "plan": plan})
+        return
     with _progress_bar() as bar:
         tasks: dict[str, int] = {}
 
@@ -81,22 +100,47 @@ def eval_command(
                 tasks[name] = bar.add_task(name, total=total, note="")
             bar.update(tasks[name], completed=done, note=note)
 
-        report = run_eval(out, suite=suite, data=data, methods=methods, edits=edits, protocol=protocol,
-                          every=every, group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
-                          model=model_name(model), configs=configs, device=device, at=points, sample=sample,
-                          turn_size=turn_size,
-                          dtype=dtype.value if dtype else None, progress=progress, host=host_of(ctx), plots=plots)
-    if log_to:
-        log_report(report, out, log_to)
+        report = run_eval(out, methods=methods, configs=configs, device=device, device_map=device_map,
+                          dtype=dtype.value if dtype else None, progress=progress, host=host_of(ctx), plots=plots,
+                          settings=effective, **args)
+    if run["log_to"]:
+        log_report(report, out, run["log_to"])
     typer.echo(markdown(report))
     if report["skipped"]:
         typer.echo(f"skipped {len(report['skipped'])} invalid record(s)", err=True)
     typer.echo(f"report: {Path(out) / 'report.md'}", err=True)
 
 
-def _parse_at(text: str | None) -> list[int] | None:
-    from editkit.errors import InvalidRequest
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` came from the command line or the environment, not its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
+
+RUN_SETTINGS = ("suite", "data", "method", "edits", "protocol", "every", "group_size", "at", "sample", "turn_size",
+                "seed", "select", "skip_invalid", "model", "log_to")
+
+
+def _run_settings(params: dict, given: dict, from_file: dict) -> dict:
+    """This run's settings: the command line's where given, else the config file's, else the
+    defaults; the file's per-method configs under `configs`."""
+    unknown = sorted(set(from_file) - set(RUN_SETTINGS) - {"configs"})
+    if unknown:
+        raise InvalidRequest(f"config file: unknown setting(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(RUN_SETTINGS)}, configs)")
+    run = {k: given[k] if k in given else from_file.get(k, params.get(k)) for k in RUN_SETTINGS}
+    if isinstance(run["method"], str):
+        run["method"] = [run["method"]]
+    if isinstance(run["at"], list):
+        run["at"] = ",".join(str(t) for t in run["at"])
+    configs = from_file.get("configs") or {}
+    if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+        raise InvalidRequest("config file: configs must map each method to its settings")
+    run["configs"] = configs
+    return run
+
+
+def _parse_at(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:

@@ -18,7 +18,7 @@ def build_app(host=None) -> typer.Typer:
 
     host = host or get_host()
     app = typer.Typer(
-        name="editkit", cls=EditkitGroup, no_args_is_help=True, add_completion=False,
+        name="editkit", cls=EditkitGroup, no_args_is_help=True, add_completion=True,
         pretty_exceptions_enable=False, context_settings={"obj": host, "help_option_names": ["-h", "--help"]},
         help="Lifelong model editing for Hugging Face causal language models.")
     edit.register(app)

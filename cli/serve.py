@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (DEFAULT_WORKSPACE, ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MethodOpt, ModelOpt,
-                      WorkspaceOpt, parse_config, start_session)
+from ._common import (DEFAULT_WORKSPACE, ConfigFileOpt, ConfigOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, MethodOpt,
+                      ModelOpt, WorkspaceOpt, method_config, start_session)
 
 
 def serve(
@@ -30,6 +30,7 @@ def serve(
     model: ModelOpt = None,
     method: MethodOpt = None,
     config: ConfigOpt = None,
+    config_file: ConfigFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
@@ -44,7 +45,7 @@ def serve(
                              batch_window_ms=batch_window_ms, **limits)
 
     run(lambda: start_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
-                              device_map=device_map, method=method, method_config=parse_config(config)),
+                              device_map=device_map, method=method, method_config=method_config(config, config_file)),
         host=host, port=port, config=settings)
 
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,8 @@ class Session:
         return self.settings["method"]
 
     # ---- editing -----------------------------------------------------------------------
-    def edit(self, requests: EditRequest | dict | list, measure: bool = True) -> list[EditRecord]:
+    def edit(self, requests: EditRequest | dict | list, measure: bool = True,
+             on_applied: Callable[[EditRecord], None] | None = None) -> list[EditRecord]:
         """Apply requests in order, each journaled as its own entry. All are validated and put
         to the plugins' before_edit hooks before the first one changes anything. For an editor
         that edits in turns (`edits_in_turns`) the requests of one call are one turn, applied
@@ -211,9 +213,14 @@ class Session:
             veto = self.host.veto(self, req)
             if veto:
                 raise EditVetoed(*veto)
-        if self.editor.edits_in_turns:
-            return self._apply_turn(reqs, measure)
-        return [record for req in reqs for record in self._apply_turn([req], measure)]
+        turns = [reqs] if self.editor.edits_in_turns else [[req] for req in reqs]
+        records = []
+        for turn in turns:
+            for record in self._apply_turn(turn, measure):
+                records.append(record)
+                if on_applied is not None:
+                    on_applied(record)
+        return records
 
     def _apply_turn(self, reqs: list[EditRequest], measure: bool) -> list[EditRecord]:
         from editkit.evaluation.metrics import edit_scores, locality_baseline
@@ -494,6 +501,33 @@ def read_settings(ws: Path) -> dict[str, Any]:
     if settings["format"] not in (1, WORKSPACE_FORMAT):
         raise WorkspaceError(f"{path} has format {settings['format']}; this editkit reads 1 to {WORKSPACE_FORMAT}")
     return settings
+
+
+def plan_open(ws: Path, host: PluginHost, *, model: str | None = None, method: str | None = None,
+              method_config: dict | None = None) -> dict[str, Any]:
+    """What Session.open would do with these arguments, checked as it checks them, without
+    loading the model or touching anything (for --dry-run)."""
+    if ws.exists() and not ws.is_dir():
+        raise WorkspaceError(f"{ws} exists and is not a directory")
+    if (ws / "workspace.json").exists():
+        settings = read_settings(ws)
+        editor_cls, config = _check_reopen(ws, settings, host, model, method, method_config)
+        journal = Journal(ws / "journal.sqlite", readonly=True)
+        try:
+            active = journal.count("applied")
+        finally:
+            journal.close()
+        return {"workspace": str(ws), "exists": True, "model": settings["model"], "method": settings["method"],
+                "method_config": config.model_dump(mode="json"), "active_edits": active,
+                "edits_in_turns": editor_cls.edits_in_turns}
+    if ws.exists() and any(ws.iterdir()):
+        raise WorkspaceError(f"{ws} is a non-empty directory that is not an editkit workspace "
+                             "(no workspace.json); choose a new or empty directory")
+    editor_cls = host.editor(method or DEFAULT_METHOD)
+    config = editor_cls.make_config(method_config)
+    return {"workspace": str(ws), "exists": False, "model": _model_key(model), "method": method or DEFAULT_METHOD,
+            "method_config": config.model_dump(mode="json"), "active_edits": 0,
+            "edits_in_turns": editor_cls.edits_in_turns}
 
 
 def _check_reopen(ws: Path, settings: dict[str, Any], host: PluginHost, wanted: str | None,

@@ -56,9 +56,16 @@ from .suites import EditCase
 Progress = Callable[[str, int, int, str], None]
 
 
-def parse_method_configs(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """`method.key=value` items -> {method: {key: value}}; value read as JSON where it parses."""
-    configs: dict[str, dict[str, Any]] = {m: {} for m in methods}
+def parse_method_configs(items: list[str] | None, methods: list[str],
+                         base: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """`method.key=value` items -> {method: {key: value}}, over `base` (e.g. a config file's);
+    value read as JSON where it parses."""
+    base = base or {}
+    stray = sorted(set(base) - set(methods))
+    if stray:
+        raise InvalidRequest(f"configs are given for {', '.join(stray)}, which is not among the methods "
+                             f"({', '.join(methods)})")
+    configs: dict[str, dict[str, Any]] = {m: dict(base.get(m, {})) for m in methods}
     for item in items or []:
         left, sep, raw = item.partition("=")
         method, dot, key = left.strip().partition(".")
@@ -183,8 +190,19 @@ class EvalRun:
         return [ItemBaseline.from_dict(item["baseline"]) for item in items]
 
     # ---- running ------------------------------------------------------------------------
+    def describe(self, methods: list[str], configs: dict[str, dict] | None = None) -> dict[str, Any]:
+        """What run() would do (for --dry-run): the plan, each method's resolved config, the
+        measurement points, and whether the folder holds a run to resume. Writes nothing."""
+        resolved = {m: self.host.editor(m).make_config((configs or {}).get(m)).model_dump(mode="json")
+                    for m in methods}
+        plan = {k: v for k, v in self.plan.items() if k not in ("cases", "methods")}
+        return {**plan, "methods": resolved, "first_cases": [c.to_dict()["request"] for c in self.cases[:3]],
+                "points": list(self._points()) if self.plan["protocol"] != "groups" else None,
+                "resume": (self.out / "run.json").exists()}
+
     def run(self, methods: list[str], configs: dict[str, dict] | None = None, loaded: LoadedModel | None = None,
-            device: str = "auto", dtype: str | None = None, progress: Progress | None = None) -> Path:
+            device: str = "auto", dtype: str | None = None, progress: Progress | None = None,
+            device_map: str | None = None) -> Path:
         if not methods:
             raise InvalidRequest("name at least one --method")
         if len(set(methods)) != len(methods):
@@ -196,7 +214,7 @@ class EvalRun:
             resolved[m] = cls.make_config(configs.get(m)).model_dump(mode="json")
         self._check_plan(resolved)
         if loaded is None:
-            loaded = load_model(self.model, device=device, dtype=dtype, host=self.host)
+            loaded = load_model(self.model, device=device, dtype=dtype, device_map=device_map, host=self.host)
         baselines = self._baselines(loaded)
         for m in methods:
             torch.manual_seed(self.plan["seed"])
@@ -299,13 +317,18 @@ def run_eval(out: str | Path, *, suite: str, data: str | None, methods: list[str
              at: list[int] | None = None, sample: int | None = None, turn_size: int = 1,
              configs: dict[str, dict] | None = None, loaded: LoadedModel | None = None, device: str = "auto",
              dtype: str | None = None, progress: Progress | None = None, host: PluginHost | None = None,
-             plots: bool = True) -> dict:
-    """Run (or resume) an evaluation into `out` and write its report; returns the report dict."""
+             plots: bool = True, device_map: str | None = None, settings: dict | None = None) -> dict:
+    """Run (or resume) an evaluation into `out` and write its report; returns the report dict.
+    `settings` (the command's effective settings) is written into the folder as run-config.yaml."""
     run = EvalRun(out, suite=suite, data=data, edits=edits, protocol=protocol, every=every,
                   group_size=group_size, seed=seed, select=select, skip_invalid=skip_invalid,
                   model=model if loaded is None or model is not None else loaded.name, at=at, sample=sample,
                   turn_size=turn_size, host=host)
-    run.run(methods, configs, loaded=loaded, device=device, dtype=dtype, progress=progress)
+    run.run(methods, configs, loaded=loaded, device=device, dtype=dtype, progress=progress, device_map=device_map)
+    if settings is not None:
+        import yaml
+
+        atomic_write_text(Path(out) / "run-config.yaml", yaml.safe_dump(settings, sort_keys=True))
     report = build_report(out)
     render_report(report, out, plots=plots)
     return report

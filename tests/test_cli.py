@@ -402,3 +402,43 @@ def test_methods_lists_configs_from_the_plugins(app):
     assert doc["kind"] == "editor" and keys["steps"]["default"] == 100 and keys["steps"]["type"] == "int"
     assert doc["schema"]["properties"]["epsilon"]["description"].startswith("Initial deferral radius")
     user_error(run(app, "methods", "nope"), "no method or intervention 'nope'", "ft", "grace")
+
+
+def test_config_files_dry_runs_and_completion(app, gpt2, tmp_path):
+    settings = tmp_path / "ft.yaml"
+    settings.write_text("steps: 2\nlr: 0.02\n")
+    ws = tmp_path / "ws"
+    plan = json.loads(ok(run(app, "edit", "The capital of France is", "Rome", "--workspace", ws, *gpt2,
+                             "--method", "ft", "--config-file", settings, "--config", "lr=0.03", "--dry-run")))
+    assert plan["exists"] is False and plan["method"] == "ft" and not ws.exists()  # nothing created
+    assert plan["method_config"]["steps"] == 2 and plan["method_config"]["lr"] == 0.03  # --config wins
+    assert plan["requests"] == [{"prompt": "The capital of France is", "target_new": "Rome"}]
+    edits = write_jsonl(tmp_path / "e.jsonl", {"prompt": "a b", "target_new": "c"}, {"prompt": "d e", "target_new": "f"})
+    ok(run(app, "edit", "--file", edits, "--workspace", ws, *gpt2, "--method", "ft", "--config-file", settings))
+    assert [r["id"] for r in history(app, ws)] == [1, 2]
+    plan = json.loads(ok(run(app, "edit", "g h", "i", "--workspace", ws, "--dry-run", "--config-file", settings)))
+    assert plan["exists"] is True and plan["active_edits"] == 2
+    user_error(run(app, "edit", "g h", "i", "--workspace", ws, "--dry-run", "--config", "steps=9"),
+               "different ft config")
+    settings.write_text("- just\n- a list\n")
+    user_error(run(app, "edit", "g h", "i", "--workspace", ws, "--dry-run", "--config-file", settings),
+               "must hold a mapping")
+    assert "--install-completion" in run(app, "--help").output
+
+
+def test_eval_config_file_and_dry_run(app, tiny_dirs, tmp_path):
+    import yaml
+
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump({"suite": "builtin", "method": ["grace"], "edits": 2, "at": [1],
+                                    "configs": {"grace": {"steps": 3}}}))
+    common = ["--config-file", spec, "--model", tiny_dirs["gpt2"], "--device", "cpu", "--out", tmp_path / "run"]
+    plan = json.loads(ok(run(app, "eval", *common, "--edits", "3", "--dry-run")))
+    assert plan["settings"]["edits"] == 3 and plan["plan"]["edits"] == 3  # the command line wins over the file
+    assert plan["plan"]["methods"]["grace"]["steps"] == 3 and plan["plan"]["points"] == [1, 3]
+    assert not (tmp_path / "run").exists()
+    ok(run(app, "eval", *common, "--no-plots"))
+    written = yaml.safe_load((tmp_path / "run" / "run-config.yaml").read_text())
+    assert written["method"] == ["grace"] and written["configs"] == {"grace": {"steps": 3}} and written["edits"] == 2
+    spec.write_text("suite: builtin\ncolour: red\n")
+    user_error(run(app, "eval", *common, "--dry-run"), "unknown setting(s) colour")
