@@ -188,13 +188,13 @@ def method_config(items: list[str] | None, path: Path | None) -> dict[str, Any] 
 
 def start_session(ctx: typer.Context, workspace: Path, *, create: bool, model: str | None, device: str,
                   dtype: Dtype | None, device_map: str | None, method: str | None = None,
-                  method_config: dict | None = None, readonly: bool = False) -> Session:
+                  method_config: dict | None = None, readonly: bool = False, follow: bool = False) -> Session:
     """Session.open with the CLI's options (a failed first open leaves nothing behind)."""
     from editkit.session import Session
 
     return Session.open(Path(workspace), model=model, method=method, method_config=method_config,
                         device=device, dtype=dtype.value if dtype else None, device_map=device_map,
-                        create=create, readonly=readonly, host=host_of(ctx))
+                        create=create, readonly=readonly, follow=follow, host=host_of(ctx))
 
 
 @contextmanager

@@ -86,7 +86,9 @@ class ChunkStore:
         self.root = root / "chunks"
         self.readonly = readonly
         self.written: list[str] = []  # chunks created by the current write (removed if it fails)
+        self.fetched = 0  # chunk files read by the last read()
         self._index_cache: dict[str, list[bytes]] = {}
+        self._recent: dict[str, bytes] = {}  # the last read's blocks (with reuse=True)
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -257,38 +259,54 @@ class ChunkStore:
         return out
 
     # ---- reading a state ---------------------------------------------------------------
-    def read(self, manifest: dict) -> ComponentStates:
+    def read(self, manifest: dict, reuse: bool = False) -> ComponentStates:
+        """Every component's (tensors, meta) of a state. With `reuse`, blocks the previous read
+        with reuse already read (and checked) are taken from memory: a reader that follows
+        a workspace reads only the chunks a new head changed."""
         if manifest.get("format") != MANIFEST_FORMAT:
             raise WorkspaceError(f"state manifest has format {manifest.get('format')}; "
                                  f"this editkit reads {MANIFEST_FORMAT}")
+        self.fetched = 0
+        used: dict[str, bytes] = {}
+
+        def get(digest: str) -> bytes:
+            data = self._recent.get(digest) if reuse else None
+            if data is None:
+                data = self.load(digest)
+                self.fetched += 1
+            used[digest] = data
+            return data
+
         states: ComponentStates = {}
         for name, entry in manifest["components"].items():
             try:
-                meta = json.loads(self.load(entry["meta"]))
+                meta = json.loads(get(entry["meta"]))
                 for key, spec in entry["lists"].items():
                     items = []
                     for d in self._blocks(spec["index"]):
-                        items += json.loads(self.load(d))
+                        items += json.loads(get(d))
                     if len(items) != spec["items"]:
                         raise WorkspaceError(f"state list '{key}' of '{name}' has {len(items)} items, "
                                              f"manifest says {spec['items']}")
                     meta[key] = items
-                tensors = {key: self._read_tensor(spec) for key, spec in entry["tensors"].items()}
+                tensors = {key: self._read_tensor(spec, get) for key, spec in entry["tensors"].items()}
             except (ValueError, KeyError, TypeError) as exc:
                 raise WorkspaceError(f"cannot read state of '{name}': {exc}") from None
             states[name] = (tensors, dict(sorted(meta.items())))
+        if reuse:
+            self._recent = used
         return states
 
     def _blocks(self, index: list[str]) -> list[str]:
         return [_hex(d) for idx in index for d in self._index(idx)]
 
-    def _read_tensor(self, spec: dict) -> torch.Tensor:
+    def _read_tensor(self, spec: dict, get) -> torch.Tensor:
         dtype = getattr(torch, spec["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise WorkspaceError(f"unknown tensor dtype '{spec['dtype']}' in a state manifest")
         buf = bytearray()
         for d in self._blocks(spec["index"]):
-            buf += self.load(d)
+            buf += get(d)
         shape = [int(s) for s in spec["shape"]]
         expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if len(buf) != expected:

@@ -103,20 +103,26 @@ class Session:
         self.readonly = readonly
         self._lock_file = lock_file
         self._closed = False
+        self.head_id = 0  # the journal's id of the state this session holds
+        self.following = False
+        self._held: dict = {}
 
     # ---- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, workspace: str | Path, *, model: str | None = None, method: str | None = None,
              method_config: dict | None = None, device: str = "auto", dtype: str | None = None,
              device_map: str | dict | None = None, checkpoint_every: int = 10, create: bool = True,
-             readonly: bool = False, loaded: LoadedModel | None = None,
+             readonly: bool = False, follow: bool = False, loaded: LoadedModel | None = None,
              host: PluginHost | None = None) -> "Session":
         """Open (or create) the workspace. Everything is checked before anything is written.
 
         A new workspace is built in a temporary directory beside it and renamed into place, so
         a failed first open leaves nothing behind, and an open only ever removes what it made.
         `readonly` opens an existing workspace for generation only: it writes nothing (no lock
-        file, no sweep), so it works on a read-only copy; edits and rollbacks are refused."""
+        file, no sweep), so it works on a read-only copy; edits and rollbacks are refused.
+        `follow` is read-only without the lock, beside a writer that keeps editing: poll() and
+        switch() bring in the heads it commits (a read replica)."""
+        readonly = readonly or follow
         ws = Path(workspace)
         host = host or get_host()
         if ws.exists() and not ws.is_dir():
@@ -125,7 +131,7 @@ class Session:
         if (ws / "workspace.json").exists():
             settings = read_settings(ws)
             editor_cls, config = _check_reopen(ws, settings, host, wanted, method, method_config)
-            lock_file = _lock(ws, shared=readonly)
+            lock_file = None if follow else _lock(ws, shared=readonly)
             try:
                 if loaded is None:
                     loaded = load_model(settings["model"], device=device, dtype=dtype,
@@ -134,12 +140,15 @@ class Session:
                     raise WorkspaceError(f"workspace {ws} was made with different weights for model "
                                          f"'{settings['model']}' (fingerprint {settings['fingerprint']}, "
                                          f"loaded {loaded.fingerprint})")
-                parts = _open_parts(ws, settings, loaded, editor_cls, config, host, readonly)
+                parts = _open_parts(ws, settings, loaded, editor_cls, config, host, readonly, follow)
             except BaseException:
                 if lock_file is not None:
                     lock_file.close()
                 raise
-            return cls(ws, settings, loaded, *parts, host, lock_file, readonly)
+            session = cls(ws, settings, loaded, *parts[:5], host, lock_file, readonly)
+            session.head_id, session.following = parts[5], follow
+            session._held = parts[6] if follow else {}  # a follower keeps it, to fall back on
+            return session
 
         if not create or readonly:
             raise WorkspaceError(f"no workspace at {ws} (create one with `editkit edit ... --workspace {ws}`)")
@@ -164,7 +173,9 @@ class Session:
             lock_file.close()
             _remove_created(ws, existed)
             raise
-        return cls(ws, settings, loaded, *parts, host, lock_file, readonly=False)
+        session = cls(ws, settings, loaded, *parts[:5], host, lock_file, readonly=False)
+        session.head_id = parts[5]
+        return session
 
     def close(self) -> None:
         """Detach the editor (the model is as loaded) and release the workspace."""
@@ -398,6 +409,32 @@ class Session:
         self.host.notify("after_rollback", session=self, edit_id=edit_id)
         return self.journal.record(edit_id)
 
+    # ---- following a writer ------------------------------------------------------------
+    def poll(self):
+        """For a following session: the head its writer committed since, read from the chunks
+        (only those that changed are read), or None when the head is the same."""
+        state_id, manifest = self.journal.head_state()
+        if state_id == self.head_id:
+            return None
+        return state_id, (self.chunks.read(manifest, reuse=True) if manifest else {})
+
+    def switch(self, polled) -> None:
+        """Hold the head poll() read: the components are rebuilt with it. Call it with the model
+        idle (the service takes its write lock), so a generation sees one head, never a mixture."""
+        state_id, states = polled
+        old_editor, old_interventions = self.editor, self.interventions
+        for intervention in reversed(old_interventions.values()):
+            intervention.detach()
+        old_editor.detach()
+        try:
+            self.editor, self.interventions = _attach_states(self.loaded, type(old_editor), old_editor.config,
+                                                             states, self.host)
+        except BaseException:  # keep serving the head held before
+            self.editor, self.interventions = _attach_states(self.loaded, type(old_editor), old_editor.config,
+                                                             self._held, self.host)
+            raise
+        self.head_id, self._held = state_id, states
+
     # ---- leaving editkit ---------------------------------------------------------------
     def export(self, out: str | Path) -> Path:
         """Write the edited model as a plain Hugging Face checkpoint (safetensors), with its
@@ -546,11 +583,11 @@ def _check_reopen(ws: Path, settings: dict[str, Any], host: PluginHost, wanted: 
 
 
 def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_cls, config,
-                host: PluginHost, readonly: bool):
+                host: PluginHost, readonly: bool, follow: bool = False):
     """Journal, chunk store, and the editor and interventions attached with the head state
     (a schema-1 workspace is migrated first, unless read-only). On failure everything
     attached is detached again and the journal closed."""
-    journal = Journal(ws / "journal.sqlite", readonly=readonly, no_writer=readonly)
+    journal = Journal(ws / "journal.sqlite", readonly=readonly, no_writer=readonly and not follow)
     try:
         chunks = ChunkStore(ws / "state", readonly=readonly)
         if not readonly:
@@ -560,15 +597,26 @@ def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_
                 settings["format"] = WORKSPACE_FORMAT
                 atomic_write_text(ws / "workspace.json", json.dumps(settings, indent=2, sort_keys=True))
             _sweep(ws / "state", journal, chunks)
-        manifest = None if journal.legacy else journal.head()
+        if follow and journal.legacy:
+            raise WorkspaceError(f"workspace {ws} has the old layout; open it for writing once (its writer does) "
+                                 "before following it")
+        head_id, manifest = (0, None) if journal.legacy else journal.head_state()
         if journal.legacy:
             states = legacy.legacy_head(journal, ws / "state") or {}
         else:
-            states = chunks.read(manifest) if manifest else {}
-        editor = editor_cls(loaded, config)
+            states = chunks.read(manifest, reuse=follow) if manifest else {}
+        editor, interventions = _attach_states(loaded, editor_cls, config, states, host)
     except BaseException:
         journal.close()
         raise
+    bases = manifest["components"] if manifest else {}
+    return editor, journal, chunks, bases, interventions, head_id, states
+
+
+def _attach_states(loaded: LoadedModel, editor_cls, config, states, host: PluginHost):
+    """A new editor and the interventions of `states`, attached and holding their states; on
+    failure everything attached is detached again."""
+    editor = editor_cls(loaded, config)
     editor.attach()
     interventions: dict[str, Intervention] = {}
     try:
@@ -587,10 +635,8 @@ def _open_parts(ws: Path, settings: dict[str, Any], loaded: LoadedModel, editor_
         for intervention in reversed(interventions.values()):
             intervention.detach()
         editor.detach()
-        journal.close()
         raise
-    bases = manifest["components"] if manifest else {}
-    return editor, journal, chunks, bases, interventions
+    return editor, interventions
 
 
 def _sweep(state_root: Path, journal: Journal, chunks: ChunkStore) -> None:

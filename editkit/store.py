@@ -214,8 +214,13 @@ class Journal:
 
     def head(self) -> dict | None:
         """The manifest of the workspace's current state (None before the first edit)."""
-        row = self.db.execute("SELECT s.manifest FROM head h JOIN states s ON s.id = h.state_id").fetchone()
-        return json.loads(row[0]) if row else None
+        return self.head_state()[1]
+
+    def head_state(self) -> tuple[int, dict | None]:
+        """(id of the head state, 0 before the first edit; its manifest). A new id means a new
+        state: ids are never reused."""
+        row = self.db.execute("SELECT h.state_id, s.manifest FROM head h JOIN states s ON s.id = h.state_id").fetchone()
+        return (row[0], json.loads(row[1])) if row else (0, None)
 
     def checkpoint_before(self, edit_id: int) -> tuple[int, dict] | None:
         """The newest checkpoint holding only edits older than `edit_id`: (its last edit id,

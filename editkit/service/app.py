@@ -7,6 +7,10 @@ batch decodes under a read lock and edits and rollbacks take the write lock, so 
 sees the state before or after an edit, never half of one. Durability comes from the
 Session: an edit is journaled (committed) before the response acknowledges it.
 
+Read replicas: a session that follows its workspace (Session.open(follow=True), `editkit serve
+--follow WS`) serves the heads its writer commits (editkit.service.follower) and answers edits
+and rollbacks 409 with the writer's address.
+
 Access: every route declares whether it changes state (editkit.access); those that do need
 the bearer token when one is set. Errors: every error is JSON with a reason, no reason names
 a server directory, and an unexpected error is logged with a request id (editkit.service.errors)."""
@@ -25,6 +29,7 @@ from editkit.session import Session
 from .bodies import Bodies
 from .config import ServiceConfig
 from .errors import BodyLimit, install_handlers, redactor
+from .follower import Follower
 from .routes import admin, edits, generation, openai
 from .scheduler import Scheduler
 from .state import ServiceState
@@ -38,13 +43,19 @@ def create_app(session: Session, config: ServiceConfig | None = None) -> FastAPI
     scheduler = Scheduler(session, lock, telemetry, max_rows=config.batch_rows, window=config.batch_window_ms / 1000)
     bodies = Bodies(config)
 
+    follower = Follower(session, lock, telemetry, config.poll_interval) if session.following else None
+
     @asynccontextmanager
     async def lifespan(_app):
+        if follower:
+            follower.start()
         yield
+        if follower:
+            follower.stop()
         scheduler.close()
 
     app = FastAPI(title="editkit", version="1", description="Lifelong model editing service", lifespan=lifespan)
-    app.state.service = ServiceState(session, config, lock, telemetry, scheduler, bodies)
+    app.state.service = ServiceState(session, config, lock, telemetry, scheduler, bodies, follower)
     app.state.session, app.state.lock, app.state.config = session, lock, config  # read by editkit.access
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(RouteMetrics, telemetry=telemetry)

@@ -22,6 +22,10 @@ class ServiceConfig(BaseModel):
         "Most prompts decoded together: concurrent generation requests share batches up to this size."))
     batch_window_ms: float = Field(20.0, ge=0, description=(
         "How long the first request of a batch waits for others to join it (milliseconds)."))
+    writer: str | None = Field(None, description=(
+        "A read replica (a session that follows its workspace): the writer's address, named in the 409 "
+        "that answers edits and rollbacks."))
+    poll_interval: float = Field(1.0, gt=0, description="A read replica looks for new heads this often (seconds).")
 
 
 class ApiError(Exception):

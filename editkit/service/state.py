@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -17,6 +17,9 @@ from .bodies import Bodies
 from .config import ApiError, ServiceConfig
 from .scheduler import Scheduler
 from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .follower import Follower
 
 
 def model_label(model: str) -> str:
@@ -32,6 +35,13 @@ class ServiceState:
     telemetry: Telemetry
     scheduler: Scheduler
     bodies: Bodies
+    follower: "Follower | None" = None
+
+    def check_writer(self) -> None:
+        """409 on a read replica: edits and rollbacks go to the writer."""
+        if self.session.following:
+            where = f" at {self.config.writer}" if self.config.writer else ""
+            raise ApiError(409, f"this server is a read replica; send edits and rollbacks to the writer{where}")
 
     @property
     def model(self) -> str:

@@ -40,6 +40,9 @@ class Telemetry:
         self.queue_depth = Gauge("editkit_queue_depth", "Edit and rollback requests waiting or running.", registry=r)
         self.waiting = Gauge("editkit_generation_queue_depth", "Generation requests waiting for a batch.", registry=r)
         self.in_flight = Gauge("editkit_generations_in_flight", "Prompts being decoded.", registry=r)
+        self.head = Gauge("editkit_head_state", "Journal id of the state served (a replica's follows its writer).",
+                          registry=r)
+        self.switches = Counter("editkit_head_switches", "Times a replica switched to a newer head.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

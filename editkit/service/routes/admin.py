@@ -22,11 +22,17 @@ def router(bodies: Bodies) -> APIRouter:
         journal = state.read_journal()
         try:
             active = journal.count("applied")
+            latest = journal.head_state()[0] if not journal.legacy else 0
         finally:
             journal.close()
-        return {"status": "ok", "model": state.model, "method": state.session.method, "active_edits": active,
-                "queue_depth": int(state.telemetry.value("editkit_queue_depth")),
-                "generation_queue_depth": int(state.telemetry.value("editkit_generation_queue_depth"))}
+        out = {"status": "ok", "model": state.model, "method": state.session.method, "active_edits": active,
+               "queue_depth": int(state.telemetry.value("editkit_queue_depth")),
+               "generation_queue_depth": int(state.telemetry.value("editkit_generation_queue_depth")),
+               "role": "replica" if state.session.following else "writer",
+               "head": state.session.head_id if state.session.following else latest, "journal_head": latest}
+        if state.follower is not None:
+            out.update(state.follower.describe())
+        return out
 
     @api.get("/metrics", dependencies=[Depends(reads_state)], response_class=Response)
     def metrics(state: State) -> Response:

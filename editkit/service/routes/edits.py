@@ -21,6 +21,7 @@ def router(bodies: Bodies) -> APIRouter:
 
     @api.post("/v1/edits", dependencies=[Depends(changes_state)])
     def post_edits(body: Edits, state: State) -> dict:
+        state.check_writer()
         for i, e in enumerate(body.edits):
             check_texts(((f"edits.{i}.{field}", text) for field, text in e.texts()), state.config.max_prompt_chars)
         with state.telemetry.edit(state.lock):
@@ -43,6 +44,7 @@ def router(bodies: Bodies) -> APIRouter:
 
     @api.delete("/v1/edits/{edit_id}", dependencies=[Depends(changes_state)])
     def rollback(edit_id: Annotated[int, PathParam(ge=1, le=MAX_ID)], state: State) -> dict:
+        state.check_writer()
         journal = state.read_journal()
         try:
             known = journal.record(edit_id) is not None
