@@ -222,7 +222,7 @@ def test_five_sequential_zsre_edits_on_the_default_model(default_model):
     on records 5-9; the reference port: ~0.34 Rel after 10)."""
     from editkit.evaluation.metrics import answer_predictions, agreement, teacher_forced_accuracy
 
-    records = json.loads(shared_path("data", "zsre", "zsre-dev-500.json").read_text())[:5]
+    records = json.loads(shared_path("zsre").read_text())[:5]
     loaded = default_model
     loc_prompts = [r["loc"] for r in records]
     loc_answers = [r["loc_ans"] for r in records]
