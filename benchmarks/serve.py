@@ -41,12 +41,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def start_server(args, workspace: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, workspace: Path, follow_of: str | None = None) -> tuple[subprocess.Popen, str]:
+    """The writer, or (follow_of: the writer's URL) a read replica of the same workspace."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "editkit.cli", "serve", "--workspace", str(workspace), "--port", str(port),
-           "--device", "cpu", "--method", args.method, "--token", "bench"]
+    cmd = [sys.executable, "-m", "editkit.cli", "serve", "--port", str(port), "--device", "cpu", "--token", "bench"]
+    if follow_of:
+        cmd += ["--follow", str(workspace), "--writer", follow_of, "--poll-interval", str(args.poll_interval)]
+    else:
+        cmd += ["--workspace", str(workspace), "--method", args.method]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -94,6 +98,47 @@ def batched_bound(url: str, requests: int, max_new_tokens: int) -> dict:
             "tokens_per_second": r.json()["usage"]["completion_tokens"] / wall}
 
 
+def replica_run(args, workspace: Path, writer: str) -> dict:
+    """Generation throughput spread over 1 and 2 read replicas (clients alternate between them),
+    and the lag from an edit's acknowledgement to every replica serving it."""
+    replicas = []
+    try:
+        out = {}
+        for n in (1, 2):
+            while len(replicas) < n:
+                replicas.append(start_server(args, workspace, follow_of=writer))
+            urls = [url for _, url in replicas]
+            c, requests = 8 * n, max(args.requests, 8 * n)
+
+            def one(i: int) -> float:
+                started = time.perf_counter()
+                httpx.post(urls[i % n] + "/v1/completions", json={"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0,
+                                                                 "max_tokens": args.max_new_tokens},
+                           timeout=600).raise_for_status()
+                return time.perf_counter() - started
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(c) as pool:
+                latencies = list(pool.map(one, range(requests)))
+            wall = time.perf_counter() - started
+            out[f"{n}_replicas"] = {"requests": requests, "concurrency": c, "requests_per_second": requests / wall,
+                                    "p95_seconds": percentile(latencies, 0.95)}
+        lags = []
+        for edit in BUILTIN_EDITS[:2]:
+            httpx.post(writer + "/v1/edits", json={"edits": [{**edit, "target_new": edit["target_new"] + " again"}]},
+                       headers={"Authorization": "Bearer bench"}, timeout=1800).raise_for_status()
+            acked, head = time.perf_counter(), httpx.get(writer + "/health").json()["journal_head"]
+            while any(httpx.get(url + "/health").json()["head"] != head for _, url in replicas):
+                time.sleep(0.02)
+            lags.append(time.perf_counter() - acked)
+        out["lag_seconds"] = lags
+        return out
+    finally:
+        for proc, _ in replicas:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 def phase(url: str, args) -> dict:
     rows = {}
     for c in args.concurrency:
@@ -110,6 +155,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--replicas", action="store_true", help="also measure 1 and 2 read replicas")
+    parser.add_argument("--poll-interval", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
 
@@ -137,6 +184,7 @@ def main() -> None:
         loader.join()
         edited = phase(url, args)
         metrics = httpx.get(url + "/metrics").text
+        replicas = replica_run(args, workspace, url) if args.replicas else None
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -146,7 +194,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "no_edits": unedited, "with_edits": edited, "edits_in_force": len(BUILTIN_EDITS),
               "edit_latency_under_load_seconds": {"each": edit_latencies, "median": statistics.median(edit_latencies)},
-              "edit_wait_metric": wait}
+              "edit_wait_metric": wait, "replicas": replicas}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(result, indent=2))
     lines = [f"# editkit serve benchmark ({result['model']}, method {args.method})", "",
@@ -165,6 +213,14 @@ def main() -> None:
     lines += ["", f"Edit latency under generate load (concurrency 8): median {statistics.median(edit_latencies):.2f} s "
               f"({', '.join(f'{x:.2f}' for x in edit_latencies)}); time edits waited for batches in flight: "
               + "; ".join(wait)]
+    if replicas:
+        lines += ["", f"Read replicas (poll interval {args.poll_interval} s), clients spread evenly, 8 per replica:"]
+        for n in (1, 2):
+            r = replicas[f"{n}_replicas"]
+            lines.append(f"- {n} replica(s): {r['requests_per_second']:.2f} req/s at concurrency {r['concurrency']}, "
+                         f"p95 {r['p95_seconds']:.2f} s")
+        lines.append("- edit acknowledged to every replica serving it: "
+                     + ", ".join(f"{x:.2f} s" for x in replicas["lag_seconds"]))
     (args.out / "serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
