@@ -327,11 +327,15 @@ class Journal:
             refs.add(json.loads(row[0]), -1)
 
     def _thin_checkpoints(self, newest: int, every: int, refs: "_RefChanges") -> None:
-        """Keep checkpoints sparser with age (see checkpoint_spacing)."""
-        kept = None
+        """Keep checkpoints sparser with age: of those whose age gives spacing s
+        (checkpoint_spacing), the newest in each run of s edit ids. A kept checkpoint stays kept
+        until its run merges into a longer one, so about ten survive per decade of history and
+        any edit has one within about one spacing before it."""
+        seen = set()
         for upto, state in self.db.execute("SELECT upto_id, state_id FROM checkpoints ORDER BY upto_id DESC").fetchall():
-            if kept is None or kept - upto >= checkpoint_spacing(newest - upto, every):
-                kept = upto
+            spacing = checkpoint_spacing(newest - upto, every)
+            if (spacing, upto // spacing) not in seen:
+                seen.add((spacing, upto // spacing))
                 continue
             self.db.execute("DELETE FROM checkpoints WHERE upto_id = ?", (upto,))
             self._drop_if_unused(state, refs)
