@@ -143,6 +143,20 @@ def replica_run(args, workspace: Path, writer: str) -> dict:
             proc.wait(timeout=60)
 
 
+def edits_to_apply(n: int) -> list[dict]:
+    """The built-in edits, then zsRE dev records from the shared data, n in all."""
+    edits = list(BUILTIN_EDITS)
+    try:
+        from editkit.data import shared_file
+        from editkit.host import get_host
+
+        edits += [r.model_dump(mode="json", exclude_defaults=True)
+                  for r in get_host().suite("zsre")().load(shared_file("zsre"), limit=n)]
+    except Exception:  # no shared data: the built-in edits only
+        pass
+    return edits[:n]
+
+
 def phase(url: str, args) -> dict:
     rows = {}
     for c in args.concurrency:
@@ -159,6 +173,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--edits", type=int, default=10, help="edits applied between the two phases")
     parser.add_argument("--replicas", action="store_true", help="also measure 1 and 2 read replicas")
     parser.add_argument("--poll-interval", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -180,7 +195,7 @@ def main() -> None:
 
         loader = threading.Thread(target=keep_generating)
         loader.start()
-        for edit in BUILTIN_EDITS:
+        for edit in edits_to_apply(args.edits):
             started = time.perf_counter()
             httpx.post(url + "/v1/edits", json={"edits": [edit]}, headers=auth, timeout=1800).raise_for_status()
             edit_latencies.append(time.perf_counter() - started)
@@ -196,7 +211,7 @@ def main() -> None:
     wait = [line for line in metrics.splitlines() if line.startswith("editkit_edit_wait_seconds_")]
     result = {"benchmark": "serve", "model": args.model or "default", "method": args.method,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "no_edits": unedited, "with_edits": edited, "edits_in_force": len(BUILTIN_EDITS),
+              "no_edits": unedited, "with_edits": edited, "edits_in_force": len(edit_latencies),
               "edit_latency_under_load_seconds": {"each": edit_latencies, "median": statistics.median(edit_latencies)},
               "edit_wait_metric": wait, "replicas": replicas}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +222,7 @@ def main() -> None:
              "batched as far as that concurrency allows: the upper bound).", "",
              "| edits in force | concurrency | req/s | tok/s | p50 s | p95 s | batched req/s | of batched | vs c=1 |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for label, rows in ((0, unedited), (len(BUILTIN_EDITS), edited)):
+    for label, rows in ((0, unedited), (len(edit_latencies), edited)):
         base = rows[str(args.concurrency[0])]["load"]["requests_per_second"]
         for c, r in rows.items():
             load, bound = r["load"], r["batched"]
