@@ -87,9 +87,18 @@ class Component:
 class Editor(Component):
     """An editing method. The session seeds torch's RNG before each apply() so replays are exact."""
 
+    # True: Session.edit([...]) hands all the requests of one call to apply_turn together
+    # (a turn); rolling one back solves its turn again without it. False: apply() each.
+    edits_in_turns: ClassVar[bool] = False
+
     def apply(self, request: EditRequest) -> dict[str, float]:
         """Make the model follow `request`; return training statistics (loss, steps...)."""
         raise NotImplementedError
+
+    def apply_turn(self, requests: list[EditRequest]) -> list[dict[str, float]]:
+        """Apply a turn of requests together; one statistics dict per request, in order.
+        Default: apply() each in order."""
+        return [dict(self.apply(r)) for r in requests]
 
 
 class Intervention(Component):
