@@ -123,7 +123,8 @@ class Editor(Component):
         raise NotImplementedError
 
     def apply_turn(self, requests: list[EditRequest]) -> list[dict[str, float]]:
-        """Apply a turn of requests together; one statistics dict per request, in order."""
+        """Apply a turn of requests together; one statistics dict per request, in order.
+        Default: apply() each in order."""
         return [dict(self.apply(r)) for r in requests]
 
 

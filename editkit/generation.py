@@ -40,13 +40,14 @@ def check_fits(loaded: LoadedModel, items: Iterable[tuple[str, str, int]]) -> No
 class Row:
     """One prompt to continue and how."""
 
-    prompt: str
+    prompt: str  # or "" with prompt_ids
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stream: int | None = None  # rows with the same stream id share one random generator
     seed: int | None = None  # the stream's seed (None: drawn from torch's global generator)
     stop: tuple[str, ...] = ()  # the row ends before the first of these in its text
+    prompt_ids: list[int] | None = None  # the prompt as token ids (then `prompt` is not tokenized)
 
 
 @dataclass
@@ -100,17 +101,18 @@ def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None 
     if not rows:
         return []
     tok, model, device = loaded.tokenizer, loaded.model, loaded.device
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok([r.prompt for r in rows], return_tensors="pt", padding=True).to(device)
-    finally:
-        tok.padding_side = side
-    ids, mask = enc.input_ids, enc.attention_mask
     top_k = getattr(model.generation_config, "top_k", None)
     top_k = 50 if top_k is None else top_k  # transformers' default where the model sets none
     ends = _end_tokens(loaded)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (min(ends) if ends else 0)
+    prompts = [r.prompt_ids if r.prompt_ids is not None else tok(r.prompt).input_ids for r in rows]
+    width = max(len(p) for p in prompts)  # left padding: every row's last prompt token lines up
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     generators = _generators(rows, device)
     out = [Decoded() for _ in rows]
     live = [r.max_new_tokens > 0 for r in rows]
@@ -166,6 +168,13 @@ def generate_ids(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 
     with sampling, one random stream from `seed` for the whole call."""
     rows = [Row(p, max_new_tokens, temperature, top_p, stream=0, seed=seed) for p in prompts]
     return [d.ids for d in decode(loaded, rows)]
+
+
+def generate_from_ids(loaded: LoadedModel, rows: list[list[int]], max_new_tokens: int = 32,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
+    """generate_ids for prompts given as token ids (e.g. a prompt with part of a target)."""
+    batch = [Row("", max_new_tokens, temperature, top_p, stream=0, seed=seed, prompt_ids=list(r)) for r in rows]
+    return [d.ids for d in decode(loaded, batch)]
 
 
 def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,

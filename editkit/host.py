@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = {
     "ph3": "editkit.plugins.ph3",
     "reweave": "editkit.plugins.reweave",
     "nmc": "editkit.plugins.nmc",
+    "ultraedit": "editkit.plugins.ultraedit",
 }
 
 KINDS = ("editors", "interventions", "adapters", "suites", "commands")

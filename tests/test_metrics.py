@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from editkit.evaluation.builtin_edits import BUILTIN_EDITS
 from editkit.evaluation.metrics import (METRICS, ItemBaseline, agreement, exact_match, greedy_token_ids,
-                                        item_baseline, mean, measure_item, normalise, summarise, token_hits,
-                                        token_predictions)
+                                        item_baseline, item_baselines, mean, measure_item, measure_items,
+                                        normalise, summarise, token_hits, token_predictions)
 from editkit.schemas import EditRequest, LocalityProbe
-from editkit.tokens import IGNORE
+from editkit.tokens import IGNORE, teacher_forced_batch
 
 
 def one_hot_logits(rows: list[list[int]], vocab: int = 10) -> torch.Tensor:
@@ -113,3 +114,62 @@ def test_measure_item_detects_a_changed_prediction(gpt2):
                           [[t + 1 for t in row] for row in base.generations])
     scores = measure_item(gpt2, REQ, forged)
     assert scores["loc_tf"] == 0.0 and scores["loc_em"] == 0.0
+
+
+# ---- batched measurement against the plain item-by-item definition --------------------------
+def reference_rows(loaded, prompts, targets):
+    """Teacher-forced hits / argmaxes from the full logits and greedy generations from generate(),
+    one probe group in one batch: the plain definition the batched path must reproduce."""
+    if not prompts:
+        return [], [], []
+    batch = teacher_forced_batch(loaded.tokenizer, prompts, targets)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    hits, preds = token_hits(logits, batch.labels), token_predictions(logits, batch.labels)
+    return hits, preds, greedy_token_ids(loaded, prompts, [len(h) for h in hits])
+
+
+def reference_measure(loaded, request, baseline):
+    probes = ([("rel", request.prompt, request.target_new)]
+              + [("gen", r, request.target_new) for r in request.rephrases]
+              + [("loc", p.prompt, a) for p, a in zip(request.locality, baseline.answers)])
+    hits, preds, gens = reference_rows(loaded, [p for _, p, _ in probes], [t for _, _, t in probes])
+    out, loc = {}, 0
+    for (kind, _, target), h, pred, gen in zip(probes, hits, preds, gens):
+        if kind == "loc":
+            out.setdefault("loc_tf", []).append(agreement(baseline.tf_predictions[loc], pred))
+            out.setdefault("loc_em", []).append(float(gen == baseline.generations[loc]))
+            loc += 1
+        else:
+            out.setdefault(f"{kind}_tf", []).append(sum(h) / len(h))
+            out.setdefault(f"{kind}_em", []).append(
+                exact_match(loaded.tokenizer.decode(gen, skip_special_tokens=True), target))
+    return {k: mean(v) for k, v in out.items()}
+
+
+MIXED = [EditRequest.model_validate(e) for e in BUILTIN_EDITS] + [
+    EditRequest(prompt="A cat is", target_new="big", rephrases=["The cat is really very"],
+                locality=[{"prompt": "Dogs are"}]),
+    EditRequest(prompt="Paris is the capital city of the country", target_new="Spain",
+                locality=[{"prompt": "Hi"}, {"prompt": "The sky is", "answer": "blue sky"}]),
+    EditRequest(prompt="Q", target_new="one two three", rephrases=["Question: Q", "q"]),
+]
+
+
+def test_batched_measurement_matches_item_by_item(tiny_loaded, tiny_family):
+    """Many items' probes in one teacher-forced pass and one generate call (right padding under
+    the mask, left padding for generation) give the same TF hits and EM decisions as each item
+    alone through full logits and generate()."""
+    loaded = tiny_loaded[tiny_family]
+    requests = MIXED * 2
+    baselines = item_baselines(loaded, requests, batch_size=5)
+    for request, base in zip(requests, baselines):
+        _, preds, gens = reference_rows(loaded, [p.prompt for p in request.locality], base.answers)
+        assert base.tf_predictions == preds and base.generations == gens
+    batched = measure_items(loaded, requests, baselines, batch_size=5)
+    for request, base, row in zip(requests, baselines, batched):
+        assert row == measure_item(loaded, request, base)
+        ref = reference_measure(loaded, request, base)
+        assert {k: row[k] for k in ref} == ref
+    # Editing-like changes (a different baseline) are detected the same way batched.
+    assert [r["loc_tf"] for r in batched if r["loc_tf"] is not None] == [1.0] * sum(bool(r.locality) for r in requests)
