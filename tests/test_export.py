@@ -41,6 +41,17 @@ def test_ft_exports_a_checkpoint_with_the_edited_logits(tmp_path, tiny_loaded, t
     assert "| 2 | Who wrote Hamlet? | the lazy dog |" in card
 
 
+def test_ultraedit_exports_the_weights_it_wrote(tmp_path, tiny_loaded):
+    loaded = tiny_loaded["gpt_neox"]
+    pristine = logits(loaded.model, loaded.tokenizer)
+    with Session.open(tmp_path / "ws", loaded=loaded, method="ultraedit") as s:
+        s.edit(EDITS, measure=False)
+        edited = logits(loaded.model, loaded.tokenizer)
+        out = s.export(tmp_path / "out")
+    exported = logits(AutoModelForCausalLM.from_pretrained(out), loaded.tokenizer)
+    assert torch.equal(exported, edited) and not torch.equal(exported, pristine)
+
+
 def test_ph3_heads_fold_into_the_output_projection(tmp_path, tiny_loaded):
     loaded = tiny_loaded["llama"]
     with Session.open(tmp_path / "ws", loaded=loaded, method="ft", method_config=FAST) as s:

@@ -71,6 +71,10 @@ class UltraEditEditor(Editor):
                     weight.copy_(original)
             self.attached = False
 
+    def folded_weights(self) -> dict[str, torch.Tensor]:
+        """The shift is in the model's weights already (W0 + delta): nothing to fold."""
+        return {}
+
     def _write_weights(self) -> None:
         with torch.no_grad():
             for weight, original, delta in zip(self._weights, self._original, self.deltas):
