@@ -30,7 +30,13 @@ $(VENV)/.editkit-test-installed: $(VENV)/.editkit-installed
 demo: install
 	$(VENV)/bin/editkit demo
 
+# The layering contracts (pyproject.toml, [tool.importlinter]) are checked on an ordinary
+# (non-editable) copy of the package: import-linter reads files, and the editable install
+# maps editkit.plugins & co. to folders outside editkit/.
 test: install-test
+	rm -rf build/layers
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target build/layers .
+	cd build && PYTHONPATH=layers ../$(VENV)/bin/lint-imports --config ../pyproject.toml
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:

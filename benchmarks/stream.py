@@ -70,10 +70,10 @@ class Timers:
 
     def __init__(self, session):
         self.totals = {"measure": 0.0, "state": 0.0, "journal": 0.0}
-        import editkit.evaluation.metrics as metrics
+        import editkit.session as session_module
 
-        self._wrap(metrics, "locality_baseline", "measure")
-        self._wrap(metrics, "edit_scores", "measure")
+        self._wrap(session_module, "item_baselines", "measure")
+        self._wrap(session_module, "measure_items", "measure")
         self._wrap(session, "_write_state", "state")
         self._wrap(session.journal, "commit_turn", "journal")
         self._wrap(session.chunks, "remove", "state")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from editkit.evaluation.metrics import ItemBaseline, item_baselines, measure_items, summarise
+from editkit.scoring import ItemBaseline, item_baselines, measure_items, summarise
 from editkit.evaluation.suites import CounterFactSuite, ZsreSuite
 from editkit.model import load_model
 from editkit.plugins.ultraedit import UltraEditEditor

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from editkit.data import shared_file
-from editkit.evaluation.metrics import agreement, answer_predictions, teacher_forced_accuracy
+from editkit.scoring import agreement, answer_predictions, teacher_forced_accuracy
 from editkit.generation import generate
 from editkit.host import get_host
 from editkit.model import load_model

@@ -51,11 +51,11 @@ def run_demo(model: str | None = None, method: str | None = None, workspace: str
              progress: Callable[[str], None] | None = None) -> DemoResult:
     """Apply `edits` (default: the built-in suite) in a workspace (default: a fresh temporary
     one) and return, per edit, generations before/after for its prompt and first rephrase."""
-    from editkit.evaluation.suites import BuiltinSuite
+    from editkit.host import get_host
     from editkit.session import Session, as_request
 
     say = progress or (lambda message: None)
-    items = BuiltinSuite().load() if edits is None else edits
+    items = (host or get_host()).suite("builtin")().load() if edits is None else edits
     requests = [as_request(e, i) for i, e in enumerate(items)]
     with ExitStack() as stack:
         if workspace is None:

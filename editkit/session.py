@@ -26,8 +26,9 @@ from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
 from editkit.generation import Decoded, Row, check_fits, decode as _decode
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
-from editkit.schemas import EditRequest
 from editkit.limits import check_sampling, check_seed, check_texts, max_prompt_chars
+from editkit.schemas import EditRequest
+from editkit.scoring import item_baselines, journal_figures, measure_items
 from editkit.store import EditRecord, Journal, atomic_write_text, checkpoint_spacing
 
 # What a new workspace edits with unless told otherwise; docs/wise.md gives its measured figures.
@@ -234,14 +235,13 @@ class Session:
         return records
 
     def _apply_turn(self, reqs: list[EditRequest], measure: bool) -> list[EditRecord]:
-        from editkit.evaluation.metrics import edit_scores, locality_baseline
-
-        baselines = [locality_baseline(self.loaded, req) for req in reqs] if measure else None
+        baselines = item_baselines(self.loaded, reqs) if measure else None
         try:
             started = time.perf_counter()
             stats = self._run_turn(self.editor, reqs)
             seconds = (time.perf_counter() - started) / len(reqs)
-            metrics = [edit_scores(self.loaded, r, b) for r, b in zip(reqs, baselines)] if measure else [{}] * len(reqs)
+            metrics = ([journal_figures(m) for m in measure_items(self.loaded, reqs, baselines)] if measure
+                       else [{}] * len(reqs))
             manifest = self._write_state(self.editor, self._bases)
             entries = [(r.model_dump(mode="json"), self.method, m, {**s, "seconds": seconds})
                        for r, m, s in zip(reqs, metrics, stats)]

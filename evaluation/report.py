@@ -13,7 +13,7 @@ from typing import Any
 from editkit.errors import InvalidRequest
 from editkit.store import Journal, atomic_write_text
 
-from .metrics import DEFINITIONS, METRIC_LABELS, METRICS, mean, summarise
+from editkit.scoring import DEFINITIONS, METRIC_LABELS, METRICS, mean, summarise
 from .rundir import PROTOCOLS, read_jsonl
 
 REPORT_FORMAT = 1

@@ -47,7 +47,7 @@ from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.store import atomic_write_text
 
-from .metrics import ItemBaseline, item_baseline, measure_item
+from editkit.scoring import ItemBaseline, item_baseline, measure_item
 from .report import build_report, render_report
 from .rundir import PLAN_DEFAULTS, PROTOCOLS, RUN_FORMAT, append_jsonl, read_jsonl
 from .suites import EditCase

@@ -37,7 +37,7 @@ from editkit.components import describe_validation_error
 from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.store import atomic_write_text
 
-from .metrics import mean
+from editkit.scoring import mean
 from .rundir import PROTOCOLS
 
 SWEEP_FORMAT = 1

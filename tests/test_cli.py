@@ -106,7 +106,7 @@ def test_edit_history_generate_rollback(app, gpt2, tmp_path):
                  "--workspace", ws, *gpt2, *FAST, "--json"))
     (record,) = json.loads(out)
     assert record["id"] == 1 and record["status"] == "applied" and record["method"] == "ft"
-    assert set(record["metrics"]) == {"reliability", "generalization", "locality"}
+    assert {"reliability", "generalization", "locality", "rel_tf", "rel_em", "loc_em"} <= set(record["metrics"])
     assert record["metrics"]["generalization"] is not None and record["metrics"]["locality"] is not None
     assert record["request"]["locality"] == [{"prompt": "The capital of Italy is", "answer": "Rome"}]
     assert record["request"]["subject"] == "France" and record["stats"]["seconds"] > 0
@@ -369,7 +369,7 @@ def test_demo_on_a_tiny_model(app, tiny_dirs, tmp_path, capsys):
     assert data["method"] == "ft" and data["workspace"] == str(ws)
     assert [e["prompt"] for e in data["edits"]] == [e.prompt for e in suite]
     for e in data["edits"]:
-        assert set(e["metrics"]) == {"reliability", "generalization", "locality"}
+        assert set(e["metrics"]) == {"reliability", "generalization", "locality"}  # the demo's three
         assert all(isinstance(e[k], str) for k in ("before", "after", "rephrase_before", "rephrase_after"))
         assert e["seconds"] > 0
     assert len(history(app, ws)) == len(suite)  # --workspace keeps the demo's edits

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editkit.errors import InvalidRequest, WorkspaceError
-from editkit.evaluation.metrics import teacher_forced_accuracy
+from editkit.scoring import teacher_forced_accuracy
 from editkit.host import get_host
 from editkit.schemas import EditRequest
 from editkit.session import Session

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from editkit.evaluation.builtin_edits import BUILTIN_EDITS
-from editkit.evaluation.metrics import (METRICS, ItemBaseline, agreement, exact_match, greedy_token_ids,
+from editkit.scoring import (METRICS, ItemBaseline, agreement, exact_match, greedy_token_ids,
                                         item_baseline, item_baselines, mean, measure_item, measure_items,
                                         normalise, summarise, token_hits, token_predictions)
 from editkit.schemas import EditRequest, LocalityProbe

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import shared_path
 from editkit.errors import InvalidRequest, WorkspaceError
-from editkit.evaluation.metrics import agreement, answer_predictions, teacher_forced_accuracy
+from editkit.scoring import agreement, answer_predictions, teacher_forced_accuracy
 from editkit.plugins.nmc import NMCEditor, load_feedback, save_feedback
 from editkit.schemas import EditRequest
 from editkit.session import Session

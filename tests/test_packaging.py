@@ -31,3 +31,14 @@ def test_mapped_packages_import():
 
     assert editkit.plugins.ft.FTEditor.name == "ft"
     assert hasattr(editkit.adapters, "Adapter") and hasattr(editkit.evaluation, "Suite")
+
+
+def test_the_layering_contract_covers_the_whole_core():
+    """Every module and package of the core (editkit/) is a source of the contract that keeps
+    evaluation, the CLI and plugins out of it (checked by lint-imports in `make test`)."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    core = next(c for c in contracts if c["name"].startswith("The core"))
+    modules = {f"editkit.{p.stem}" for p in (ROOT / "editkit").glob("*.py") if p.stem != "__init__"}
+    modules |= {f"editkit.{p.parent.name}" for p in (ROOT / "editkit").glob("*/__init__.py")}
+    assert sorted(modules) == sorted(core["source_modules"])
+    assert set(core["forbidden_modules"]) == {"editkit.evaluation", "editkit.cli", "editkit.plugins"}

@@ -36,7 +36,12 @@ def test_edit_is_journaled_with_metrics(tmp_path, tiny_loaded, tiny_family):
     with open_session(tmp_path / "ws", loaded) as s:
         (record,) = s.edit(EDITS[0])
         assert record.id == 1 and record.status == "applied" and record.method == "ft"
-        assert set(record.metrics) == {"reliability", "generalization", "locality"}
+        from editkit.scoring import METRICS
+
+        # Every figure of editkit.scoring, and the journal's long-standing names for the TF ones.
+        assert set(record.metrics) == {"reliability", "generalization", "locality", *METRICS}
+        assert record.metrics["reliability"] == record.metrics["rel_tf"]
+        assert record.metrics["locality"] == record.metrics["loc_tf"] and record.metrics["rel_em"] in (0.0, 1.0)
         assert record.stats["steps"] == 4
         assert [r.id for r in s.history()] == [1]
         assert s.history()[0].request["prompt"] == EDITS[0].prompt

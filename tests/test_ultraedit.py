@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import shared_path
 from editkit.errors import InvalidRequest, WorkspaceError
-from editkit.evaluation.metrics import agreement, answer_predictions, teacher_forced_accuracy
+from editkit.scoring import agreement, answer_predictions, teacher_forced_accuracy
 from editkit.evaluation.suites import CounterFactSuite
 from editkit.host import PluginHost, builtin_candidates
 from editkit.plugins.ultraedit import UltraEditEditor

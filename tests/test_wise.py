@@ -220,7 +220,7 @@ def test_five_sequential_zsre_edits_on_the_default_model(default_model):
     """Issue 3's goal: after 5 sequential zsRE edits with the defaults, Rel >= 0.9 on the edit
     prompts and Loc >= 0.95 on their unrelated probes (measured 1.00 / 1.00 on records 0-4 and
     on records 5-9; the reference port: ~0.34 Rel after 10)."""
-    from editkit.evaluation.metrics import answer_predictions, agreement, teacher_forced_accuracy
+    from editkit.scoring import answer_predictions, agreement, teacher_forced_accuracy
 
     records = json.loads(shared_path("zsre").read_text())[:5]
     loaded = default_model

@@ -23,7 +23,7 @@ import torch
 
 from editkit.components import Editor
 from editkit.errors import WorkspaceError
-from editkit.evaluation.metrics import normalise
+from editkit.scoring import normalise
 from editkit.schemas import EditRequest
 from editkit.search import faiss
 from editkit.sites import Site

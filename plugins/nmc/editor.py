@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from editkit.components import Editor
 from editkit.errors import InvalidRequest, WorkspaceError
-from editkit.evaluation.metrics import normalise
+from editkit.scoring import normalise
 from editkit.forward import call_context
 from editkit.schemas import EditRequest
 from editkit.sites import Site

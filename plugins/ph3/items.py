@@ -152,7 +152,7 @@ def known_mask(loaded: LoadedModel, facts: list[Fact], batch_size: int = 64) -> 
     """For each fact: does the model's greedy continuation of the prompt start with the whole
     answer? Checked teacher-forced (the argmax at every answer position is the answer's token),
     which is the same test as greedy decoding, in one forward pass per batch."""
-    from editkit.evaluation.metrics import teacher_forced_accuracy
+    from editkit.scoring import teacher_forced_accuracy
 
     out = []
     for start in range(0, len(facts), batch_size):

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from editkit.access import reads_server_files, reads_state
+from editkit.scoring import DEFINITIONS, item_baselines, measure_items, summarise
 
 from ..bodies import Bodies, EvaluateBody
 from ..state import State
@@ -46,29 +47,22 @@ def router(bodies: Bodies) -> APIRouter:
 
     @api.post("/v1/evaluate", dependencies=[Depends(reads_server_files)])
     def evaluate(body: EvaluateBody, state: State) -> dict:
-        from editkit.evaluation.metrics import teacher_forced_accuracy
-
+        """Every figure of each suite item on the current model (editkit.scoring); locality
+        "unchanged" compares the model with itself here, so only its accuracy is reported."""
         session = state.session
         path = state.data_file(body.data) if body.data is not None else None
         requests = session.host.suite(body.suite)().load(str(path) if path else None, limit=body.limit)
         with state.lock.read():
-            items = []
-            for req in requests:
-                rel = teacher_forced_accuracy(session.loaded, [req.prompt], [req.target_new])[0]
-                gen = teacher_forced_accuracy(session.loaded, req.rephrases, [req.target_new] * len(req.rephrases))
-                probes = [p for p in req.locality if p.answer]
-                loc = teacher_forced_accuracy(session.loaded, [p.prompt for p in probes], [p.answer for p in probes])
-                items.append({"prompt": req.prompt, "reliability": rel,
-                              "generalization": sum(gen) / len(gen) if gen else None,
-                              "locality_accuracy": sum(loc) / len(loc) if loc else None})
-
-        def mean(key):
-            values = [i[key] for i in items if i[key] is not None]
-            return sum(values) / len(values) if values else None
-
-        return {"suite": body.suite, "definition": "teacher-forced token accuracy on the current model",
-                "count": len(items), "reliability": mean("reliability"),
-                "generalization": mean("generalization"), "locality_accuracy": mean("locality_accuracy"),
+            figures = measure_items(session.loaded, requests, item_baselines(session.loaded, requests))
+        items = [{"prompt": req.prompt, "reliability": f["rel_tf"], "generalization": f["gen_tf"],
+                  "locality_accuracy": f["loc_acc_tf"],
+                  "figures": {k: v for k, v in f.items() if not k.startswith("loc_") or k.startswith("loc_acc")}}
+                 for req, f in zip(requests, figures)]
+        summary = summarise(figures)
+        return {"suite": body.suite, "definitions": DEFINITIONS, "count": len(items),
+                "reliability": summary["rel_tf"], "generalization": summary["gen_tf"],
+                "locality_accuracy": summary["loc_acc_tf"],
+                "summary": {k: v for k, v in summary.items() if not k.startswith("loc_") or k.startswith("loc_acc")},
                 "items": items}
 
     return api

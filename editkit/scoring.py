@@ -1,6 +1,8 @@
-"""Metrics on hand-given prompts and targets: teacher-forced token accuracy, answer-token
-predictions for locality, the per-edit reliability / generalization / locality that a Session
-journals, and the evaluation figures (both definitions, see DEFINITIONS) the runner reports."""
+"""Measuring edits, in one place for the session (the figures it journals with each edit),
+the service (/v1/evaluate) and the evaluation runner: teacher-forced token accuracy and
+generated exact match (DEFINITIONS) of an edit's prompt, rephrasings, locality probes and
+portability questions, against the pre-edit model's behaviour (item_baselines) where a
+figure needs it (measure_items)."""
 
 from __future__ import annotations
 
@@ -78,35 +80,6 @@ def agreement(before: list[int], after: list[int]) -> float:
 @torch.no_grad()
 def greedy_continuations(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
     return generate(loaded, prompts, max_new_tokens=max_new_tokens)
-
-
-@dataclass
-class LocalityBaseline:
-    """What the unedited (pre-edit) model says on a request's locality probes."""
-
-    answers: list[str]
-    predictions: list[list[int]]
-
-
-def locality_baseline(loaded: LoadedModel, request: EditRequest) -> LocalityBaseline:
-    prompts = [p.prompt for p in request.locality]
-    missing = [p.prompt for p in request.locality if not p.answer]
-    generated = iter(greedy_continuations(loaded, missing) if missing else [])
-    # A probe with no answer is scored on the pre-edit model's own greedy continuation.
-    answers = [p.answer or (next(generated).strip() or "the") for p in request.locality]
-    return LocalityBaseline(answers, answer_predictions(loaded, prompts, answers))
-
-
-def edit_scores(loaded: LoadedModel, request: EditRequest, baseline: LocalityBaseline) -> dict[str, float | None]:
-    """Reliability, generalization (None without rephrases) and locality (None without probes)."""
-    rel = teacher_forced_accuracy(loaded, [request.prompt], [request.target_new])[0]
-    gen = teacher_forced_accuracy(loaded, request.rephrases, [request.target_new] * len(request.rephrases))
-    loc_prompts = [p.prompt for p in request.locality]
-    after = answer_predictions(loaded, loc_prompts, baseline.answers)
-    loc = [agreement(b, a) for b, a in zip(baseline.predictions, after)]
-    return {"reliability": rel,
-            "generalization": sum(gen) / len(gen) if gen else None,
-            "locality": sum(loc) / len(loc) if loc else None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,6 +301,13 @@ def _scores(loaded: LoadedModel, probes: list[Probe], baseline: ItemBaseline, hi
             scores[f"{probe.kind}_tf"].append(tf)
             scores[f"{probe.kind}_em"].append(em)
     return {k: mean(v) for k, v in scores.items()}
+
+
+def journal_figures(figures: dict[str, float | None]) -> dict[str, float | None]:
+    """What a journal entry records of an edit: every figure, and under the names the journal
+    has always used, reliability / generalization / locality (teacher-forced)."""
+    return {"reliability": figures["rel_tf"], "generalization": figures["gen_tf"], "locality": figures["loc_tf"],
+            **figures}
 
 
 def summarise(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
