@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from editkit.errors import WorkspaceError
+
 PROTOCOLS = {
     "final": "T sequential edits, then every edit measured once after the last",
     "immediate": "every edit measured right after it is applied",
@@ -17,6 +19,17 @@ PROTOCOLS = {
 }
 RUN_FORMAT = 1
 PLAN_DEFAULTS = {"at": None, "turn_size": 1, "sample": None}  # what runs written before these keys used
+
+
+def read_plan(path: Path) -> dict | None:
+    """A run's (or sweep's) plan file, None where there is none yet; an unreadable one is an
+    error naming it (the folder holds something else)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise WorkspaceError(f"{path} is unreadable ({exc}); use another --out") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

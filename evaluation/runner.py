@@ -49,7 +49,7 @@ from editkit.store import atomic_write_text
 
 from editkit.scoring import ItemBaseline, item_baseline, measure_item
 from .report import build_report, render_report
-from .rundir import PLAN_DEFAULTS, PROTOCOLS, RUN_FORMAT, append_jsonl, read_jsonl
+from .rundir import PLAN_DEFAULTS, PROTOCOLS, RUN_FORMAT, append_jsonl, read_jsonl, read_plan
 from .suites import EditCase
 
 # A progress callback: (method, edits done, edits in total, what just happened).
@@ -156,11 +156,8 @@ class EvalRun:
     # ---- plan and resumption ------------------------------------------------------------
     def _check_plan(self, methods: dict[str, dict]) -> None:
         path = self.out / "run.json"
-        if path.exists():
-            try:
-                old = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise WorkspaceError(f"{path} is unreadable ({exc}); use another --out") from None
+        old = read_plan(path)
+        if old is not None:
             for key in ("format", "suite", "protocol", "edits", "every", "group_size", "seed", "select",
                         "model", "cases", "at", "turn_size", "sample"):
                 if old.get(key, PLAN_DEFAULTS.get(key)) != self.plan.get(key):

@@ -38,7 +38,7 @@ from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.store import atomic_write_text
 
 from editkit.scoring import mean
-from .rundir import PROTOCOLS
+from .rundir import PROTOCOLS, read_plan
 
 SWEEP_FORMAT = 1
 
@@ -175,13 +175,9 @@ class Sweep:
     def _check_plan(self) -> None:
         plan = {"format": SWEEP_FORMAT, "spec": self.spec.model_dump(mode="json"), "cells": self.cells}
         path = self.out / "sweep-plan.json"
-        if path.exists():
-            try:
-                old = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise WorkspaceError(f"{path} is unreadable ({exc}); use another --out") from None
-            if old != plan:
-                raise WorkspaceError(f"{self.out} holds another sweep; use another --out, or the same spec to resume")
+        old = read_plan(path)
+        if old is not None and old != plan:
+            raise WorkspaceError(f"{self.out} holds another sweep; use another --out, or the same spec to resume")
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(plan, indent=1, sort_keys=True))
 

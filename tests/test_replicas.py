@@ -6,8 +6,6 @@ and restarted catches up, and no replica writes the journal."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -17,7 +15,7 @@ from conftest import TOKEN
 from editkit.model import load_model
 from editkit.session import Session
 from editkit.errors import WorkspaceError
-from test_serve import AUTH, EDIT, PROMPT, Server, free_port
+from test_serve import AUTH, EDIT, PROMPT, Server, free_port, start_serving
 
 FAST = {"steps": 3, "lr": 0.05, "norm_constraint": 10.0, "early_stop_loss": 0.0}
 
@@ -58,20 +56,8 @@ class Replica:
     def __init__(self, model_dir, workspace, writer_url, port=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "editkit.cli", "serve", "--follow", str(workspace), "--model", str(model_dir),
-               "--device", "cpu", "--port", str(self.port), "--writer", writer_url, "--poll-interval", "0.2",
-               "--token", TOKEN]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("replica did not start")
+        self.proc = start_serving(["--follow", str(workspace), "--model", str(model_dir), "--writer", writer_url,
+                                   "--poll-interval", "0.2", "--token", TOKEN], self.port)
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()

@@ -29,26 +29,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serving(args: list[str], port: int) -> subprocess.Popen:
+    """`editkit serve ARGS --port PORT` in a subprocess, once /health answers."""
+    cmd = [sys.executable, "-m", "editkit.cli", "serve", "--port", str(port), "--device", "cpu", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start within 120 s")
+
+
 class Server:
     def __init__(self, model_dir, workspace, steps: int, extra=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "editkit.cli", "serve", "--workspace", str(workspace),
-               "--model", str(model_dir), "--device", "cpu", "--port", str(self.port), "--method", "ft",
-               "--token", TOKEN, "--max-body-bytes", "20000", "--max-prompt-chars", "500",
-               "--max-new-tokens", "64", *FT_CONFIG, "--config", f"steps={steps}", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not start within 120 s")
+        self.proc = start_serving(["--workspace", str(workspace), "--model", str(model_dir), "--method", "ft",
+                                   "--token", TOKEN, "--max-body-bytes", "20000", "--max-prompt-chars", "500",
+                                   "--max-new-tokens", "64", *FT_CONFIG, "--config", f"steps={steps}", *extra],
+                                  self.port)
 
     def generate(self, prompt=PROMPT, **kw):
         r = httpx.post(self.url + "/v1/generate", json={"prompts": [prompt], "max_new_tokens": 4, **kw}, timeout=120)
