@@ -111,11 +111,12 @@ def markdown(result: dict, args) -> str:
                              f"+{result['paper_gain_points'][f]} |")
     lines.append("")
     for order, r in result["orders"].items():
-        lines += [f"## Order `{order}`", "", one_order({**result, **r}, args)]
+        lines += [f"## Order `{order}`", "", one_order({**result, **r, "order": order}, args)]
     return "\n".join(lines)
 
 
 def one_order(r: dict, args) -> str:
+    unit = "gain" if r.get("order", "effect") == "effect" else "patching score: the paper's order"
     before = r["test"]["before"]
     lines = [
 
@@ -149,8 +150,8 @@ def one_order(r: dict, args) -> str:
     fmt = lambda heads: ", ".join(f"L{l}H{h} ({s:+.2f})" for l, h, s in heads[:8]) or "none"
     lines += ["", f"Memory heads (score > 0): {fmt(r['memory_heads'])}",
               f"Context heads (score < 0): {fmt(r['context_heads'])}", "",
-              f"Pruning order, memory heads (gain): {fmt(r['pruning_order']['memory'])}",
-              f"Pruning order, context heads (gain): {fmt(r['pruning_order']['context'])}", "",
+              f"Pruning order, memory heads ({unit}): {fmt(r['pruning_order']['memory'])}",
+              f"Pruning order, context heads ({unit}): {fmt(r['pruning_order']['context'])}", "",
               f"Sign convention: {r['sign_convention']}.",
               "Pruning order: the path-patching score classifies the heads, but pruning removes a head's "
               "output, so the heads of a kind are pruned in the order of gain = s * ablation - max(0, clean) "
