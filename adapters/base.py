@@ -104,6 +104,25 @@ class Adapter:
         w = self.module(site).weight
         return w.t() if self.transposed_weights and site.component not in ("embed", "unembed") else w
 
+    def device(self, site: Site) -> torch.device:
+        """The device the module at `site` computes on (its inputs and outputs live there),
+        whether its weights are in memory or offloaded by a device map."""
+        from editkit.model import execution_device
+
+        return execution_device(self.module(site))
+
+    def offloaded(self, site: Site) -> bool:
+        """Whether the module at `site` keeps its weights offloaded (meta between calls)."""
+        return any(p.device.type == "meta" for p in self.module(site).parameters())
+
+    def weight_values(self, site: Site) -> torch.Tensor:
+        """A copy of the (out, in) weight at `site` with its values, offloaded or not."""
+        from editkit.model import materialized
+
+        module = self.module(site)
+        with materialized(module):
+            return self.weight(site).detach().clone()
+
     def stored(self, site: Site, weight: torch.Tensor) -> torch.Tensor:
         """An (out, in) weight for `site` in the orientation its module stores (the inverse of
         weight()), e.g. to write an edited weight into a checkpoint."""
@@ -219,13 +238,18 @@ class Adapter:
     def final_norm_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
         """(weight, bias or None, epsilon, whether it centers) of the final norm, for methods
         that linearise it (PH3's direct-path scores)."""
+        from editkit.model import materialized
+
         norm = self.module(Site("final_norm"))
         eps = getattr(norm, self.final_norm_eps_attr, None)
-        weight = getattr(norm, "weight", None)
+        with materialized(norm):
+            weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+            weight = None if weight is None else weight.detach().clone()
+            bias = None if bias is None else bias.detach().clone()
         if eps is None or weight is None:
             raise InvalidRequest(f"{type(self).__name__}: the final norm {type(norm).__name__} has no weight "
                                  f"or '{self.final_norm_eps_attr}'")
-        return weight, getattr(norm, "bias", None), float(eps), self.final_norm_centers
+        return weight, bias, float(eps), self.final_norm_centers
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for final-normed hidden states (any leading shape)."""

@@ -48,7 +48,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu,
 DtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="Weight dtype (default float32).")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(
     "--device-map", metavar="MAP",
-    help="Spread the model over devices with accelerate, e.g. auto (then --device is unused).")]
+    help="Spread the model over devices with accelerate (then --device is unused): auto, balanced, "
+         "sequential, or a JSON object of module -> device where \"cpu\" and \"disk\" offload a layer's weights.")]
 MethodOpt = Annotated[Optional[str], typer.Option(
     "--method", metavar="NAME", help="Editing method (see `editkit plugins`). Default: the workspace's, or wise.")]
 ConfigOpt = Annotated[Optional[list[str]], typer.Option(

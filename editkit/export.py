@@ -81,6 +81,9 @@ def export(session: "Session", out: str | Path) -> Path:
     updates = folded(session)  # refusals come before anything is written
     model = session.loaded.model
     params = dict(model.named_parameters(remove_duplicate=False))
+    if any(p.device.type == "meta" for p in params.values()):
+        raise InvalidRequest("export writes the whole model from memory; this one has layers offloaded by a "
+                             "device map: load it without offloading to export")
     unknown = sorted(set(updates) - set(params))
     if unknown:
         raise InvalidRequest(f"export: no parameters named {', '.join(unknown)}")

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device of the input embeddings (right under device_map too)."""
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the device the input embeddings run on (right under a device map,
+        offloaded or not)."""
+        return execution_device(self.model.get_input_embeddings())
 
     @property
     def context_length(self) -> int | None:
@@ -113,25 +115,71 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device `module` computes on: accelerate's execution device where a device map put
+    a hook on it (its weights may be offloaded: on the meta device between calls), else the
+    device of its first parameter or buffer that holds data."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "meta":
+            return tensor.device
+    for child in module.modules():  # a container whose own children carry the hooks
+        hook = getattr(child, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return execution_device(child)
+    return torch.device("cpu")
+
+
+def materialized(module: torch.nn.Module):
+    """A context in which `module`'s own offloaded weights hold their values (accelerate loads
+    them from the offload map for the duration); a no-op for a module whose weights are in memory."""
+    from contextlib import nullcontext
+
+    if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        return nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module, execution_device(module))
+
+
 def fingerprint(model) -> str:
     """Identifies architecture and weights cheaply: the config plus a few weight samples."""
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"):
         config.pop(volatile, None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    modules = dict(model.named_modules())
     for name, param in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 8)]:
-        sample = param.detach().flatten()[:256].to("cpu", torch.float32)
+        owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+        with materialized(owner):  # an offloaded weight: its values, read from the offload map
+            param = getattr(owner, name.rsplit(".", 1)[-1])
+            sample = param.detach().flatten()[:256].to("cpu", torch.float32)
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def parse_device_map(text: str) -> dict[str, str | int]:
+    """A device map written as a JSON object: module name -> device ("cuda:0", 0, "cpu", "disk")."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"device map is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in value.items()):
+        raise ModelLoadError('a device map object maps module names to devices, e.g. {"model.layers.20": "disk", ...}')
+    return value
 
 
 def load_model(name: str | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
                device_map: str | dict | None = None, host=None) -> LoadedModel:
     """Load `name` (a hub id, a local directory, or None/"default" for the embedded model).
 
-    `device_map` (e.g. "auto") spreads a model too large for one device, through accelerate;
-    then `device` is not used."""
+    `device_map` (e.g. "auto", or a dict naming modules' devices, "cpu" and "disk" included)
+    spreads a model too large for one device, through accelerate; then `device` is not used.
+    Layers it sends to "disk" are offloaded to a temporary folder that lives as long as the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from editkit.host import get_host
@@ -141,16 +189,24 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str | torch
     target_device = resolve_device(device) if device_map is None else None
     path = str(default_model_dir()) if name in DEFAULT_ALIASES else name
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    offload = None
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        device_map = parse_device_map(device_map)
     if device_map is not None:
-        kwargs["device_map"] = device_map
+        offload = tempfile.mkdtemp(prefix="editkit-offload-")
+        kwargs.update(device_map=device_map, offload_folder=offload)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         where = "local directory" if os.path.isdir(path) else "model id"
         raise ModelLoadError(f"cannot load {where} '{name}': {str(exc).splitlines()[0]}") from exc
     if target_device is not None:
         model.to(target_device)
+    if offload:
+        weakref.finalize(model, shutil.rmtree, offload, True)
     model.eval()
     model.requires_grad_(False)  # editors train parameters of their own, never the base weights
     if tokenizer.pad_token is None:

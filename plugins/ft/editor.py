@@ -28,8 +28,8 @@ class FTEditor(Editor):
         self.site = Site("mlp.down", self.config.layer)
         self.layer = self.adapter.layer_index(self.config.layer)
         module = self.adapter.module(self.site)
-        weight = self.adapter.weight(self.site)  # (out, in), whatever the storage orientation
-        self.delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        in_f, out_f = self.adapter.linear_features(self.site)  # (out, in), whatever the storage orientation
+        self.delta = torch.zeros((out_f, in_f), dtype=torch.float32, device=self.adapter.device(self.site))
         self.hook(module, self._add_delta)
         self.attached = True
 
@@ -42,7 +42,7 @@ class FTEditor(Editor):
         from editkit.export import parameter_name
 
         module = self.adapter.module(self.site)
-        weight = self.adapter.weight(self.site).detach()
+        weight = self.adapter.weight_values(self.site)
         new = self.adapter.stored(self.site, weight.to(torch.float32) + self.delta.detach().to(weight.device))
         return {parameter_name(self.model, module.weight): new.to(module.weight.dtype)}
 

@@ -52,7 +52,7 @@ class GraceEditor(Editor):
             self.key_dim, self.value_dim = self.adapter.linear_features(self.site)
         else:
             self.key_dim = self.value_dim = self.adapter.hidden_size
-        device = self.loaded.device if cfg.component != "mlp.down" else self.adapter.weight(self.site).device
+        device = self.adapter.device(self.site)
         self.device = device
         self.keys = torch.zeros((0, self.key_dim), dtype=torch.float32, device=device)
         self.values = torch.zeros((0, self.value_dim), dtype=torch.float32, device=device)

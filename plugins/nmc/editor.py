@@ -59,7 +59,7 @@ class NMCEditor(Writing, Editor):
             raise InvalidRequest(f"nmc: key_layer ({self.key_layer}) must not come after layer ({self.layer})")
         self.hidden = self.adapter.hidden_size
         blocks = self.adapter.blocks()
-        self.device = next(blocks[self.layer].parameters()).device
+        self.device = self.adapter.device(Site("block", self.layer))
         self.memory = Memory.empty(self.hidden, self.device)
         self.feedback = SyntheticGradient(self.hidden, cfg.feedback_hidden).to(self.device)
         self._local = threading.local()

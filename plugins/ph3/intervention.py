@@ -83,7 +83,7 @@ class HeadPruning(Intervention):
         for layer, heads in by_layer.items():
             site = Site("attn.out", layer)
             module = self.adapter.module(site)
-            weight = self.adapter.weight(site).detach().clone()  # (out, in)
+            weight = self.adapter.weight_values(site)  # (out, in)
             weight[:, head_mask(self.adapter, heads, weight.shape[1]).to(weight.device)] = 0
             out[parameter_name(self.model, module.weight)] = self.adapter.stored(site, weight)
         return out
@@ -113,8 +113,8 @@ class HeadPruning(Intervention):
             by_layer.setdefault(layer, []).append(head)
         for layer, layer_heads in sorted(by_layer.items()):
             module = self.adapter.module(Site("attn.out", layer))
-            in_features = self.adapter.weight(Site("attn.out", layer)).shape[1]
-            mask = head_mask(self.adapter, layer_heads, in_features).to(module.weight.device)
+            in_features = self.adapter.linear_features(Site("attn.out", layer))[0]
+            mask = head_mask(self.adapter, layer_heads, in_features).to(self.adapter.device(Site("attn.out", layer)))
             self.hook(module, self._make_hook(mask), pre=True, with_kwargs=True)
 
     @staticmethod

@@ -119,7 +119,7 @@ def norm_scale(adapter, x: torch.Tensor) -> torch.Tensor:
     scale = torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     rebuilt = weight.to(x.device) * xc / scale + (0 if bias is None else bias.to(x.device))
     with torch.no_grad():
-        actual = norm(x.to(next(norm.parameters()).dtype)).float()
+        actual = norm(x.to(weight.dtype).to(adapter.device(Site("final_norm")))).float().to(x.device)
     if not torch.allclose(rebuilt, actual, rtol=1e-3, atol=1e-4 * (1 + actual.abs().max().item())):
         raise InvalidRequest(f"ph3 cannot linearise the final norm {type(norm).__name__}: it is neither "
                              "LayerNorm nor RMSNorm as written w * x / rms(x)")
@@ -255,7 +255,7 @@ class HeadScores:
 
 def unembed_direction(loaded: LoadedModel, items: list[ConflictItem]) -> torch.Tensor:
     """(N, hidden): W_U[memory token] - W_U[context token] per item."""
-    w_u = loaded.adapter.weight(Site("unembed")).detach().float()
+    w_u = loaded.adapter.weight_values(Site("unembed")).float()
     mem = torch.tensor([it.memory_token for it in items], device=w_u.device)
     ctx = torch.tensor([it.context_token for it in items], device=w_u.device)
     return (w_u[mem] - w_u[ctx]).cpu()
@@ -274,7 +274,7 @@ def direct_effects(loaded: LoadedModel, items: list[ConflictItem], z: torch.Tens
     g = g / scale
     out = torch.zeros(len(items), adapter.num_layers, adapter.num_heads)
     for layer in range(adapter.num_layers):
-        w_o = adapter.weight(Site("attn.out", layer)).detach().float().cpu()  # (hidden, D_in)
+        w_o = adapter.weight_values(Site("attn.out", layer)).float().cpu()  # (hidden, D_in)
         read = g @ w_o  # (N, D_in): what each input feature adds to LD
         contrib = read * z[:, layer]
         for head in range(adapter.num_heads):

@@ -201,7 +201,7 @@ class MemoryReweaving(Intervention):
         if cfg.keep_per_chunk > cfg.capacity:
             raise InvalidRequest(f"reweave keep_per_chunk ({cfg.keep_per_chunk}) exceeds capacity ({cfg.capacity})")
         reweave_block = adapter.module(Site("block", self.reweave_id))
-        device = next(reweave_block.parameters()).device  # right under device_map too
+        device = adapter.device(Site("block", self.reweave_id))  # right under a device map, offloaded or not
         self.device = device
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(cfg.seed)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from editkit.components import Editor
-from editkit.errors import WorkspaceError
+from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.schemas import EditRequest
 from editkit.sites import Site
 
@@ -49,6 +49,10 @@ class UltraEditEditor(Editor):
         cfg = self.config
         self.layers = sorted({self.adapter.layer_index(layer) for layer in cfg.layers})
         self.sites = [Site(cfg.component, layer) for layer in self.layers]
+        offloaded = [str(site) for site in self.sites if self.adapter.offloaded(site)]
+        if offloaded:
+            raise InvalidRequest(f"ultraedit writes its shift into the weights of {', '.join(offloaded)}, which a "
+                                 "device map offloads here; load those layers onto a device")
         self._weights = [self.adapter.weight(site) for site in self.sites]  # (out, in) views
         self._original = [w.detach().clone() for w in self._weights]
         self.shapes = [tuple(w.shape) for w in self._weights]

@@ -45,9 +45,9 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.layer = self.adapter.layer_index(cfg.layer)
         self.site = Site("mlp.down", self.layer)
         self.down = self.adapter.module(self.site)
-        weight = self.adapter.weight(self.site)
-        self.shape = tuple(weight.shape)  # (out, in)
-        self.device = weight.device
+        in_f, out_f = self.adapter.linear_features(self.site)
+        self.shape = (out_f, in_f)
+        self.device = self.adapter.device(self.site)
         self._reset()
         self.hook(self.down, self._down_hook)
         self.hook(self.model, self._model_pre_hook, pre=True, with_kwargs=True)

@@ -58,7 +58,7 @@ class Training:
             return
         rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
         x = self._capture(rows, block_out=False)["x"].to(torch.float32)[rows.attn.bool()]  # (N, in)
-        main = F.linear(x, self.adapter.weight(self.site).to(torch.float32))
+        main = F.linear(x, self.adapter.weight_values(self.site).to(x.device, torch.float32))
         self.unit = float(main.norm(dim=-1).median()) / 100.0
         energy = self.config.protect_energy
         if energy <= 0:
