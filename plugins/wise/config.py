@@ -37,7 +37,7 @@ class WISEConfig(BaseModel):
     # training data around each edit
     n_contexts: int = Field(10, ge=0, le=100, description="Random context prefixes added to each edit (the paper's 10; plus the bare prompt).")
     context_lengths: list[int] = Field(default_factory=lambda: [5, 10], description="Token lengths of the generated prefixes, used in turn.")
-    cache_contexts: bool = Field(True, description="Generate the context prefixes once per session (False: regenerate them every edit, as the reference does).")
+    cache_contexts: bool = Field(True, description="Generate the context prefixes once per session (False: regenerate them every edit; an ablation, EasyEdit caches them too).")
     unrelated_per_edit: int = Field(32, ge=1, le=128, description="Unrelated prompts drawn from the pool for each edit's margin loss (paper: 1 per edit, over 1000s of edits; cheap on the fast path, which scores them at the edited layer only).")
     unrelated_prompts: list[str] | None = Field(None, description="Pool of unrelated prompt texts (prompt plus answer); None uses the built-in pool.")
     replay: int = Field(8, ge=0, le=64, description="Earlier edits of the same memory (at most this many, drawn at random) replayed with each new edit (paper appendix B.3); 0 = off.")

@@ -1,6 +1,6 @@
 """WISE training: capturing the edited layer's inputs, the session-level margin unit and
 context prefixes, and the step functions (fast: cached inputs, only the blocks above the
-edited one; slow: the whole model, as the reference procedure)."""
+edited one; slow: the whole model, as EasyEdit trains)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class Training:
     def _contexts(self) -> list[str]:
         if self.config.n_contexts == 0:
             return []
-        if not self.config.cache_contexts:  # the reference procedure: new prefixes every edit
+        if not self.config.cache_contexts:  # an ablation: new prefixes every edit
             return self._make_contexts(self.config.seed + 1 + len(self.edits))
         if self.contexts is None:
             self.contexts = self._make_contexts(self.config.seed)
@@ -141,7 +141,7 @@ class Training:
         return step
 
     def _slow_steps(self, specs, out_specs):
-        """Step function of the reference procedure: the whole model, every row, every position."""
+        """Step function of the full-model path: the whole model, every row, every position."""
         dev = self.loaded.device
         rows = make_rows(self.tokenizer, specs + out_specs).to(dev)
         n_in = len(specs)
