@@ -128,6 +128,25 @@ def test_state_round_trip_through_session_reopen(tiny_loaded, tiny_family, tmp_p
         assert meta2 == meta and all(torch.equal(again[k], v) for k, v in tensors.items())
 
 
+@pytest.mark.parametrize("mode", ["retrieve", "merge"])
+def test_saves_of_only_what_changed_reopen_to_the_same_state(tiny_loaded, tmp_path, mode):
+    """WISE saves only the memory an edit changed (tracks_changes): over several shards (and
+    merges), each edit saved on its own, the reopened state equals the one in memory."""
+    loaded = tiny_loaded["llama"]
+    config = {**TINY, "mode": mode, "shard_size": 2, "merge_every": 2}
+    with Session.open(tmp_path / "ws", loaded=loaded, method="wise", method_config=config) as session:
+        for i in range(7):
+            session.edit(EditRequest(prompt=f"{EDIT.prompt} {i}", target_new=EDIT.target_new), measure=False)
+        tensors, meta = session.editor.state_dict()
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    assert meta["shards"] == 3 and ("pending" in tensors) == (mode == "merge")  # merge: shard 3 waits
+    assert tensors["memories"].shape[0] == (4 if mode == "retrieve" else 1)
+    with Session.open(tmp_path / "ws", loaded=loaded) as session:
+        again, meta2 = session.editor.state_dict()
+    assert meta2 == meta and again.keys() == tensors.keys()
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+
+
 def test_rollback_replays_to_the_same_state(tiny_loaded, tmp_path):
     loaded = tiny_loaded["llama"]
     with Session.open(tmp_path / "a", loaded=loaded, method="wise", method_config=TINY) as session:

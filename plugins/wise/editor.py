@@ -34,6 +34,9 @@ from .train import Training
 class WISEEditor(Routing, Training, StateIO, Editor):
     name = "wise"
     Config = WISEConfig
+    # An edit changes one memory (its row of `memories`, `keys`, `thresholds`); saving rewrites
+    # only that, so the cost of an edit does not grow with the memories before it.
+    tracks_changes = True
     description = "WISE: routed side memory of one MLP down-projection with knowledge sharding"
     export_refusal = ("WISE routes each sequence through a side memory only when its activation score clears "
                       "the memory's threshold; a checkpoint has one set of weights for every input, so the "
@@ -88,6 +91,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         g = self._current()
         if self.mask is None:  # a fresh random gradient mask for every shard
             self.mask = torch.rand(self.shape, device=self.device) < cfg.mask_ratio
+            self.changes.mark("mask")
 
         n_prompt = len(self.tokenizer(request.prompt, add_special_tokens=False).input_ids)
         specs = [(request.prompt, request.target_new, None)]
@@ -128,9 +132,9 @@ class WISEEditor(Routing, Training, StateIO, Editor):
                     adam.step()
                     param.grad = None
                 param.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
-        memories = self.memories.clone()
-        memories[g] = param.detach()
-        self.memories = memories
+        with torch.no_grad():  # in place: copying every memory per edit would grow with the stream
+            self.memories[g] = param.detach()
+        self.changes.mark("memories", g, g + 1)
         self._route = None
 
         self.edits.append({"prompt": request.prompt, "target": request.target_new, "memory": g})
@@ -138,7 +142,9 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.shard_edits += 1
         if self.shard_edits >= cfg.shard_size:
             self._end_shard()
-        self._refresh_thresholds()
+        self._refresh_threshold(g)
+        if g != self._current():  # a finished retrieve memory never trains again: drop its cached inputs
+            self._xcache = {i: v for i, v in self._xcache.items() if self.edits[i]["memory"] != g}
         return {"loss": trajectory[-1], "ce": ce_v, "margin": margin_v, "lead": lead_v, "steps": steps,
                 "memory": g, "memories": int(self.memories.shape[0]),
                 "in_scope_min": float(s_in.detach().min()) / unit, "unrelated_max": float(s_out.detach().max()) / unit,
@@ -161,32 +167,28 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self._edit_inputs([i])
         x, p, _ = self._xcache[i]
         g = self.edits[i]["memory"]
-        keys = self.keys.clone()
-        keys[g] += F.normalize(x[:p].mean(0), dim=-1)
-        self.keys = keys
+        self.keys[g] += F.normalize(x[:p].mean(0), dim=-1)
+        self.changes.mark("keys", g, g + 1)
         self._index = None
 
     @torch.no_grad()
-    def _refresh_thresholds(self) -> None:
-        """Each memory's threshold: act_ratio times the smallest score of its own edits, on the
-        prompt alone (what generation sees) and on prompt + target (teacher forcing)."""
+    def _refresh_threshold(self, g: int) -> None:
+        """Memory g's threshold: act_ratio times the smallest score of its own edits, on the
+        prompt alone (what generation sees) and on prompt + target (teacher forcing). Only the
+        memory an edit trained (or a merge rewrote) changes, so only its threshold is refreshed."""
         how = self.config.score_reduce
-        thresholds = torch.full((self.memories.shape[0],), float("inf"), device=self.device)
-        for g in range(self.memories.shape[0]):
-            own = [i for i, e in enumerate(self.edits) if e["memory"] == g]
-            if not own:
-                continue
-            self._edit_inputs(own)
-            lowest = float("inf")
-            for i in own:
-                x, p, t = self._xcache[i]
-                norms = F.linear(x, self.memories[g]).norm(dim=-1)[None]
-                for span in (p, p + t):
-                    w = torch.zeros_like(norms)
-                    w[:, :span] = 1.0
-                    lowest = min(lowest, float(reduce_scores(norms, w, how)))
-            thresholds[g] = self.config.act_ratio * lowest
-        self.thresholds = thresholds
+        own = [i for i, e in enumerate(self.edits) if e["memory"] == g]
+        lowest = float("inf")
+        self._edit_inputs(own)
+        for i in own:
+            x, p, t = self._xcache[i]
+            norms = F.linear(x, self.memories[g]).norm(dim=-1)[None]
+            for span in (p, p + t):
+                w = torch.zeros_like(norms)
+                w[:, :span] = 1.0
+                lowest = min(lowest, float(reduce_scores(norms, w, how)))
+        self.thresholds[g] = self.config.act_ratio * lowest if own else float("inf")
+        self.changes.mark("thresholds")
         self._route = None
 
     def _end_shard(self) -> None:
@@ -209,4 +211,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             self.memories = merged[None].clone()
             self.merge_base = merged.clone()
             self.pending = []
+            self.changes.mark("memories")
+            self.changes.mark("merge_base")
         self.shard_base = self.memories[0].clone()
+        self.changes.mark("shard_base")
