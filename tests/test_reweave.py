@@ -150,6 +150,38 @@ def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family)
         assert all(p.grad is None for p in loaded.model.parameters())
 
 
+@pytest.mark.parametrize("scorer", ["norm", "learned"])
+def test_cached_projections_serve_what_fresh_ones_do(tiny_loaded, scorer):
+    """Serving projects each buffered state once (kept in step with the buffer through appends
+    and evictions) and reprojects after a weight change: greedy decoding with a full buffer
+    gives the logits that projecting every state at every step gives."""
+    loaded = tiny_loaded["llama"]
+    config = {"capture_layers": [0, 1], "reweave_layer": 2, "capacity": 6, "keep_per_chunk": 3, "scorer": scorer}
+    ids = loaded.tokenizer(TEXT, return_tensors="pt").input_ids
+
+    def run(cache: bool) -> list[torch.Tensor]:
+        with reweaving(loaded, config) as rw, torch.no_grad():
+            rw.cache_projections = cache
+            perturb(rw, seed=4)
+            out = []
+            with rw.conversation("c") as buf:
+                feed(loaded, ["The red door code is 4821", "and the blue one 1234"])
+                step = ids[:, :4]
+                for i in range(8):  # each step's token is captured; the full buffer evicts
+                    if i == 4:
+                        perturb(rw, seed=5)  # new weights: cached projections must not be reused
+                    logits_i = loaded.model(step).logits[:, -1]
+                    out.append(logits_i)
+                    step = logits_i.argmax(-1, keepdim=True)
+                assert all(len(b) == 6 for b in buf.layers.values())
+                cached = [b.proj is not None for b in buf.layers.values()]
+                assert cached == [cache, cache]
+            return out
+
+    fresh, cached = run(False), run(True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh, cached))
+
+
 def test_training_is_reproducible_and_seeded(tiny_loaded):
     """Same config seed and train seed: bit-identical reweavers (training runs under torch's
     deterministic algorithms; with several CPU threads the attention backward otherwise sums in

@@ -81,33 +81,47 @@ class Reweaver(nn.Module):
         """Learned relevance of stored states (..., H or 2H: the key half is scored) -> (...)."""
         return self.scorer(self.norm_m(states[..., :self.hidden].float())).squeeze(-1)
 
-    def delta(self, hidden: torch.Tensor, memory: torch.Tensor, sources: torch.Tensor,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What reweaving adds to `hidden` (B, T, H), given memory (B, M, H; or 2H when paired:
-        [the token's state | the next token's state]), its layer tags (B, M) and a validity mask
-        (B, M); float32, same shape as hidden."""
-        b, t, _ = hidden.shape
-        m = memory.shape[1]
+    def project(self, memory: torch.Tensor, sources: torch.Tensor):
+        """Keys, values and score bias of buffered states: memory (..., M, H; or 2H when paired:
+        [the token's state | the next token's state]) and layer tags (..., M) -> k, v
+        (..., heads, M, head_dim) and bias (..., M), float32. They depend only on the states and
+        the reweaver's weights, so serving computes each once (see LayerBuffer.proj)."""
+        lead, m = memory.shape[:-2], memory.shape[-2]
         nh, hd = self.heads, self.head_dim
-        q = self.q(self.norm_q(hidden.float())).view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
         tag = self.source[sources]
         keys = memory[..., :self.hidden].float()
         values = memory[..., self.hidden:].float() if self.paired else keys
-        k = self.k(self.norm_m(keys) + tag).view(b, m, nh, hd).transpose(1, 2)
-        v = self.v(self.norm_m(values) + tag).view(b, m, nh, hd).transpose(1, 2)
-        k = torch.cat([self.null_key.view(1, nh, 1, hd).expand(b, nh, 1, hd), k], dim=2)
-        v = torch.cat([v.new_zeros(b, nh, 1, hd), v], dim=2)
+        k = self.k(self.norm_m(keys) + tag).view(*lead, m, nh, hd).transpose(-2, -3)
+        v = self.v(self.norm_m(values) + tag).view(*lead, m, nh, hd).transpose(-2, -3)
+        bias = self.score(memory) if self.scorer is not None else keys.new_zeros((*lead, m))
+        return k, v, bias
+
+    def attend(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What reweaving adds to `hidden` (B, T, H) given projected memory (B or 1, heads, M,
+        head_dim), its bias (B or 1, M) and a validity mask (B, M); float32, shaped as hidden."""
+        b, t, _ = hidden.shape
+        nh, hd = self.heads, self.head_dim
+        m = k.shape[-2]
+        q = self.q(self.norm_q(hidden.float())).view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
+        k = torch.cat([self.null_key.view(1, nh, 1, hd).expand(b, nh, 1, hd), k.expand(b, nh, m, hd)], dim=2)
+        v = torch.cat([v.new_zeros(b, nh, 1, hd), v.expand(b, nh, m, hd)], dim=2)
         logits = q @ k.transpose(-1, -2) * (self.log_scale.exp() / hd ** 0.5)  # B nh T (1+M)
-        bias = logits.new_zeros(b, 1 + m)
-        if self.scorer is not None:
-            bias[:, 1:] = self.score(memory)
+        full = logits.new_zeros(b, 1 + m)
+        full[:, 1:] = bias
         if mask is not None:
-            bias[:, 1:] = bias[:, 1:].masked_fill(~mask, float("-inf"))
-        logits = logits + bias[:, None, None, :]
+            full[:, 1:] = full[:, 1:].masked_fill(~mask, float("-inf"))
+        logits = logits + full[:, None, None, :]
         out = torch.softmax(logits, dim=-1) @ v  # B nh T hd
         out = out.transpose(1, 2).reshape(b, t, nh * hd)
         scale = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # relative to the residual's size
         return torch.tanh(self.gate) * scale * self.o(out)
+
+    def delta(self, hidden: torch.Tensor, memory: torch.Tensor, sources: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What reweaving adds to `hidden` (B, T, H), given memory (B, M, H or 2H), its layer
+        tags (B, M) and a validity mask (B, M); float32, same shape as hidden."""
+        return self.attend(hidden, *self.project(memory, sources), mask)
 
     def forward(self, hidden, memory, sources, mask=None):
         return hidden + self.delta(hidden, memory, sources, mask).to(hidden.dtype)
@@ -121,6 +135,11 @@ class LayerBuffer:
     scores: torch.Tensor | None = None  # (n,)
     order: torch.Tensor | None = None  # (n,) insertion counter, for fifo
     added: int = 0  # states ever added to this layer
+    # The reweaver's k, v (heads, n, head_dim) and bias (n,) of these states, and the weights'
+    # versions they were computed with: kept in step with the rows, so a decoding step
+    # projects only the states it adds.
+    proj: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    proj_weights: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return 0 if self.states is None else self.states.shape[0]
@@ -139,25 +158,38 @@ class MemoryBuffer:
     def nbytes(self) -> int:
         total = 0
         for buf in self.layers.values():
-            for t in (buf.states, buf.scores, buf.order):
+            for t in (buf.states, buf.scores, buf.order, *(buf.proj or ())):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
 
-    def add(self, layer: int, states: torch.Tensor, scores: torch.Tensor, capacity: int, eviction: str) -> None:
+    def add(self, layer: int, states: torch.Tensor, scores: torch.Tensor, capacity: int, eviction: str,
+            project=None, weights: tuple[int, ...] | None = None) -> None:
+        """Append states (evicting beyond capacity). `project(states)` gives their projections
+        under `weights`; cached projections made under other weights are dropped."""
         buf = self.layers.setdefault(layer, LayerBuffer())
         order = torch.arange(buf.added, buf.added + states.shape[0], device=states.device)
         buf.added += states.shape[0]
+        if buf.proj is not None and (project is None or buf.proj_weights != weights):
+            buf.proj = buf.proj_weights = None
         if buf.states is None:
             buf.states, buf.scores, buf.order = states, scores, order
+            if project is not None:
+                buf.proj, buf.proj_weights = project(states), weights
         else:
             buf.states = torch.cat([buf.states, states])
             buf.scores = torch.cat([buf.scores, scores])
             buf.order = torch.cat([buf.order, order])
+            if buf.proj is not None:
+                new = project(states)
+                buf.proj = (torch.cat([buf.proj[0], new[0]], dim=1), torch.cat([buf.proj[1], new[1]], dim=1),
+                            torch.cat([buf.proj[2], new[2]]))
         if len(buf) > capacity:
             key = buf.scores if eviction == "score" else buf.order.to(buf.scores.dtype)
             keep = torch.topk(key, capacity).indices.sort().values
             buf.states, buf.scores, buf.order = buf.states[keep], buf.scores[keep], buf.order[keep]
+            if buf.proj is not None:
+                buf.proj = (buf.proj[0][:, keep], buf.proj[1][:, keep], buf.proj[2][keep])
 
     def memory(self, layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(states (M, H), source index (M,)) over all layers, or None when empty."""
@@ -170,6 +202,24 @@ class MemoryBuffer:
         if not states:
             return None
         return torch.cat(states), torch.cat(sources)
+
+    def projections(self, layer_ids: list[int], project, weights: tuple[int, ...]):
+        """(k, v, bias) of every buffered state, in memory()'s order, under `weights`;
+        `project(states, source)` fills in what is not cached. None when empty."""
+        parts = []
+        for i, layer in enumerate(layer_ids):
+            buf = self.layers.get(layer)
+            if buf is None or not len(buf):
+                continue
+            if buf.proj is None or buf.proj_weights != weights:
+                buf.proj, buf.proj_weights = project(buf.states, i), weights
+            parts.append(buf.proj)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return (torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1),
+                torch.cat([p[2] for p in parts]))
 
 
 def _hidden_of(output):
@@ -209,6 +259,7 @@ class MemoryReweaving(Intervention):
                               cfg.gate_init, cfg.scorer == "learned", cfg.value_from == "next", cfg.attention_scale)
         self.module = module.to(device)
         self.module.requires_grad_(False)
+        self.cache_projections = True  # False: project every buffered state at every step (tests)
         self.meta: dict[str, Any] = {}
         self.buffers: OrderedDict[str, MemoryBuffer] = OrderedDict()
         self._local = threading.local()  # per thread: conversation, staged captures, pad mask
@@ -295,10 +346,29 @@ class MemoryReweaving(Intervention):
     def _on_model_end(self, module, args, kwargs, output):
         if self.current is not None and self._pending:
             buf = self.buffer()
+            weights = self._weights_version()
             for layer, (states, scores) in self._pending.items():
-                buf.add(layer, states, scores, self.config.capacity, self.config.eviction)
+                project = None
+                if weights is not None:
+                    source = self.capture_ids.index(layer)
+                    project = lambda s, source=source: self._project(s, source)  # noqa: E731
+                buf.add(layer, states, scores, self.config.capacity, self.config.eviction, project, weights)
             buf.chunks += 1
         self._pending = {}
+
+    def _weights_version(self) -> tuple[int, ...] | None:
+        """What identifies the reweaver's current weights (in-place optimiser steps and
+        load_state_dict bump a tensor's version), or None while it trains: projections are
+        cached only for frozen weights."""
+        if not self.cache_projections or any(p.requires_grad for p in self.module.parameters()):
+            return None
+        return tuple(p._version for p in self.module.parameters()) + (id(self.module),)
+
+    @torch.no_grad()
+    def _project(self, states: torch.Tensor, source: int):
+        sources = torch.full((states.shape[0],), source, dtype=torch.long, device=states.device)
+        k, v, bias = self.module.project(states, sources)
+        return k, v, bias
 
     def select(self, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """From one layer's hidden states (B, T, H), the (states (k, H), scores (k,)) to keep:
@@ -348,14 +418,17 @@ class MemoryReweaving(Intervention):
         if self.current is None:
             return None
         buf = self.buffers.get(self.current)
-        found = None if buf is None else buf.memory(self.capture_ids)
-        if found is None:
+        if buf is None or not len(buf):
             return None  # empty memory: the block output is returned untouched
-        states, sources = found
         hidden = _hidden_of(output)
-        b = hidden.shape[0]
-        memory = states.unsqueeze(0).expand(b, -1, -1)
-        return _with_hidden(output, self.module(hidden, memory, sources.unsqueeze(0).expand(b, -1)))
+        weights = self._weights_version()
+        if weights is None:  # training: project through the graph
+            states, sources = buf.memory(self.capture_ids)
+            k, v, bias = self.module.project(states, sources)
+        else:
+            k, v, bias = buf.projections(self.capture_ids, self._project, weights)
+        delta = self.module.attend(hidden, k[None], v[None], bias[None])
+        return _with_hidden(output, hidden + delta.to(hidden.dtype))
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
