@@ -10,10 +10,12 @@
 - zsRE dev at T = 500 (turns of 100); turns of 1 and 10 at T = 100 (CounterFact);
 - ablations at T = 1,000 (CounterFact, turns of 100): each option of the default config off.
 
-The defaults were tuned on counterfact-dev-1k only; nothing here feeds back into them.
+The defaults were tuned on counterfact-dev-1k only; nothing here feeds back into them. The
+tuning comparisons are the same runs on that file (--data):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ultraedit.py
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ultraedit.py --stream 1000 --zsre 0 --small-turns "" --ablations 0
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ultraedit.py --shared
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ultraedit.py --data ../shared/data/counterfact/counterfact-dev-1k.json \
+        --stream 1000 --checkpoints 100,1000 --zsre 0 --small-turns "" --ablations 1000
 
 Writes benchmarks/results/ultraedit-<time>.json (after every phase) and ultraedit-<time>.md.
 The unedited model's locality baselines are cached in benchmarks/results/ (by data file,
@@ -133,7 +135,8 @@ def markdown(result: dict) -> str:
              "Defaults tuned on counterfact-dev-1k only.", ""]
     s = result.get("stream")
     if s:
-        lines += [f"## CounterFact train stream, turns of {s['turn']} (first T records measured after edit T)", "",
+        lines += [f"## CounterFact stream ({result['data']}), turns of {s['turn']} (first T records measured after "
+                  "edit T)", "",
                   "| T | Rel | Gen | Loc | s/edit (cumulative) | s/edit (last 10 turns) | ‖Δ‖ | measured in |",
                   "|---|---|---|---|---|---|---|---|"]
         for t, p in s["checkpoints"].items():
@@ -168,7 +171,7 @@ def markdown(result: dict) -> str:
             lines += ["", f"Unedited: Rel {pair(z['before'], 'rel')}, Gen {pair(z['before'], 'gen')}."]
     small = result.get("small_turns")
     if small:
-        lines += ["", "## Turn size at T = 100 (CounterFact train, first 100 records)", "",
+        lines += ["", f"## Turn size at T = 100 ({result['data']}, first 100 records)", "",
                   "| turn size | Rel | Gen | Loc | s/edit |", "|---|---|---|---|---|"]
         for size, r in small.items():
             p = r["checkpoints"][max(r["checkpoints"], key=int)]
@@ -176,7 +179,7 @@ def markdown(result: dict) -> str:
                          f"{p['seconds_per_edit']:.3f} |")
     abl = result.get("ablations")
     if abl:
-        lines += ["", f"## Ablations at T = {abl['T']} (CounterFact train, turns of 100)", "",
+        lines += ["", f"## Ablations at T = {abl['T']} ({result['data']}, turns of 100)", "",
                   "| config | Rel | Gen | Loc | ‖Δ‖ |", "|---|---|---|---|---|"]
         for name, r in abl["runs"].items():
             p = r["checkpoints"][max(r["checkpoints"], key=int)]
@@ -186,7 +189,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stream", type=int, default=10_000, help="CounterFact train records in the stream (0: skip)")
+    parser.add_argument("--data", default=str(TRAIN), help="CounterFact file of the stream, turn-size and ablation runs")
+    parser.add_argument("--stream", type=int, default=10_000, help="CounterFact records in the stream (0: skip)")
     parser.add_argument("--checkpoints", default="100,1000,10000")
     parser.add_argument("--turn", type=int, default=100)
     parser.add_argument("--before", type=int, default=1000, help="measure the unedited model on this many records")
@@ -197,7 +201,7 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true", help="note in the report that the machine was shared")
     parser.add_argument("--config", default="{}", help="JSON overrides of the default config")
     args = parser.parse_args()
-    for path in (TRAIN, ZSRE):
+    for path in (Path(args.data), ZSRE):
         if not path.is_file():
             raise SystemExit(f"{path} not found: this benchmark needs ../shared/data")
     torch.set_num_threads(args.threads)
@@ -213,8 +217,10 @@ def main() -> None:
         (RESULTS / f"ultraedit-{stamp}.md").write_text(markdown(result))
 
     need = max([args.stream, args.ablations, 100 if args.small_turns else 0])
-    cf = CounterFactSuite().load(str(TRAIN), limit=need) if need else []
-    cf_bases = baselines_for(loaded, "counterfact-train", cf) if cf else []
+    name = Path(args.data).stem
+    result["data"] = name
+    cf = CounterFactSuite().load(args.data, limit=need) if need else []
+    cf_bases = baselines_for(loaded, name, cf) if cf else []
     if args.stream:
         checkpoints = [int(t) for t in args.checkpoints.split(",") if t and int(t) <= args.stream]
         zsre_loc = [f"{r['loc']} {r['loc_ans']}" for r in json.loads(ZSRE.read_text())]
