@@ -213,6 +213,31 @@ def test_config_errors_name_the_field(values, field):
         WISEEditor.make_config(values)
 
 
+def test_paper_preset_fills_what_is_not_given_and_survives_a_round_trip(tiny_loaded):
+    from editkit.plugins.wise.config import PAPER_PRESET, WISEConfig
+
+    paper = WISEConfig(preset="paper", steps=3)
+    assert all(getattr(paper, k) == v for k, v in PAPER_PRESET.items()) and paper.steps == 3
+    assert WISEConfig(preset="paper", lr=3.0).lr == 3.0  # given explicitly: wins over the preset
+    assert WISEConfig.model_validate(paper.model_dump(mode="json")) == paper  # as a workspace stores it
+    assert WISEConfig().lr == 10.0 and WISEConfig().margin_mean == "all"
+    editor = WISEEditor(tiny_loaded["gpt2"], {**TINY, "preset": "paper", "steps": 3})
+    editor.attach()
+    try:
+        stats = seeded_apply(editor, EDIT)
+        assert 1 <= stats["steps"] <= 3 and editor.config.mode == "merge" and editor.unit is not None
+    finally:
+        editor.detach()
+
+
+def test_violated_mean_and_flat_early_stop():
+    hinge = torch.tensor([0.0, 2.0, 0.0, 4.0])
+    assert float(WISEEditor._violated_mean(hinge)) == 3.0  # over the two violated entries, not all four
+    assert float(WISEEditor._violated_mean(torch.zeros(3))) == 0.0
+    assert WISEEditor._flat([0.5, 0.01, 0.01005]) and not WISEEditor._flat([0.03, 0.03])
+    assert not WISEEditor._flat([0.015, 0.01]) and not WISEEditor._flat([0.01])
+
+
 def test_every_config_field_is_described():
     for name, info in WISEEditor.Config.model_fields.items():
         assert info.description, name

@@ -112,16 +112,18 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         ce_v = margin_v = float("nan")
         s_in = s_out = None
         steps = 0
+        mean = self._violated_mean if cfg.margin_mean == "violated" else torch.mean
         for steps in range(1, cfg.steps + 1):
             ce, lead, s_in, s_out = step_fn(param)
-            gap = F.relu(s_out[None, :] - s_in[:, None] + cfg.gamma * unit).mean()
-            low = F.relu(s_out - cfg.alpha * unit).mean()
-            high = F.relu(cfg.beta * unit - s_in).mean()
+            gap = mean(F.relu(s_out[None, :] - s_in[:, None] + cfg.gamma * unit))
+            low = mean(F.relu(s_out - cfg.alpha * unit))
+            high = mean(F.relu(cfg.beta * unit - s_in))
             margin = gap + low + high  # in activation units, as in the paper
             loss = ce + cfg.margin_weight * margin
             ce_v, margin_v, lead_v = float(ce.detach()), float(margin.detach()), float(lead)
             trajectory.append(float(loss.detach()))
-            if cfg.early_stop and self._done(ce_v, lead_v, s_in.detach(), s_out.detach(), unit):
+            if cfg.early_stop and (self._flat(trajectory) if cfg.early_stop_flat else
+                                   self._done(ce_v, lead_v, s_in.detach(), s_out.detach(), unit)):
                 break
             (grad,) = torch.autograd.grad(loss, param)
             with torch.no_grad():

@@ -114,6 +114,16 @@ class Training:
         lo, hi = float(s_in.min()), float(s_out.max())
         return lo >= cfg.beta * unit and lo - hi >= cfg.gamma * unit and hi <= cfg.alpha * unit
 
+    @staticmethod
+    def _flat(trajectory: list[float]) -> bool:
+        """EasyEdit's early stop: the total loss is at most 0.02 and moved at most 1e-4."""
+        return len(trajectory) > 1 and trajectory[-1] <= 0.02 and abs(trajectory[-1] - trajectory[-2]) <= 1e-4
+
+    @staticmethod
+    def _violated_mean(hinge: torch.Tensor) -> torch.Tensor:
+        """Mean over the violated entries of a hinge (EasyEdit's margin loss); 0 when none is."""
+        return hinge.sum() / (hinge > 0).sum().clamp(min=1)
+
     def _fast_steps(self, specs, out_specs):
         """Step function on cached layer inputs: only the blocks above the edited one run."""
         dev = self.loaded.device
