@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from editkit.errors import EditVetoed, WorkspaceError
-from editkit.generation import generate
 from editkit.host import Candidate, PluginHost, builtin_candidates
 from editkit.schemas import EditRequest
 from editkit.session import Session

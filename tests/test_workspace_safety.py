@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from editkit.errors import ModelLoadError, WorkspaceError
 from editkit.session import Session
