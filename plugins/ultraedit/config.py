@@ -15,7 +15,8 @@ class UltraEditConfig(BaseModel):
       paper edits 29-30 of 32 on Mistral-7B); mid layers (14-22) gave lower Rel and Loc;
     - preserve 1.0 (UltraEdit: 0, memory-free): earlier edits' keys stay in the solve, as in
       AlphaEdit; after 1,000 edits Rel 0.80 / Loc 0.30 against 0.62 / 0.28 after 500 without;
-    - null_space on: Loc 0.33 against 0.30 at 1,000 edits, Rel unchanged;
+    - null_space on: Loc 0.33 against 0.30 at 1,000 dev edits, Rel unchanged (held out, on the
+      train stream, no measurable difference: docs/ultraedit.md);
     - warm-up on: a first turn of a single one-token edit has one feature row, whose running
       standard deviation is zero, so without warm-up statistics it would change nothing."""
 
