@@ -31,7 +31,7 @@ from .config import UltraEditConfig
 from .features import capture_features
 from .nullspace import null_space_projection, preserved_second_moments
 from .solver import ridge_shift, target_values
-from .statistics import RunningStats
+from .statistics import RunningStats, tensor_problem
 from .warmup import warmup_pairs
 
 STATE_FORMAT = 1
@@ -177,15 +177,8 @@ class UltraEditEditor(Editor):
             want = {f"delta.{i}": (out_f, in_f)}
             if self.grams is not None:
                 want[f"gram.{i}"] = (in_f, in_f)
-            for name, shape in want.items():
-                t = tensors.get(name)
-                if t is None:
-                    return f"'{name}' is missing"
-                if tuple(t.shape) != shape:
-                    return f"'{name}' has shape {tuple(t.shape)}, expected {shape}"
-                if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                    return f"'{name}' holds non-finite or non-float values"
-            problem = RunningStats.check(tensors, f"stats.{i}", in_f, out_f, cfg.whitening)
+            problem = tensor_problem(tensors, want) or RunningStats.check(tensors, f"stats.{i}", in_f, out_f,
+                                                                          cfg.whitening)
             if problem:
                 return problem
             expected |= set(want) | {f"stats.{i}.{n}" for n in RunningStats.names(cfg.whitening)}

@@ -19,6 +19,20 @@ import torch
 EPS = torch.finfo(torch.float32).eps
 
 
+def tensor_problem(tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]]) -> str | None:
+    """What is wrong with the named tensors of a state (missing, misshapen, not finite floats),
+    or None."""
+    for name, shape in want.items():
+        t = tensors.get(name)
+        if t is None:
+            return f"'{name}' is missing"
+        if tuple(t.shape) != shape:
+            return f"'{name}' has shape {tuple(t.shape)}, expected {shape}"
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            return f"'{name}' holds non-finite or non-float values"
+    return None
+
+
 @dataclass(frozen=True)
 class RunningStats:
     key_dim: int
@@ -89,15 +103,9 @@ class RunningStats:
         """What is wrong with the statistics under `prefix` in `tensors`, or None."""
         shapes = {"count": (), "mean": (key_dim + value_dim,), "m2": (key_dim + value_dim,),
                   "scatter": (value_dim, value_dim)}
-        want = {f"{prefix}.{name}": shapes[name] for name in cls.names(whiten)}
-        for name, shape in want.items():
-            t = tensors.get(name)
-            if t is None:
-                return f"'{name}' is missing"
-            if tuple(t.shape) != shape:
-                return f"'{name}' has shape {tuple(t.shape)}, expected {shape}"
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                return f"'{name}' holds non-finite or non-float values"
+        problem = tensor_problem(tensors, {f"{prefix}.{name}": shapes[name] for name in cls.names(whiten)})
+        if problem:
+            return problem
         if float(tensors[f"{prefix}.count"]) < 0 or bool((tensors[f"{prefix}.m2"] < 0).any()):
             return f"'{prefix}' statistics are negative"
         return None
