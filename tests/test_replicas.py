@@ -15,7 +15,7 @@ from conftest import TOKEN
 from editkit.model import load_model
 from editkit.session import Session
 from editkit.errors import WorkspaceError
-from test_serve import AUTH, EDIT, PROMPT, Server, free_port, start_serving
+from test_serve import AUTH, EDIT, Served, Server
 
 FAST = {"steps": 3, "lr": 0.05, "norm_constraint": 10.0, "early_stop_loss": 0.0}
 
@@ -52,25 +52,15 @@ def test_a_following_session_switches_to_the_writers_heads(tmp_path, tiny_dirs):
     assert torch.equal(logits(replica_model), logits(load_model(str(tiny_dirs["llama"]), device="cpu")))
 
 
-class Replica:
+class Replica(Served):
+    """A read replica following `workspace`, sending writers' requests to `writer_url`."""
+
     def __init__(self, model_dir, workspace, writer_url, port=None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start_serving(["--follow", str(workspace), "--model", str(model_dir), "--writer", writer_url,
-                                   "--poll-interval", "0.2", "--token", TOKEN], self.port)
+        super().__init__(["--follow", str(workspace), "--model", str(model_dir), "--writer", writer_url,
+                          "--poll-interval", "0.2", "--token", TOKEN], port)
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
-
-    def generate(self) -> str:
-        r = httpx.post(self.url + "/v1/generate", json={"prompts": [PROMPT], "max_new_tokens": 4}, timeout=120)
-        assert r.status_code == 200, r.text
-        return r.json()["completions"][0]
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
 
 
 def wait_for_head(replicas, head, timeout=10.0) -> float:

@@ -46,14 +46,13 @@ def start_serving(args: list[str], port: int) -> subprocess.Popen:
     raise RuntimeError("server did not start within 120 s")
 
 
-class Server:
-    def __init__(self, model_dir, workspace, steps: int, extra=()):
-        self.port = free_port()
+class Served:
+    """`editkit serve ARGS` running in a subprocess on a port of its own."""
+
+    def __init__(self, args: list[str], port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start_serving(["--workspace", str(workspace), "--model", str(model_dir), "--method", "ft",
-                                   "--token", TOKEN, "--max-body-bytes", "20000", "--max-prompt-chars", "500",
-                                   "--max-new-tokens", "64", *FT_CONFIG, "--config", f"steps={steps}", *extra],
-                                  self.port)
+        self.proc = start_serving(args, self.port)
 
     def generate(self, prompt=PROMPT, **kw):
         r = httpx.post(self.url + "/v1/generate", json={"prompts": [prompt], "max_new_tokens": 4, **kw}, timeout=120)
@@ -64,6 +63,15 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=60)
+
+
+class Server(Served):
+    """A writer on an FT workspace."""
+
+    def __init__(self, model_dir, workspace, steps: int, extra=()):
+        super().__init__(["--workspace", str(workspace), "--model", str(model_dir), "--method", "ft",
+                          "--token", TOKEN, "--max-body-bytes", "20000", "--max-prompt-chars", "500",
+                          "--max-new-tokens", "64", *FT_CONFIG, "--config", f"steps={steps}", *extra])
 
 
 @pytest.fixture(scope="module")
