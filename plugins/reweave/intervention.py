@@ -127,6 +127,13 @@ class Reweaver(nn.Module):
         return hidden + self.delta(hidden, memory, sources, mask).to(hidden.dtype)
 
 
+def _joined(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Projections (k, v, bias) of consecutive runs of states, as one: rows are dim 1 of k and
+    v, dim 0 of bias."""
+    return (torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1),
+            torch.cat([p[2] for p in parts]))
+
+
 @dataclass
 class LayerBuffer:
     """Captured states of one layer in one conversation (all detached)."""
@@ -181,15 +188,13 @@ class MemoryBuffer:
             buf.scores = torch.cat([buf.scores, scores])
             buf.order = torch.cat([buf.order, order])
             if buf.proj is not None:
-                new = project(states)
-                buf.proj = (torch.cat([buf.proj[0], new[0]], dim=1), torch.cat([buf.proj[1], new[1]], dim=1),
-                            torch.cat([buf.proj[2], new[2]]))
+                buf.proj = _joined([buf.proj, project(states)])
         if len(buf) > capacity:
             key = buf.scores if eviction == "score" else buf.order.to(buf.scores.dtype)
             keep = torch.topk(key, capacity).indices.sort().values
             buf.states, buf.scores, buf.order = buf.states[keep], buf.scores[keep], buf.order[keep]
             if buf.proj is not None:
-                buf.proj = (buf.proj[0][:, keep], buf.proj[1][:, keep], buf.proj[2][keep])
+                buf.proj = (buf.proj[0][:, keep], buf.proj[1][:, keep], buf.proj[2][keep])  # rows: dim 1, 1, 0
 
     def memory(self, layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(states (M, H), source index (M,)) over all layers, or None when empty."""
@@ -216,10 +221,7 @@ class MemoryBuffer:
             parts.append(buf.proj)
         if not parts:
             return None
-        if len(parts) == 1:
-            return parts[0]
-        return (torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1),
-                torch.cat([p[2] for p in parts]))
+        return parts[0] if len(parts) == 1 else _joined(parts)
 
 
 def _hidden_of(output):
@@ -367,8 +369,7 @@ class MemoryReweaving(Intervention):
     @torch.no_grad()
     def _project(self, states: torch.Tensor, source: int):
         sources = torch.full((states.shape[0],), source, dtype=torch.long, device=states.device)
-        k, v, bias = self.module.project(states, sources)
-        return k, v, bias
+        return self.module.project(states, sources)
 
     def select(self, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """From one layer's hidden states (B, T, H), the (states (k, H), scores (k,)) to keep:
