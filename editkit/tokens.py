@@ -66,3 +66,19 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the target tokens: position t predicts label t+1."""
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def last_token_of(tokenizer, prompt: str, part: str) -> int | None:
+    """Index, in `tokenizer(prompt).input_ids`, of the last token of the last occurrence of
+    `part` in `prompt` (case-insensitive); None where `part` does not occur."""
+    start = prompt.lower().rfind(part.strip().lower())
+    if start < 0 or not part.strip():
+        return None
+    end = start + len(part.strip())
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):  # slow tokenizers: count the prefix's tokens
+        ids, prefix = tokenizer(prompt).input_ids, tokenizer(prompt[:end]).input_ids
+        return min(len(prefix), len(ids)) - 1
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return inside[-1] if inside else None

@@ -325,22 +325,33 @@ def test_half_precision_model(tiny_dirs, dtype):
         editor.detach()
 
 
-def test_reads_stop_after_the_best_match_and_agree_across_cached_calls():
+def unit(*shape, seed):
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_reads_run_from_the_subject_to_the_answer_and_agree_across_cached_calls():
     from editkit.plugins.nmc.memory import Memory
 
-    keys = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
-    memory = Memory(keys, torch.randn(3, 8), torch.zeros(3), ["a", "b", "c"])
-    # One row whose similarity to key 0 rises to 1.0 then falls: only the rising part reads.
-    weights = torch.tensor([0.2, 0.7, 0.9, 1.0, 0.95, 0.8])
-    noise = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
-    query = torch.nn.functional.normalize(weights[:, None] * keys[0] + (1 - weights[:, None]) * noise, dim=-1)[None]
-    index, gate, best = memory.address(query, threshold=0.5, width=0.1)
-    sims = (query[0] @ keys.T).max(dim=-1).values
-    rising = torch.cat([torch.tensor([True]), sims[1:] >= sims.cummax(0).values[:-1]])
-    assert torch.equal(gate[0] > 0, rising & (sims > 0.5))
-    assert not bool(gate[0, 4:].any())  # after the peak: nothing is read
-    # The same row fed in two cached calls, carrying the best similarity, reads the same.
-    _, first, carried = memory.address(query[:, :3], 0.5, 0.1)
-    _, second, _ = memory.address(query[:, 3:], 0.5, 0.1, carried)
-    assert torch.equal(torch.cat([first, second], dim=1), gate)
-    assert float(best[0]) == float(sims.max())
+    subjects, keys = unit(3, 16, seed=0), unit(3, 16, seed=1)
+    subjects[1] = subjects[0]  # slots 0 and 1: one subject, two facts told apart by the prompt's content
+    memory = Memory(keys, subjects, torch.randn(3, 16), torch.tensor([7, 8, 9]), torch.zeros(3), ["a", "b", "c"])
+    noise = unit(6, 16, seed=2)
+    tokens = noise.clone()
+    tokens[2] = subjects[0]  # the subject at position 2
+    context = torch.nn.functional.normalize(noise + 3 * keys[1], dim=-1)  # a prompt like slot 1's
+    ids = torch.tensor([1, 2, 3, 8, 4, 5])  # slot 1's answer ends with token 8, input at position 3
+    index, gate, after = memory.address(tokens[None], context[None], ids[None], threshold=0.6, width=0.1)
+    assert gate[0].tolist() == [0, 0, 1, 0, 0, 0]  # from the subject up to the written answer
+    assert int(index[0, 2]) == 1  # the content picks slot 1 of the subject; once its answer is
+    # written neither it nor slot 0 (the same subject) is read: the model runs as it would
+    # Without the answer the slot is read to the end; another subject's prompt reads nothing.
+    _, open_gate, _ = memory.address(tokens[None], context[None], torch.zeros(1, 6, dtype=torch.long), 0.6, 0.1)
+    assert bool((open_gate[0, 2:] == 1).all()) and bool((open_gate[0, :2] == 0).all())
+    _, neighbour, _ = memory.address(noise[None], context[None], None, 0.6, 0.1)
+    assert not bool(neighbour.any())
+    # The same row fed in cached calls (3 tokens, then one at a time) reads the same.
+    gates, carried = [], None
+    for a, b in ((0, 3), (3, 4), (4, 5), (5, 6)):
+        _, g, carried = memory.address(tokens[None, a:b], context[None, a:b], ids[None, a:b], 0.6, 0.1, carried)
+        gates.append(g)
+    assert torch.equal(torch.cat(gates, dim=1), gate)

@@ -8,11 +8,12 @@ class NMCConfig(BaseModel):
 
     # the memory and how it is read
     layer: int | float = Field(0.7, description="Block whose output the memory writes into (index, negative index or fraction of depth).")
-    key_layer: int | float = Field(0.2, description="Block whose output addresses the memory: the query of a position is the running mean of this block's standardised outputs up to it. Early blocks separate prompts by content, late ones mostly by format (docs/nmc.md).")
+    key_layer: int | float = Field(0.15, description="Block whose output addresses the memory: a token's standardised state there is matched against the slots' subject keys, the running mean of them against the slots' prompt keys. Early blocks tell entities apart; late ones mostly see the format (docs/nmc.md).")
     slots: int = Field(4096, ge=1, le=1_000_000, description="Memory capacity; when full, the least used slot is freed for a new edit.")
-    threshold: float = Field(0.6, gt=0, lt=1, description="Deferral threshold: a position reads the memory only when its query's cosine similarity with the nearest key reaches this; below it the model runs unchanged.")
+    threshold: float = Field(0.6, gt=0, lt=1, description="Deferral threshold: a slot is read once a token's cosine similarity with its subject key reaches this; below it the model runs unchanged.")
     gate_width: float = Field(0.15, gt=0, le=2, description="The read gate rises linearly from 0 at the threshold to 1 at threshold + gate_width.")
-    match_threshold: float = Field(0.95, gt=0, le=1, description="Controller: an edit whose key is at least this similar to a slot's key rewrites that slot (same prompt edited again) instead of taking a new one.")
+    match_threshold: float = Field(0.9, gt=0, le=1, description="Controller: an edit whose subject key is at least this similar to a slot's, and whose prompt key at least match_context, is the same fact again: it rewrites that slot instead of taking a new one.")
+    match_context: float = Field(0.8, ge=-1, le=1, description="Controller: the prompt-key similarity (cosine of running means) that, with a subject match, makes an edit the same fact as a slot's.")
     usage_decay: float = Field(0.99, gt=0, le=1, description="Controller: every edit multiplies all usage counts by this before the written slot gains 1, so the least used slot is the least recently and least often written.")
 
     # the edit loss and when an edit counts as absorbed

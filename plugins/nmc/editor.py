@@ -1,13 +1,15 @@
 """The neural memory controller editor: a key-value memory written by fast synthetic-gradient
 steps and refined by slow true-gradient steps.
 
-Reading (every forward pass): the output of block `key_layer` gives each position a query, the
-running mean of the standardised states up to it (the sequence's first token, an attention
-sink, and padding left out); the nearest key's value is added to the output of block `layer`
-through a gate that is 0 below the deferral threshold, so unrelated inputs run unchanged, and
-only while the match is the best yet in the sequence (memory.Memory.address).
-Running sums continue across KV-cached generation steps; per-call state is thread-local so
-concurrent generations do not mix.
+Reading (every forward pass): the output of block `key_layer` gives each position two queries,
+its own standardised state (matched against the slots' subject keys) and the running mean of
+the standardised states up to it (the prompt's content, matched against the slots' prompt
+keys); the sequence's first token, an attention sink, and padding are left out. Once a token
+has matched a slot's subject, that slot's value is added to the output of block `layer` from
+there on, through a gate that is 0 below the deferral threshold, so inputs about other subjects
+run unchanged (memory.Memory.address). Running sums and the best subject matches continue
+across KV-cached generation steps; per-call state is thread-local so concurrent generations do
+not mix.
 
 Writing one edit: one forward pass, stopped at `layer`, gives the queries and the written
 block's output. The controller picks the slot (memory.plan_write). The loss of a value v is the
@@ -32,7 +34,7 @@ from editkit.scoring import normalise
 from editkit.forward import call_context
 from editkit.schemas import EditRequest
 from editkit.sites import Site
-from editkit.tokens import teacher_forced_batch
+from editkit.tokens import last_token_of, teacher_forced_batch
 
 from .config import NMCConfig
 from .feedback import SyntheticGradient, load_feedback
@@ -40,7 +42,7 @@ from .memory import Memory, WritePlan, plan_write, with_slot
 from .problem import EditProblem
 from .write import Writing
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: slots keyed by subject as well as by prompt
 
 
 class NMCEditor(Writing, Editor):
@@ -112,10 +114,13 @@ class NMCEditor(Writing, Editor):
         self.key_mean = keys.mean(dim=0)
         self.key_std = keys.std(dim=0).clamp_min(1e-3 * float(keys.std(dim=0).mean()) + 1e-12)
         self.scale = float(seen["write"][keep].float().norm(dim=-1).median())
+        self.pool = F.normalize((keys - self.key_mean) / self.key_std, dim=-1)  # ordinary text's tokens
 
     # ---- hooks -------------------------------------------------------------------------
     def _model_pre_hook(self, module, args, kwargs):
         self._local.call = call_context(args, kwargs)
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        self._local.ids = ids if torch.is_tensor(ids) and ids.dim() == 2 else None  # None: embeddings came in
 
     def _key_hook(self, module, args, output):
         st = self._local
@@ -124,8 +129,9 @@ class NMCEditor(Writing, Editor):
         st.query = self._queries(output[0] if isinstance(output, tuple) else output)
         return None
 
-    def _queries(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, t, H) states of the key block -> (B, t, H) unit queries (zero before any counted token)."""
+    def _queries(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, t, H) states of the key block -> (B, t, H) unit token queries and (B, t, H) unit
+        context queries, the running mean up to each position (both zero where not counted)."""
         st = self._local
         mask, past = getattr(st, "call", (None, 0))
         b, t = h.shape[:2]
@@ -147,7 +153,7 @@ class NMCEditor(Writing, Editor):
             sums = sums + carried[0].unsqueeze(1)
             counts = counts + carried[1].unsqueeze(1)
         st.sums = (sums[:, -1], counts[:, -1])
-        return F.normalize(sums / counts.clamp_min(1.0), dim=-1)
+        return F.normalize(z * weight, dim=-1), F.normalize(sums / counts.clamp_min(1.0), dim=-1)
 
     def _write_hook(self, module, args, output):
         st = self._local
@@ -156,10 +162,11 @@ class NMCEditor(Writing, Editor):
         out = output[0] if isinstance(output, tuple) else output
         cfg = self.config
         _, past = getattr(st, "call", (None, 0))
-        carried = getattr(st, "best", None)
-        if past == 0 or carried is None or carried.shape[0] != out.shape[0]:
+        carried = getattr(st, "carried", None)
+        if past == 0 or carried is None or carried[0].shape != (out.shape[0], len(self.memory)):
             carried = None
-        add, st.best = self.memory.read(st.query, cfg.threshold, cfg.gate_width, carried)
+        ids = st.ids if st.ids is not None and st.ids.shape == out.shape[:2] else None
+        add, st.carried = self.memory.read(*st.query, ids, cfg.threshold, cfg.gate_width, carried)
         new = out + add.to(out.dtype)
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
@@ -168,15 +175,14 @@ class NMCEditor(Writing, Editor):
         cfg = self.config
         label = normalise(request.target_new)
         problem, plan = self.plan(request, label)
-        key = problem.key
         saved = {k: v.detach().clone() for k, v in self.feedback.state_dict().items()}
         try:
             value, stats = self.write(problem, plan.start)
         except BaseException:
             self.feedback.load_state_dict(saved)
             raise
-        self.memory = with_slot(self.memory, plan.slot, key, value, label, cfg.usage_decay,
-                                new_occupant=plan.action == "evict")
+        self.memory = with_slot(self.memory, plan.slot, problem.key, problem.subject, value, problem.end, label,
+                                cfg.usage_decay, new_occupant=plan.action == "evict")
         stats.update(slot=plan.slot, action=plan.action, memory_size=len(self.memory))
         if plan.evicted is not None:
             stats["evicted"] = plan.evicted
@@ -187,16 +193,34 @@ class NMCEditor(Writing, Editor):
         cfg = self.config
         batch = teacher_forced_batch(self.tokenizer, [request.prompt], [request.target_new]).to(self.loaded.device)
         pos = int(batch.attention_mask[0].sum()) - len(batch.target_ids[0]) - 1  # last prompt token
-        hidden, query = self._capture(batch.input_ids, batch.attention_mask)
-        key = query[pos].clone()
-        plan = plan_write(self.memory, key, label, cfg.slots, cfg.match_threshold)
-        return self._problem(plan, key, hidden, query, pos, batch.target_ids[0]), plan
+        ids = batch.input_ids
+        hidden, tokens, context = self._capture(ids, batch.attention_mask)
+        at = self.subject_position(request, tokens[:pos + 1])
+        key, subject = context[pos].clone(), tokens[at].clone()
+        plan = plan_write(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
+        end = batch.target_ids[0][-1]
+        problem = self._problem(plan, key, subject, end, ids[0], hidden, tokens, context, pos, batch.target_ids[0])
+        return problem, plan
+
+    def subject_position(self, request: EditRequest, tokens: torch.Tensor) -> int:
+        """The prompt token whose state keys the slot: the subject's last token; without a
+        subject (or one not in the prompt), a heuristic stand-in, the prompt token least like
+        any token of ordinary text (the most specific word, usually the entity)."""
+        if request.subject:
+            at = last_token_of(self.tokenizer, request.prompt, request.subject)
+            if at is not None and at < len(tokens) and bool(tokens[at].any()):
+                return at
+        counted = tokens.norm(dim=-1) > 0
+        typical = (tokens @ self.pool.T).amax(dim=-1).masked_fill(~counted, float("inf"))
+        return int(typical.argmin())
 
     @torch.no_grad()
-    def _capture(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, H) written block's output without the memory, (T, H) queries, for one row."""
+    def _capture(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T, H) written block's output without the memory, (T, H) token and (T, H) context
+        queries, for one row."""
         seen = self._unedited(ids, attn)
-        return seen["write"][0], self._queries(seen["key"])[0].detach()
+        tokens, context = self._queries(seen["key"])
+        return seen["write"][0], tokens[0].detach(), context[0].detach()
 
     def _unedited(self, ids: torch.Tensor, attn: torch.Tensor) -> dict[str, torch.Tensor]:
         """The key block's and the written block's outputs with the memory inert; the pass
@@ -211,13 +235,13 @@ class NMCEditor(Writing, Editor):
             st.bypass = False
         return seen
 
-    def _problem(self, plan, key, hidden, query, pos, target_ids) -> EditProblem:
+    def _problem(self, plan, key, subject, end, ids, hidden, tokens, context, pos, target_ids) -> EditProblem:
         """The planned memory (other slots as they are, the written slot at `key`) read along
         the row: the other slots' contribution goes into the base stream, the written slot's
         gate becomes the read mask of the trained value."""
         cfg = self.config
-        planned = with_slot(self.memory, plan.slot, key, torch.zeros_like(key), "", 1.0)
-        index, gate, _ = planned.address(query[None], cfg.threshold, cfg.gate_width)
+        planned = with_slot(self.memory, plan.slot, key, subject, torch.zeros_like(key), end, "", 1.0)
+        index, gate, _ = planned.address(tokens[None], context[None], ids[None], cfg.threshold, cfg.gate_width)
         index, gate = index[0], gate[0]
         own = (index == plan.slot).to(torch.float32) * gate
         others = (gate * (index != plan.slot).to(torch.float32)).unsqueeze(-1) * planned.values[index]
@@ -225,11 +249,12 @@ class NMCEditor(Writing, Editor):
         n = len(target_ids)
         positions = torch.arange(pos, pos + n, device=hidden.device)
         targets = torch.tensor(target_ids, device=hidden.device)
-        return EditProblem(self, base.to(hidden.dtype), own, positions, targets, key)
+        return EditProblem(self, base.to(hidden.dtype), own, positions, targets, key, subject, end)
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"keys": self.memory.keys, "values": self.memory.values, "usage": self.memory.usage,
+        tensors = {"keys": self.memory.keys, "subjects": self.memory.subjects, "values": self.memory.values,
+                   "ends": self.memory.ends, "usage": self.memory.usage,
                    "key_mean": self.key_mean, "key_std": self.key_std}
         tensors.update({f"feedback.{k}": v.detach().clone() for k, v in self.feedback.state_dict().items()})
         meta = {"format": STATE_FORMAT, "layer": self.layer, "key_layer": self.key_layer, "scale": self.scale,
@@ -237,15 +262,17 @@ class NMCEditor(Writing, Editor):
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        keys, values, usage = tensors.get("keys"), tensors.get("values"), tensors.get("usage")
+        keys, subjects = tensors.get("keys"), tensors.get("subjects")
+        values, ends, usage = tensors.get("values"), tensors.get("ends"), tensors.get("usage")
         mean, std = tensors.get("key_mean"), tensors.get("key_std")
         labels = meta.get("labels")
         h = self.hidden
         ok = (meta.get("format") == STATE_FORMAT and meta.get("layer") == self.layer
               and meta.get("key_layer") == self.key_layer and meta.get("feedback") == self.feedback.describe()
               and isinstance(labels, list) and isinstance(meta.get("scale"), (int, float))
-              and all(t is not None for t in (keys, values, usage, mean, std))
+              and all(t is not None for t in (keys, subjects, values, ends, usage, mean, std))
               and keys.dim() == 2 and keys.shape[1] == h and values.shape == keys.shape
+              and subjects.shape == keys.shape and ends.shape == usage.shape and not ends.is_floating_point()
               and usage.shape == (keys.shape[0],) and len(labels) == keys.shape[0]
               and mean.shape == (h,) and std.shape == (h,))
         if not ok:
@@ -255,7 +282,8 @@ class NMCEditor(Writing, Editor):
         feedback = {k[len("feedback."):]: v for k, v in tensors.items() if k.startswith("feedback.")}
         self._load_feedback_tensors(feedback, "nmc state")
         f32 = dict(device=self.device, dtype=torch.float32)
-        self.memory = Memory(keys.to(**f32).clone(), values.to(**f32).clone(), usage.to(**f32).clone(),
+        self.memory = Memory(keys.to(**f32).clone(), subjects.to(**f32).clone(), values.to(**f32).clone(),
+                             ends.to(device=self.device, dtype=torch.long).clone(), usage.to(**f32).clone(),
                              [str(x) for x in labels])
         self.key_mean, self.key_std = mean.to(**f32).clone(), std.to(**f32).clone()
         self.scale = float(meta["scale"])

@@ -1,5 +1,6 @@
-"""The key-value memory and its controller: content-addressed reads with a deferral threshold,
-and the decisions of a write (which slot, what to erase) with usage statistics."""
+"""The key-value memory and its controller: reads addressed by the edit's subject (with the
+prompt's content choosing among a subject's slots) behind a deferral threshold, and the
+decisions of a write (which slot, what to erase) with usage statistics."""
 
 from __future__ import annotations
 
@@ -8,47 +9,70 @@ from dataclasses import dataclass, field
 import torch
 
 
+CONTEXT_WEIGHT = 0.25  # how much the prompt's content counts beside the subject when choosing a slot
+
+
 @dataclass
 class Memory:
     keys: torch.Tensor  # (N, H) unit vectors: standardised running-mean queries at the edit's last prompt token
-    values: torch.Tensor  # (N, H) added to the written block's output where a key is read
+    subjects: torch.Tensor  # (N, H) unit vectors: the standardised state of the subject's last token
+    values: torch.Tensor  # (N, H) added to the written block's output where a slot is read
+    ends: torch.Tensor  # (N,) long: the last token id of each slot's answer (reading stops once it is written)
     usage: torch.Tensor  # (N,) decayed write counts
     labels: list[str] = field(default_factory=list)  # normalised target of each slot
 
     @classmethod
     def empty(cls, hidden: int, device) -> "Memory":
         z = dict(dtype=torch.float32, device=device)
-        return cls(torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z), torch.zeros((0,), **z), [])
+        return cls(torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z),
+                   torch.zeros((0,), dtype=torch.long, device=device), torch.zeros((0,), **z), [])
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def address(self, query: torch.Tensor, threshold: float, width: float,
-                best_before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per query position of (B, T, H) queries: the nearest slot, the read gate, and each
-        row's best similarity so far (to carry into the next cached call).
+    def address(self, tokens: torch.Tensor, context: torch.Tensor, ids: torch.Tensor | None, threshold: float,
+                width: float, before: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Per position of (B, T, H) unit token queries, (B, T, H) unit context queries and
+        (B, T) input ids (None: unknown): the slot read, its gate, and what the next cached call
+        of these rows carries on from (`before`): (B, N) best subject similarity so far, (B, N)
+        whether the slot's answer has been written.
 
-        The gate is 0 below the threshold and rises linearly to 1 at threshold + width; and a
-        position reads only while the match is the best yet in its sequence (similarity at
-        least that of every earlier position, `best_before` covering earlier calls). So the
-        value is added up to the end of the matching prompt, where similarity peaks, and not
-        again on the tokens that follow: the generated answer does not keep re-reading it
-        (which made the default model repeat an edited answer)."""
-        sims = query.to(torch.float32) @ self.keys.T
-        best, index = sims.max(dim=-1)
-        if best_before is None:
-            best_before = torch.full(best.shape[:-1], float("-inf"), device=best.device)
-        running = torch.maximum(best.cummax(dim=-1).values, best_before.unsqueeze(-1))
-        earlier = torch.cat([best_before.unsqueeze(-1), running[..., :-1]], dim=-1)
-        gate = ((best - threshold) / width).clamp(0.0, 1.0) * (best >= earlier)
-        return index, gate, running[..., -1]
+        A slot becomes readable at the first token that matches its subject key (the best match
+        so far is latched) and stays readable until an answer has been written: from the
+        position whose input is the read slot's answer's last token on, the model runs as it
+        would, so a generated answer is not repeated. Among readable slots the one whose subject matched
+        best wins, the prompt's content deciding between slots of one subject (CONTEXT_WEIGHT).
+        The gate is 0 below the threshold and rises linearly to 1 at threshold + width.
+        Neighbouring prompts (same relation, another subject) never match the subject, so they
+        run unchanged."""
+        subject = tokens.to(torch.float32) @ self.subjects.T  # (B, T, N)
+        b, _, n = subject.shape
+        if before is None:
+            before = (torch.full((b, n), float("-inf"), device=subject.device),
+                      torch.zeros((b, n), dtype=torch.bool, device=subject.device))
+        seen = torch.maximum(subject.cummax(dim=1).values, before[0].unsqueeze(1))
+        started = seen >= threshold
+        answered = before[1].unsqueeze(1).expand_as(started)
+        if ids is not None:  # an answer's last token, as input after its subject (not the subject itself)
+            earlier = torch.cat([(before[0] >= threshold).unsqueeze(1), started[:, :-1]], dim=1)
+            written = ((ids.unsqueeze(-1) == self.ends.view(1, 1, -1)) & earlier).any(dim=-1, keepdim=True)
+            # it ends the reading of every slot started by then (another fact of the same
+            # subject must not take over); a subject mentioned later starts afresh
+            answered = answered | ((written & started).to(torch.uint8).cummax(dim=1).values > 0)
+        readable = started & ~answered
+        score = seen + CONTEXT_WEIGHT * (context.to(torch.float32) @ self.keys.T)
+        index = score.masked_fill(~readable, float("-inf")).argmax(dim=-1)
+        best = seen.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        gate = ((best - threshold) / width).clamp(0.0, 1.0) * readable.any(dim=-1)
+        return index, gate, (seen[:, -1], answered[:, -1])
 
-    def read(self, query: torch.Tensor, threshold: float, width: float,
-             best_before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the memory adds at each position (B, T, H), zero where it defers; and the
-        rows' best similarity so far."""
-        index, gate, best = self.address(query, threshold, width, best_before)
-        return gate.unsqueeze(-1) * self.values[index], best
+    def read(self, tokens: torch.Tensor, context: torch.Tensor, ids: torch.Tensor | None, threshold: float,
+             width: float, before: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """What the memory adds at each position (B, T, H), zero where it defers; and the state
+        the rows' next cached call carries on from."""
+        index, gate, after = self.address(tokens, context, ids, threshold, width, before)
+        return gate.unsqueeze(-1) * self.values[index], after
 
 
 @dataclass
@@ -62,39 +86,55 @@ class WritePlan:
     evicted: str | None = None
 
 
-def plan_write(memory: Memory, key: torch.Tensor, label: str, capacity: int, match_threshold: float) -> WritePlan:
-    """Content match first (the same prompt again: its slot is rewritten, kept if the target is
-    the same), else a free slot, else the least used one."""
+def same_fact(memory: Memory, key: torch.Tensor, subject: torch.Tensor, match_subject: float,
+              match_context: float) -> int | None:
+    """The slot holding the same fact (its subject and its prompt's content both match), if any."""
+    if not len(memory):
+        return None
+    both = ((memory.subjects @ subject.to(torch.float32) >= match_subject)
+            & (memory.keys @ key.to(torch.float32) >= match_context))
+    if not bool(both.any()):
+        return None
+    score = memory.keys @ key.to(torch.float32)
+    return int(score.masked_fill(~both, float("-inf")).argmax())
+
+
+def plan_write(memory: Memory, key: torch.Tensor, subject: torch.Tensor, label: str, capacity: int,
+               match_subject: float, match_context: float) -> WritePlan:
+    """A heuristic controller. The same fact again (subject and content match) rewrites its
+    slot, or refines it when the target is the same; else a free slot, else the least used one."""
     hidden = key.shape[-1]
     zeros = torch.zeros(hidden, dtype=torch.float32, device=memory.keys.device)
     ones = torch.ones_like(zeros)
-    if len(memory):
-        sims = memory.keys @ key.to(torch.float32)
-        best, j = sims.max(dim=0)
-        if float(best) >= match_threshold:
-            j = int(j)
-            if memory.labels[j] == label:  # same answer: keep what is there and refine it
-                return WritePlan(j, "reinforce", zeros, memory.values[j].clone())
-            return WritePlan(j, "rewrite", ones, zeros.clone())
+    j = same_fact(memory, key, subject, match_subject, match_context)
+    if j is not None:
+        if memory.labels[j] == label:  # same answer: keep what is there and refine it
+            return WritePlan(j, "reinforce", zeros, memory.values[j].clone())
+        return WritePlan(j, "rewrite", ones, zeros.clone())
     if len(memory) < capacity:
         return WritePlan(len(memory), "new", ones, zeros.clone())
     j = int(torch.argmin(memory.usage))  # ties: the oldest slot
     return WritePlan(j, "evict", ones, zeros.clone(), evicted=memory.labels[j])
 
 
-def with_slot(memory: Memory, slot: int, key: torch.Tensor, value: torch.Tensor, label: str,
-              usage_decay: float, new_occupant: bool = False) -> Memory:
-    """A new Memory with `slot` holding (key, value, label); usage decayed, the slot's raised
-    (from zero when `new_occupant`: an evicted slot's history is not the new edit's)."""
-    keys, values, usage, labels = memory.keys.clone(), memory.values.clone(), memory.usage * usage_decay, list(memory.labels)
+def with_slot(memory: Memory, slot: int, key: torch.Tensor, subject: torch.Tensor, value: torch.Tensor, end: int,
+              label: str, usage_decay: float, new_occupant: bool = False) -> Memory:
+    """A new Memory with `slot` holding (key, subject, value, answer end, label); usage decayed,
+    the slot's raised (from zero when `new_occupant`: an evicted slot's history is not the new
+    edit's)."""
+    keys, subjects, values = memory.keys.clone(), memory.subjects.clone(), memory.values.clone()
+    ends, usage, labels = memory.ends.clone(), memory.usage * usage_decay, list(memory.labels)
     if slot == len(labels):
         keys = torch.cat([keys, key[None].to(keys)])
+        subjects = torch.cat([subjects, subject[None].to(subjects)])
         values = torch.cat([values, value[None].to(values)])
+        ends = torch.cat([ends, ends.new_tensor([end])])
         usage = torch.cat([usage, usage.new_zeros(1)])
         labels.append(label)
     else:
-        keys[slot], values[slot], labels[slot] = key.to(keys), value.to(values), label
+        keys[slot], subjects[slot], values[slot] = key.to(keys), subject.to(subjects), value.to(values)
+        ends[slot], labels[slot] = end, label
     if new_occupant:
         usage[slot] = 0.0
     usage[slot] += 1.0
-    return Memory(keys, values, usage, labels)
+    return Memory(keys, subjects, values, ends, usage, labels)
