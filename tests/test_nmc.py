@@ -288,6 +288,31 @@ def test_edits_hold_and_unrelated_prompts_keep_their_answers(default_model):
 
 
 @pytest.mark.model
+def test_controller_on_one_fact_edited_again_and_reversed(default_model):
+    """The same fact edited twice: the second answer wins, in a rephrasing too; edited back to the
+    model's own answer: the slot is erased and the model is exactly itself. A neighbour (same
+    relation, another subject) never changes."""
+    loaded = default_model
+    fact, neighbour = "The capital of Germany is", "The capital of France is"
+    prompts = [fact, neighbour]
+    before = logits(loaded, prompts)
+    own = loaded.tokenizer.decode([int(before[0, -1].argmax())]).strip()
+    editor = NMCEditor(loaded, {})
+    editor.attach()
+    try:
+        first = seeded(editor, EditRequest(prompt=fact, target_new="Paris", subject="Germany"))
+        second = seeded(editor, EditRequest(prompt=fact, target_new="Rome", subject="Germany"))
+        assert (first["action"], second["action"], second["slot"]) == ("new", "rewrite", first["slot"])
+        assert teacher_forced_accuracy(loaded, [fact, "The capital city of Germany is"], ["Rome", "Rome"]) == [1.0, 1.0]
+        assert torch.equal(logits(loaded, [neighbour])[0], before[1, :])
+        back = seeded(editor, EditRequest(prompt=fact, target_new=own, subject="Germany"))
+        assert back["action"] == "erase" and len(editor.memory) == 1
+        assert torch.equal(logits(loaded, prompts), before)
+    finally:
+        editor.detach()
+
+
+@pytest.mark.model
 @pytest.mark.shared
 def test_pretrained_feedback_beats_plain_sgd_on_held_out_edits(default_model):
     """A small meta-training (64 edits; the issue's > 0.5 cosine is measured by benchmarks/nmc.py
@@ -321,6 +346,28 @@ def test_half_precision_model(tiny_dirs, dtype):
         stats = seeded(editor, EDIT)
         assert stats["steps"] >= 1 and stats["loss"] == stats["loss"]  # finite, not NaN
         assert len(generate(loaded, [EDIT.prompt, UNRELATED[0]], max_new_tokens=3)) == 2
+    finally:
+        editor.detach()
+
+
+def test_the_subject_keys_the_slot_and_a_heuristic_stands_in_without_one(tiny_loaded, tiny_family):
+    from editkit.tokens import last_token_of
+
+    loaded = tiny_loaded[tiny_family]
+    tok, prompt = loaded.tokenizer, "The mother tongue of Danielle Darrieux is"
+    at = last_token_of(tok, prompt, "Danielle Darrieux")
+    ids = tok(prompt).input_ids
+    assert tok.decode(ids[:at + 1]).endswith("Darrieux") and not tok.decode(ids[:at]).endswith("Darrieux")
+    assert last_token_of(tok, prompt, "danielle darrieux") == at and last_token_of(tok, prompt, "Paris") is None
+    editor = nmc(loaded)
+    try:
+        stats = seeded(editor, EditRequest(prompt=prompt, target_new="English", subject="Danielle Darrieux"))
+        _, tokens, _ = editor._capture(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        assert torch.allclose(editor.memory.subjects[stats["slot"]], tokens[at], atol=1e-5)
+        unnamed = EditRequest(prompt=EDIT.prompt, target_new="Paris")  # no subject: the heuristic's token
+        enc = tok(unnamed.prompt).input_ids
+        _, tokens, _ = editor._capture(torch.tensor([enc]), torch.ones(1, len(enc), dtype=torch.long))
+        assert 0 < editor.subject_position(unnamed, tokens) < len(enc)  # never the left-out first token
     finally:
         editor.detach()
 

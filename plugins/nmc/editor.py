@@ -12,7 +12,7 @@ across KV-cached generation steps; per-call state is thread-local so concurrent 
 not mix.
 
 Writing one edit: one forward pass, stopped at `layer`, gives the queries and the written
-block's output. The controller picks the slot (memory.plan_write). The loss of a value v is the
+block's output. The controller picks the slot (memory.rule_controller). The loss of a value v is the
 target cross-entropy of running only the blocks above with v added wherever the planned memory
 reads that slot; several candidate values are scored in one batch. Fast steps move v along the
 synthetic gradient with a line search (no backward pass through the model); if the margin is
@@ -38,7 +38,7 @@ from editkit.tokens import last_token_of, teacher_forced_batch
 
 from .config import NMCConfig
 from .feedback import SyntheticGradient, load_feedback
-from .memory import Memory, WritePlan, plan_write, with_slot
+from .memory import Memory, WritePlan, rule_controller, with_slot
 from .problem import EditProblem
 from .write import Writing
 
@@ -181,10 +181,19 @@ class NMCEditor(Writing, Editor):
         except BaseException:
             self.feedback.load_state_dict(saved)
             raise
-        self.memory = with_slot(self.memory, plan.slot, problem.key, problem.subject, value, problem.end, label,
-                                cfg.usage_decay, new_occupant=plan.action == "evict")
-        stats.update(slot=plan.slot, action=plan.action, memory_size=len(self.memory))
-        if plan.evicted is not None:
+        action = plan.action
+        held_already = stats["steps"] == 0 and stats["absorbed"] and not bool(plan.start.any())
+        if held_already and action in ("new", "evict"):
+            action = "none"  # the model already gives this answer: no slot spent on it
+        elif held_already and action == "rewrite":
+            action = "erase"  # back to the model's own answer: the slot keeps the fact with no value
+        if action != "none":
+            self.memory = with_slot(self.memory, plan.slot, problem.key, problem.subject, value, problem.end, label,
+                                    cfg.usage_decay, new_occupant=action in ("evict", "erase"))
+            if action == "erase":
+                self.memory.usage[plan.slot] = 0.0  # reused first
+        stats.update(slot=plan.slot, action=action, memory_size=len(self.memory))
+        if plan.evicted is not None and action == "evict":
             stats["evicted"] = plan.evicted
         return stats
 
@@ -197,7 +206,7 @@ class NMCEditor(Writing, Editor):
         hidden, tokens, context = self._capture(ids, batch.attention_mask)
         at = self.subject_position(request, tokens[:pos + 1])
         key, subject = context[pos].clone(), tokens[at].clone()
-        plan = plan_write(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
+        plan = rule_controller(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
         end = batch.target_ids[0][-1]
         problem = self._problem(plan, key, subject, end, ids[0], hidden, tokens, context, pos, batch.target_ids[0])
         return problem, plan

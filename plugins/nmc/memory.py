@@ -99,10 +99,12 @@ def same_fact(memory: Memory, key: torch.Tensor, subject: torch.Tensor, match_su
     return int(score.masked_fill(~both, float("-inf")).argmax())
 
 
-def plan_write(memory: Memory, key: torch.Tensor, subject: torch.Tensor, label: str, capacity: int,
-               match_subject: float, match_context: float) -> WritePlan:
-    """A heuristic controller. The same fact again (subject and content match) rewrites its
-    slot, or refines it when the target is the same; else a free slot, else the least used one."""
+def rule_controller(memory: Memory, key: torch.Tensor, subject: torch.Tensor, label: str, capacity: int,
+                    match_subject: float, match_context: float) -> WritePlan:
+    """The controller, a hand-written rule (not learned). The same fact again (subject and
+    content match) rewrites its slot, or refines it when the target is the same; else a free
+    slot, else the least used one. (The editor turns a write that needs no value into "erase"
+    or "none".)"""
     hidden = key.shape[-1]
     zeros = torch.zeros(hidden, dtype=torch.float32, device=memory.keys.device)
     ones = torch.ones_like(zeros)
