@@ -1,11 +1,13 @@
 """Neural memory controller on the default model: the synthetic-gradient module meta-trained on
-CounterFact training records and measured on held-out edits, then a lifelong zsRE run through
-the evaluation runner beside WISE and GRACE (Rel/Gen/Loc and seconds per edit).
+CounterFact training records and measured on held-out edits, then lifelong streams through the
+evaluation runner beside WISE and GRACE (Rel/Gen/Loc and seconds per edit), on zsRE and on
+CounterFact's dev file. `--records 0` skips pretraining: the streams then run nmc as a user gets
+it (no --config: an untrained module that learns online).
 
     .venv/bin/python benchmarks/nmc.py --records 512 --held-out 64 --T 50
-    .venv/bin/python benchmarks/nmc.py --feedback FILE --held-out 0 --T 50 --methods nmc,grace
+    .venv/bin/python benchmarks/nmc.py --records 0 --held-out 0 --T 1000 --methods nmc --suites counterfact
 
-The lifelong runs go to benchmarks/results/lifelong-zsre-T<T>/<method>/ (nmc: nmc-<feedback file>)
+The lifelong runs go to benchmarks/results/lifelong-<suite>-T<T>/<method>/ (nmc: nmc-<feedback file>)
 and resume there: a method whose T edits are journaled is not rerun (delete its folder to
 measure it again). Writes
 benchmarks/results/nmc-<time>.json and a readable nmc-<time>.md beside it.
@@ -30,6 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def feedback_phase(loaded, args, stamp: str) -> tuple[dict, str | None]:
+    if not args.records and not args.feedback:
+        return {}, None
     editor = NMCEditor(loaded, {})
     editor.attach()
     try:
@@ -55,24 +59,26 @@ def feedback_phase(loaded, args, stamp: str) -> tuple[dict, str | None]:
         editor.detach()
 
 
-def lifelong_phase(loaded, args, feedback: str | None) -> dict:
-    """One run folder per method (and per feedback file for nmc), so a method is measured once
-    and reused by later runs with other methods: benchmarks/results/lifelong-zsre-T<T>/<name>/."""
+def lifelong_phase(loaded, args, feedback: str | None, suite: str) -> dict:
+    """One stream of T edits of `suite` (zsRE; CounterFact's dev file, held out from the training
+    records the key layer and thresholds were chosen on). One run folder per method (and per
+    feedback file for nmc), so a method is measured once and reused by later runs with other
+    methods: benchmarks/results/lifelong-<suite>-T<T>/<name>/."""
     rows = {}
     for method in [m for m in args.methods.split(",") if m]:
         config, name = {}, method
         if method == "nmc" and feedback:
             config, name = {"feedback": feedback}, f"nmc-{Path(feedback).stem}"
-        out = RESULTS / f"lifelong-zsre-T{args.T}" / name
-        report = run_eval(out, suite="zsre", data=str(shared_file("zsre")), methods=[method], edits=args.T, loaded=loaded,
-                          configs={method: config}, plots=False,
+        out = RESULTS / f"lifelong-{suite}-T{args.T}" / name
+        report = run_eval(out, suite=suite, data=str(shared_file(suite)), methods=[method], edits=args.T,
+                          loaded=loaded, configs={method: config}, plots=False,
                           progress=lambda m, d, n, what: print(f"  {m} {d}/{n}: {what}", flush=True))
         m = report["methods"][method]
         s = m["summary"]
         rows[method] = {"rel_tf": s["rel_tf"], "gen_tf": s["gen_tf"], "loc_tf": s["loc_tf"],
                         "rel_em": s["rel_em"], "gen_em": s["gen_em"], "loc_em": s["loc_em"],
                         "seconds_per_edit": m["seconds_per_edit"], "complete": m["complete"], "run_dir": str(out)}
-    return {"T": args.T, "methods": rows}
+    return {"T": args.T, "suite": suite, "methods": rows}
 
 
 def markdown(result: dict) -> str:
@@ -90,14 +96,14 @@ def markdown(result: dict) -> str:
     if result.get("pretrain"):
         p = result["pretrain"]
         lines += [f"Pretrained on {p['records']} edits ({p['samples']} gradients) in {p['seconds']:.0f} s.", ""]
-    life = result.get("lifelong")
-    if life:
-        lines += [f"## Lifelong zsRE, T = {life['T']} (measured after all edits; teacher-forced / exact match)", "",
-                  "| method | Rel | Gen | Loc | s/edit |", "|---|---|---|---|---|"]
+    for life in result.get("lifelong", []):
+        lines += [f"## Lifelong {life['suite']}, T = {life['T']} (measured after all edits; teacher-forced / "
+                  "exact match)", "", "| method | Rel | Gen | Loc | s/edit |", "|---|---|---|---|---|"]
         for name, r in life["methods"].items():
             f = lambda k: "–" if r[k] is None else f"{r[k]:.2f}"  # noqa: E731
             lines.append(f"| {name} | {f('rel_tf')} / {f('rel_em')} | {f('gen_tf')} / {f('gen_em')} | "
                          f"{f('loc_tf')} / {f('loc_em')} | {f('seconds_per_edit')} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +114,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--feedback", help="use this pretrained module instead of pretraining")
-    parser.add_argument("--T", type=int, default=50, help="lifelong zsRE edits (0: skip)")
+    parser.add_argument("--T", type=int, default=50, help="edits of each lifelong stream (0: skip)")
+    parser.add_argument("--suites", default="zsre,counterfact", help="lifelong streams: zsre, counterfact (dev file)")
     parser.add_argument("--methods", default="nmc,grace,wise")
     args = parser.parse_args()
     for name in ("counterfact-train", "counterfact", "zsre"):
@@ -122,7 +129,7 @@ def main() -> None:
     result.update(phase, feedback_file=feedback)
     (RESULTS / f"nmc-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))  # kept if later fails
     if args.T:
-        result["lifelong"] = lifelong_phase(loaded, args, feedback)
+        result["lifelong"] = [lifelong_phase(loaded, args, feedback, suite) for suite in args.suites.split(",") if suite]
     (RESULTS / f"nmc-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
     (RESULTS / f"nmc-{stamp}.md").write_text(markdown(result))
     print(markdown(result))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -68,17 +69,34 @@ def shifted_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-def last_token_of(tokenizer, prompt: str, part: str) -> int | None:
-    """Index, in `tokenizer(prompt).input_ids`, of the last token of the last occurrence of
-    `part` in `prompt` (case-insensitive); None where `part` does not occur."""
-    start = prompt.lower().rfind(part.strip().lower())
-    if start < 0 or not part.strip():
+def token_span(tokenizer, prompt: str, part: str) -> tuple[int, int] | None:
+    """(first, last) indices, in `tokenizer(prompt).input_ids`, of the tokens of the last
+    occurrence of `part` in `prompt` as whole words (exact case first, then any case); None
+    where it does not occur ("Paris" is not found in "comparison")."""
+    part = part.strip()
+    if not part:
         return None
-    end = start + len(part.strip())
+    pattern = r"(?<!\w)" + re.escape(part) + r"(?!\w)"
+    found = list(re.finditer(pattern, prompt)) or list(re.finditer(pattern, prompt, re.IGNORECASE))
+    if not found:
+        return None
+    start, end = found[-1].span()
     try:
         offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
     except (NotImplementedError, ValueError, KeyError):  # slow tokenizers: count the prefix's tokens
-        ids, prefix = tokenizer(prompt).input_ids, tokenizer(prompt[:end]).input_ids
-        return min(len(prefix), len(ids)) - 1
+        ids = tokenizer(prompt).input_ids
+        first, last = len(tokenizer(prompt[:start]).input_ids), len(tokenizer(prompt[:end]).input_ids) - 1
+        last = min(last, len(ids) - 1)
+        return min(first, last), last
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-    return inside[-1] if inside else None
+    return (inside[0], inside[-1]) if inside else None
+
+
+def canonical_ids(tokenizer) -> torch.Tensor:
+    """(V,) for each token id, one id standing for every token that reads the same once
+    stripped of spaces and lowercased (" David" and "David"), so token identity can be compared
+    across a word's spellings at the start of a text and inside it."""
+    size = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(size)])
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(t.strip().lower(), i) for i, t in enumerate(texts)], dtype=torch.long)

@@ -351,14 +351,16 @@ def test_half_precision_model(tiny_dirs, dtype):
 
 
 def test_the_subject_keys_the_slot_and_a_heuristic_stands_in_without_one(tiny_loaded, tiny_family):
-    from editkit.tokens import last_token_of
+    from editkit.tokens import token_span
 
     loaded = tiny_loaded[tiny_family]
     tok, prompt = loaded.tokenizer, "The mother tongue of Danielle Darrieux is"
-    at = last_token_of(tok, prompt, "Danielle Darrieux")
+    first, at = token_span(tok, prompt, "Danielle Darrieux")
     ids = tok(prompt).input_ids
     assert tok.decode(ids[:at + 1]).endswith("Darrieux") and not tok.decode(ids[:at]).endswith("Darrieux")
-    assert last_token_of(tok, prompt, "danielle darrieux") == at and last_token_of(tok, prompt, "Paris") is None
+    assert tok.decode(ids[first:at + 1]).strip() == "Danielle Darrieux"
+    assert token_span(tok, prompt, "danielle darrieux") == (first, at) and token_span(tok, prompt, "Paris") is None
+    assert token_span(tok, "A comparison of ideas", "Paris") is None  # whole words only
     editor = nmc(loaded)
     try:
         stats = seeded(editor, EditRequest(prompt=prompt, target_new="English", subject="Danielle Darrieux"))
@@ -367,7 +369,9 @@ def test_the_subject_keys_the_slot_and_a_heuristic_stands_in_without_one(tiny_lo
         unnamed = EditRequest(prompt=EDIT.prompt, target_new="Paris")  # no subject: the heuristic's token
         enc = tok(unnamed.prompt).input_ids
         _, tokens, _ = editor._capture(torch.tensor([enc]), torch.ones(1, len(enc), dtype=torch.long))
-        assert 0 < editor.subject_position(unnamed, tokens) < len(enc)  # never the left-out first token
+        assert int(editor.memory.leads[stats["slot"]]) == int(editor.canonical(torch.tensor(ids[at - 1])))
+        chosen, lead = editor.subject_position(unnamed, tokens)
+        assert 0 < chosen < len(enc) and lead is None  # never the left-out first token
     finally:
         editor.detach()
 
@@ -381,7 +385,8 @@ def test_reads_run_from_the_subject_to_the_answer_and_agree_across_cached_calls(
 
     subjects, keys = unit(3, 16, seed=0), unit(3, 16, seed=1)
     subjects[1] = subjects[0]  # slots 0 and 1: one subject, two facts told apart by the prompt's content
-    memory = Memory(keys, subjects, torch.randn(3, 16), torch.tensor([7, 8, 9]), torch.zeros(3), ["a", "b", "c"])
+    leads = torch.tensor([-1, -1, 5])  # slot 2's subject has two tokens, the one before its last is token 5
+    memory = Memory(keys, subjects, leads, torch.randn(3, 16), torch.tensor([7, 8, 9]), torch.zeros(3), ["a", "b", "c"])
     noise = unit(6, 16, seed=2)
     tokens = noise.clone()
     tokens[2] = subjects[0]  # the subject at position 2
@@ -396,6 +401,13 @@ def test_reads_run_from_the_subject_to_the_answer_and_agree_across_cached_calls(
     assert bool((open_gate[0, 2:] == 1).all()) and bool((open_gate[0, :2] == 0).all())
     _, neighbour, _ = memory.address(noise[None], context[None], None, 0.6, 0.1)
     assert not bool(neighbour.any())
+    # Slot 2 matches only after its subject's own token before the last: "Rod|man", not "Hoff|man".
+    other = noise.clone()
+    other[4] = subjects[2]
+    for before_it, reads in ((5, True), (6, False)):
+        row = torch.tensor([[1, 2, 3, before_it, 4, 4]])
+        index2, gate2, _ = memory.address(other[None], context[None], row, 0.6, 0.1)
+        assert bool(gate2[0, 4] > 0) == reads and (not reads or int(index2[0, 4]) == 2)
     # The same row fed in cached calls (3 tokens, then one at a time) reads the same.
     gates, carried = [], None
     for a, b in ((0, 3), (3, 4), (4, 5), (5, 6)):

@@ -23,6 +23,7 @@ done, so a failed edit leaves it as it was."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,11 +35,11 @@ from editkit.scoring import normalise
 from editkit.forward import call_context
 from editkit.schemas import EditRequest
 from editkit.sites import Site
-from editkit.tokens import last_token_of, teacher_forced_batch
+from editkit.tokens import canonical_ids, teacher_forced_batch, token_span
 
 from .config import NMCConfig
 from .feedback import SyntheticGradient, load_feedback
-from .memory import Memory, WritePlan, rule_controller, with_slot
+from .memory import Entry, Memory, WritePlan, rule_controller, with_slot
 from .problem import EditProblem
 from .write import Writing
 
@@ -63,6 +64,7 @@ class NMCEditor(Writing, Editor):
         blocks = self.adapter.blocks()
         self.device = self.adapter.device(Site("block", self.layer))
         self.memory = Memory.empty(self.hidden, self.device)
+        self.canon = canonical_ids(self.tokenizer).to(self.device)
         self.feedback = SyntheticGradient(self.hidden, cfg.feedback_hidden).to(self.device)
         self._local = threading.local()
         self.hook(self.model, self._model_pre_hook, pre=True, with_kwargs=True)
@@ -120,7 +122,14 @@ class NMCEditor(Writing, Editor):
     def _model_pre_hook(self, module, args, kwargs):
         self._local.call = call_context(args, kwargs)
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        self._local.ids = ids if torch.is_tensor(ids) and ids.dim() == 2 else None  # None: embeddings came in
+        self._local.ids = self.canonical(ids) if torch.is_tensor(ids) and ids.dim() == 2 else None  # None: embeddings
+
+    def canonical(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> canonical ids (one per spelling up to spaces and case; ids beyond the
+        tokenizer's vocabulary stand for themselves)."""
+        ids = ids.to(self.canon.device)
+        inside = ids < len(self.canon)
+        return torch.where(inside, self.canon[ids.clamp(0, len(self.canon) - 1)], ids)
 
     def _key_hook(self, module, args, output):
         st = self._local
@@ -188,8 +197,9 @@ class NMCEditor(Writing, Editor):
         elif held_already and action == "rewrite":
             action = "erase"  # back to the model's own answer: the slot keeps the fact with no value
         if action != "none":
-            self.memory = with_slot(self.memory, plan.slot, problem.key, problem.subject, value, problem.end, label,
-                                    cfg.usage_decay, new_occupant=action in ("evict", "erase"))
+            entry = replace(problem.entry, value=value)
+            self.memory = with_slot(self.memory, plan.slot, entry, cfg.usage_decay,
+                                    new_occupant=action in ("evict", "erase"))
             if action == "erase":
                 self.memory.usage[plan.slot] = 0.0  # reused first
         stats.update(slot=plan.slot, action=action, memory_size=len(self.memory))
@@ -204,24 +214,28 @@ class NMCEditor(Writing, Editor):
         pos = int(batch.attention_mask[0].sum()) - len(batch.target_ids[0]) - 1  # last prompt token
         ids = batch.input_ids
         hidden, tokens, context = self._capture(ids, batch.attention_mask)
-        at = self.subject_position(request, tokens[:pos + 1])
+        canon = self.canonical(ids[0])
+        at, lead = self.subject_position(request, tokens[:pos + 1])
+        lead_id = int(canon[lead]) if lead is not None else -1
         key, subject = context[pos].clone(), tokens[at].clone()
         plan = rule_controller(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
-        end = batch.target_ids[0][-1]
-        problem = self._problem(plan, key, subject, end, ids[0], hidden, tokens, context, pos, batch.target_ids[0])
+        entry = Entry(key, subject, lead_id, torch.zeros_like(key), int(canon[pos + len(batch.target_ids[0])]), label)
+        problem = self._problem(plan, entry, canon, hidden, tokens, context, pos, batch.target_ids[0])
         return problem, plan
 
-    def subject_position(self, request: EditRequest, tokens: torch.Tensor) -> int:
-        """The prompt token whose state keys the slot: the subject's last token; without a
-        subject (or one not in the prompt), a heuristic stand-in, the prompt token least like
-        any token of ordinary text (the most specific word, usually the entity)."""
+    def subject_position(self, request: EditRequest, tokens: torch.Tensor) -> tuple[int, int | None]:
+        """The prompt token whose state keys the slot, the subject's last token, and the one
+        before it in the subject (None for a one-token subject). Without a subject (or one not
+        in the prompt), a heuristic stand-in: the prompt token least like any token of ordinary
+        text (the most specific word, usually the entity), alone."""
         if request.subject:
-            at = last_token_of(self.tokenizer, request.prompt, request.subject)
-            if at is not None and at < len(tokens) and bool(tokens[at].any()):
-                return at
+            span = token_span(self.tokenizer, request.prompt, request.subject)
+            if span is not None and span[1] < len(tokens) and bool(tokens[span[1]].any()):
+                first, last = span
+                return last, (last - 1 if last > first else None)
         counted = tokens.norm(dim=-1) > 0
         typical = (tokens @ self.pool.T).amax(dim=-1).masked_fill(~counted, float("inf"))
-        return int(typical.argmin())
+        return int(typical.argmin()), None
 
     @torch.no_grad()
     def _capture(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,12 +258,12 @@ class NMCEditor(Writing, Editor):
             st.bypass = False
         return seen
 
-    def _problem(self, plan, key, subject, end, ids, hidden, tokens, context, pos, target_ids) -> EditProblem:
+    def _problem(self, plan, entry, ids, hidden, tokens, context, pos, target_ids) -> EditProblem:
         """The planned memory (other slots as they are, the written slot at `key`) read along
         the row: the other slots' contribution goes into the base stream, the written slot's
         gate becomes the read mask of the trained value."""
         cfg = self.config
-        planned = with_slot(self.memory, plan.slot, key, subject, torch.zeros_like(key), end, "", 1.0)
+        planned = with_slot(self.memory, plan.slot, entry, 1.0)
         index, gate, _ = planned.address(tokens[None], context[None], ids[None], cfg.threshold, cfg.gate_width)
         index, gate = index[0], gate[0]
         own = (index == plan.slot).to(torch.float32) * gate
@@ -258,12 +272,12 @@ class NMCEditor(Writing, Editor):
         n = len(target_ids)
         positions = torch.arange(pos, pos + n, device=hidden.device)
         targets = torch.tensor(target_ids, device=hidden.device)
-        return EditProblem(self, base.to(hidden.dtype), own, positions, targets, key, subject, end)
+        return EditProblem(self, base.to(hidden.dtype), own, positions, targets, entry)
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"keys": self.memory.keys, "subjects": self.memory.subjects, "values": self.memory.values,
-                   "ends": self.memory.ends, "usage": self.memory.usage,
+        tensors = {"keys": self.memory.keys, "subjects": self.memory.subjects, "leads": self.memory.leads,
+                   "values": self.memory.values, "ends": self.memory.ends, "usage": self.memory.usage,
                    "key_mean": self.key_mean, "key_std": self.key_std}
         tensors.update({f"feedback.{k}": v.detach().clone() for k, v in self.feedback.state_dict().items()})
         meta = {"format": STATE_FORMAT, "layer": self.layer, "key_layer": self.key_layer, "scale": self.scale,
@@ -271,7 +285,7 @@ class NMCEditor(Writing, Editor):
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        keys, subjects = tensors.get("keys"), tensors.get("subjects")
+        keys, subjects, leads = tensors.get("keys"), tensors.get("subjects"), tensors.get("leads")
         values, ends, usage = tensors.get("values"), tensors.get("ends"), tensors.get("usage")
         mean, std = tensors.get("key_mean"), tensors.get("key_std")
         labels = meta.get("labels")
@@ -279,9 +293,10 @@ class NMCEditor(Writing, Editor):
         ok = (meta.get("format") == STATE_FORMAT and meta.get("layer") == self.layer
               and meta.get("key_layer") == self.key_layer and meta.get("feedback") == self.feedback.describe()
               and isinstance(labels, list) and isinstance(meta.get("scale"), (int, float))
-              and all(t is not None for t in (keys, subjects, values, ends, usage, mean, std))
+              and all(t is not None for t in (keys, subjects, leads, values, ends, usage, mean, std))
               and keys.dim() == 2 and keys.shape[1] == h and values.shape == keys.shape
-              and subjects.shape == keys.shape and ends.shape == usage.shape and not ends.is_floating_point()
+              and subjects.shape == keys.shape and ends.shape == usage.shape == leads.shape
+              and not ends.is_floating_point() and not leads.is_floating_point()
               and usage.shape == (keys.shape[0],) and len(labels) == keys.shape[0]
               and mean.shape == (h,) and std.shape == (h,))
         if not ok:
@@ -291,8 +306,9 @@ class NMCEditor(Writing, Editor):
         feedback = {k[len("feedback."):]: v for k, v in tensors.items() if k.startswith("feedback.")}
         self._load_feedback_tensors(feedback, "nmc state")
         f32 = dict(device=self.device, dtype=torch.float32)
-        self.memory = Memory(keys.to(**f32).clone(), subjects.to(**f32).clone(), values.to(**f32).clone(),
-                             ends.to(device=self.device, dtype=torch.long).clone(), usage.to(**f32).clone(),
+        i64 = dict(device=self.device, dtype=torch.long)
+        self.memory = Memory(keys.to(**f32).clone(), subjects.to(**f32).clone(), leads.to(**i64).clone(),
+                             values.to(**f32).clone(), ends.to(**i64).clone(), usage.to(**f32).clone(),
                              [str(x) for x in labels])
         self.key_mean, self.key_std = mean.to(**f32).clone(), std.to(**f32).clone()
         self.scale = float(meta["scale"])

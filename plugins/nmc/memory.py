@@ -5,6 +5,7 @@ decisions of a write (which slot, what to erase) with usage statistics."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -12,50 +13,64 @@ import torch
 CONTEXT_WEIGHT = 0.25  # how much the prompt's content counts beside the subject when choosing a slot
 
 
+class Carried(NamedTuple):
+    """What a row's next KV-cached call carries on from."""
+
+    seen: torch.Tensor  # (B, N) best subject match so far
+    answered: torch.Tensor  # (B, N) bool: an answer was written after the slot started
+    last_id: torch.Tensor  # (B,) canonical id of the last input token (-2: none)
+
+
 @dataclass
 class Memory:
     keys: torch.Tensor  # (N, H) unit vectors: standardised running-mean queries at the edit's last prompt token
     subjects: torch.Tensor  # (N, H) unit vectors: the standardised state of the subject's last token
+    leads: torch.Tensor  # (N,) long: canonical id of the subject's token before its last (-1: one-token subject)
     values: torch.Tensor  # (N, H) added to the written block's output where a slot is read
-    ends: torch.Tensor  # (N,) long: the last token id of each slot's answer (reading stops once it is written)
+    ends: torch.Tensor  # (N,) long: canonical id of the answer's last token (reading stops once it is written)
     usage: torch.Tensor  # (N,) decayed write counts
     labels: list[str] = field(default_factory=list)  # normalised target of each slot
 
     @classmethod
     def empty(cls, hidden: int, device) -> "Memory":
-        z = dict(dtype=torch.float32, device=device)
-        return cls(torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z),
-                   torch.zeros((0,), dtype=torch.long, device=device), torch.zeros((0,), **z), [])
+        z, n = dict(dtype=torch.float32, device=device), dict(dtype=torch.long, device=device)
+        return cls(torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z), torch.zeros((0,), **n),
+                   torch.zeros((0, hidden), **z), torch.zeros((0,), **n), torch.zeros((0,), **z), [])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def address(self, tokens: torch.Tensor, context: torch.Tensor, ids: torch.Tensor | None, threshold: float,
-                width: float, before: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                width: float, before: Carried | None = None) -> tuple[torch.Tensor, torch.Tensor, Carried]:
         """Per position of (B, T, H) unit token queries, (B, T, H) unit context queries and
-        (B, T) input ids (None: unknown): the slot read, its gate, and what the next cached call
-        of these rows carries on from (`before`): (B, N) best subject similarity so far, (B, N)
-        whether the slot's answer has been written.
+        (B, T) canonical input ids (None: unknown): the slot read, its gate, and what the next
+        cached call of these rows carries on from (`before`).
 
-        A slot becomes readable at the first token that matches its subject key (the best match
-        so far is latched) and stays readable until an answer has been written: from the
-        position whose input is the read slot's answer's last token on, the model runs as it
-        would, so a generated answer is not repeated. Among readable slots the one whose subject matched
-        best wins, the prompt's content deciding between slots of one subject (CONTEXT_WEIGHT).
-        The gate is 0 below the threshold and rises linearly to 1 at threshold + width.
-        Neighbouring prompts (same relation, another subject) never match the subject, so they
-        run unchanged."""
+        A token matches a slot's subject when its state is similar to the subject key and the
+        token before it is the subject's own token before its last ("Rod|man" matches where
+        "Hoff|man" does not: a late subword alone is shared by many names). A slot becomes
+        readable at its first match (the best match so far is latched) and stays readable until
+        an answer has been written: from the position whose input is the read slot's answer's
+        last token on, the model runs as it would, so a generated answer is not repeated. Among
+        readable slots the one whose subject matched best wins, the prompt's content deciding
+        between slots of one subject (CONTEXT_WEIGHT). The gate is 0 below the threshold and
+        rises linearly to 1 at threshold + width. Neighbouring prompts (same relation, another
+        subject) do not match the subject, so they run unchanged."""
         subject = tokens.to(torch.float32) @ self.subjects.T  # (B, T, N)
         b, _, n = subject.shape
         if before is None:
-            before = (torch.full((b, n), float("-inf"), device=subject.device),
-                      torch.zeros((b, n), dtype=torch.bool, device=subject.device))
-        seen = torch.maximum(subject.cummax(dim=1).values, before[0].unsqueeze(1))
+            before = Carried(torch.full((b, n), float("-inf"), device=subject.device),
+                             torch.zeros((b, n), dtype=torch.bool, device=subject.device),
+                             torch.full((b,), -2, dtype=torch.long, device=subject.device))
+        if ids is not None:
+            previous = torch.cat([before.last_id.unsqueeze(1), ids[:, :-1]], dim=1)
+            led = (previous.unsqueeze(-1) == self.leads.view(1, 1, -1)) | (self.leads < 0).view(1, 1, -1)
+            subject = subject.masked_fill(~led, -1.0)
+        seen = torch.maximum(subject.cummax(dim=1).values, before.seen.unsqueeze(1))
         started = seen >= threshold
-        answered = before[1].unsqueeze(1).expand_as(started)
+        answered = before.answered.unsqueeze(1).expand_as(started)
         if ids is not None:  # an answer's last token, as input after its subject (not the subject itself)
-            earlier = torch.cat([(before[0] >= threshold).unsqueeze(1), started[:, :-1]], dim=1)
+            earlier = torch.cat([(before.seen >= threshold).unsqueeze(1), started[:, :-1]], dim=1)
             written = ((ids.unsqueeze(-1) == self.ends.view(1, 1, -1)) & earlier).any(dim=-1, keepdim=True)
             # it ends the reading of every slot started by then (another fact of the same
             # subject must not take over); a subject mentioned later starts afresh
@@ -65,10 +80,11 @@ class Memory:
         index = score.masked_fill(~readable, float("-inf")).argmax(dim=-1)
         best = seen.gather(-1, index.unsqueeze(-1)).squeeze(-1)
         gate = ((best - threshold) / width).clamp(0.0, 1.0) * readable.any(dim=-1)
-        return index, gate, (seen[:, -1], answered[:, -1])
+        last_id = before.last_id if ids is None else ids[:, -1]
+        return index, gate, Carried(seen[:, -1], answered[:, -1], last_id)
 
     def read(self, tokens: torch.Tensor, context: torch.Tensor, ids: torch.Tensor | None, threshold: float,
-             width: float, before: tuple[torch.Tensor, torch.Tensor] | None = None):
+             width: float, before: Carried | None = None) -> tuple[torch.Tensor, Carried]:
         """What the memory adds at each position (B, T, H), zero where it defers; and the state
         the rows' next cached call carries on from."""
         index, gate, after = self.address(tokens, context, ids, threshold, width, before)
@@ -119,24 +135,35 @@ def rule_controller(memory: Memory, key: torch.Tensor, subject: torch.Tensor, la
     return WritePlan(j, "evict", ones, zeros.clone(), evicted=memory.labels[j])
 
 
-def with_slot(memory: Memory, slot: int, key: torch.Tensor, subject: torch.Tensor, value: torch.Tensor, end: int,
-              label: str, usage_decay: float, new_occupant: bool = False) -> Memory:
-    """A new Memory with `slot` holding (key, subject, value, answer end, label); usage decayed,
-    the slot's raised (from zero when `new_occupant`: an evicted slot's history is not the new
-    edit's)."""
+@dataclass
+class Entry:
+    """What one slot holds."""
+
+    key: torch.Tensor  # (H,) prompt key
+    subject: torch.Tensor  # (H,) subject key
+    lead: int  # canonical id of the subject's token before its last, -1 for none
+    value: torch.Tensor  # (H,)
+    end: int  # canonical id of the answer's last token
+    label: str
+
+
+def with_slot(memory: Memory, slot: int, entry: Entry, usage_decay: float, new_occupant: bool = False) -> Memory:
+    """A new Memory with `slot` holding `entry`; usage decayed, the slot's raised (from zero
+    when `new_occupant`: an evicted slot's history is not the new edit's)."""
     keys, subjects, values = memory.keys.clone(), memory.subjects.clone(), memory.values.clone()
-    ends, usage, labels = memory.ends.clone(), memory.usage * usage_decay, list(memory.labels)
+    leads, ends, usage, labels = memory.leads.clone(), memory.ends.clone(), memory.usage * usage_decay, list(memory.labels)
     if slot == len(labels):
-        keys = torch.cat([keys, key[None].to(keys)])
-        subjects = torch.cat([subjects, subject[None].to(subjects)])
-        values = torch.cat([values, value[None].to(values)])
-        ends = torch.cat([ends, ends.new_tensor([end])])
+        keys = torch.cat([keys, entry.key[None].to(keys)])
+        subjects = torch.cat([subjects, entry.subject[None].to(subjects)])
+        leads = torch.cat([leads, leads.new_tensor([entry.lead])])
+        values = torch.cat([values, entry.value[None].to(values)])
+        ends = torch.cat([ends, ends.new_tensor([entry.end])])
         usage = torch.cat([usage, usage.new_zeros(1)])
-        labels.append(label)
+        labels.append(entry.label)
     else:
-        keys[slot], subjects[slot], values[slot] = key.to(keys), subject.to(subjects), value.to(values)
-        ends[slot], labels[slot] = end, label
+        keys[slot], subjects[slot], values[slot] = entry.key.to(keys), entry.subject.to(subjects), entry.value.to(values)
+        leads[slot], ends[slot], labels[slot] = entry.lead, entry.end, entry.label
     if new_occupant:
         usage[slot] = 0.0
     usage[slot] += 1.0
-    return Memory(keys, subjects, values, ends, usage, labels)
+    return Memory(keys, subjects, leads, values, ends, usage, labels)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .editor import NMCEditor
+    from .memory import Entry
 
 
 @dataclass
@@ -26,11 +27,11 @@ class EditProblem:
     how a batch of candidate values scores (loss, margin, lens gradients)."""
 
     def __init__(self, editor: "NMCEditor", hidden: torch.Tensor, read_mask: torch.Tensor, positions: torch.Tensor,
-                 targets: torch.Tensor, key: torch.Tensor, subject: torch.Tensor, end: int):
+                 targets: torch.Tensor, entry: "Entry"):
         self.editor, self.hidden, self.read_mask = editor, hidden, read_mask  # (T, H), (T,)
         self.positions, self.targets = positions, targets  # (n,) positions predicting (n,) target ids
-        self.key, self.subject = key, subject  # (H,) unit prompt and subject keys the value is written under
-        self.end = end  # the answer's last token id: reading stops once it is written
+        self.entry = entry  # the slot the value is written into (its value still zero)
+        self.key = entry.key  # (H,) unit prompt key
         self.state = hidden[positions[0]].to(torch.float32)  # (H,) written block's output at the key
 
     def stream(self, values: torch.Tensor) -> torch.Tensor:
