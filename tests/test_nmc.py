@@ -371,7 +371,7 @@ def test_the_subject_keys_the_slot_and_a_heuristic_stands_in_without_one(tiny_lo
         _, tokens, _ = editor._capture(torch.tensor([enc]), torch.ones(1, len(enc), dtype=torch.long))
         assert int(editor.memory.leads[stats["slot"]]) == int(editor.canonical(torch.tensor(ids[at - 1])))
         chosen, lead = editor.subject_position(unnamed, tokens)
-        assert 0 < chosen < len(enc) and lead is None  # never the left-out first token
+        assert 0 < chosen < len(enc) and lead == chosen - 1  # never the left-out first token; led by the one before
     finally:
         editor.detach()
 
@@ -385,22 +385,26 @@ def test_reads_run_from_the_subject_to_the_answer_and_agree_across_cached_calls(
 
     subjects, keys = unit(3, 16, seed=0), unit(3, 16, seed=1)
     subjects[1] = subjects[0]  # slots 0 and 1: one subject, two facts told apart by the prompt's content
+    names = torch.tensor([4, 4, 4])  # each subject key was taken at token 4
     leads = torch.tensor([-1, -1, 5])  # slot 2's subject has two tokens, the one before its last is token 5
-    memory = Memory(keys, subjects, leads, torch.randn(3, 16), torch.tensor([7, 8, 9]), torch.zeros(3), ["a", "b", "c"])
+    memory = Memory(keys, subjects, names, leads, torch.randn(3, 16), torch.tensor([7, 8, 9]), torch.zeros(3),
+                    ["a", "b", "c"])
     noise = unit(6, 16, seed=2)
     tokens = noise.clone()
     tokens[2] = subjects[0]  # the subject at position 2
     context = torch.nn.functional.normalize(noise + 3 * keys[1], dim=-1)  # a prompt like slot 1's
-    ids = torch.tensor([1, 2, 3, 8, 4, 5])  # slot 1's answer ends with token 8, input at position 3
+    ids = torch.tensor([1, 2, 4, 8, 6, 5])  # the subject's token 4 at position 2; slot 1's answer ends with 8
     index, gate, after = memory.address(tokens[None], context[None], ids[None], threshold=0.6, width=0.1)
     assert gate[0].tolist() == [0, 0, 1, 0, 0, 0]  # from the subject up to the written answer
     assert int(index[0, 2]) == 1  # the content picks slot 1 of the subject; once its answer is
     # written neither it nor slot 0 (the same subject) is read: the model runs as it would
     # Without the answer the slot is read to the end; another subject's prompt reads nothing.
-    _, open_gate, _ = memory.address(tokens[None], context[None], torch.zeros(1, 6, dtype=torch.long), 0.6, 0.1)
+    _, open_gate, _ = memory.address(tokens[None], context[None], torch.tensor([[1, 2, 4, 0, 0, 0]]), 0.6, 0.1)
     assert bool((open_gate[0, 2:] == 1).all()) and bool((open_gate[0, :2] == 0).all())
     _, neighbour, _ = memory.address(noise[None], context[None], None, 0.6, 0.1)
     assert not bool(neighbour.any())
+    _, other_token, _ = memory.address(tokens[None], context[None], torch.tensor([[1, 2, 3, 0, 0, 0]]), 0.6, 0.1)
+    assert not bool(other_token.any())  # a like state at another token: not the subject
     # Slot 2 matches only after its subject's own token before the last: "Rod|man", not "Hoff|man".
     other = noise.clone()
     other[4] = subjects[2]

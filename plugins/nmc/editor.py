@@ -219,23 +219,30 @@ class NMCEditor(Writing, Editor):
         lead_id = int(canon[lead]) if lead is not None else -1
         key, subject = context[pos].clone(), tokens[at].clone()
         plan = rule_controller(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
-        entry = Entry(key, subject, lead_id, torch.zeros_like(key), int(canon[pos + len(batch.target_ids[0])]), label)
+        entry = Entry(key, subject, int(canon[at]), lead_id, torch.zeros_like(key),
+                      int(canon[pos + len(batch.target_ids[0])]), label)
         problem = self._problem(plan, entry, canon, hidden, tokens, context, pos, batch.target_ids[0])
         return problem, plan
 
     def subject_position(self, request: EditRequest, tokens: torch.Tensor) -> tuple[int, int | None]:
-        """The prompt token whose state keys the slot, the subject's last token, and the one
-        before it in the subject (None for a one-token subject). Without a subject (or one not
-        in the prompt), a heuristic stand-in: the prompt token least like any token of ordinary
-        text (the most specific word, usually the entity), alone."""
+        """The prompt token whose state keys the slot and the one before it whose identity the
+        key also needs (None: none). With a subject: its last token, led by its token before
+        that (a one-token subject alone); a subject that is the text's first token, which has
+        no usable state, keys through the token after it, led by the subject. Without a subject
+        (or one not in the prompt), a heuristic stand-in: the prompt token least like any token
+        of ordinary text (the most specific word, usually the entity), led by the token before."""
+        counted = tokens.norm(dim=-1) > 0
         if request.subject:
             span = token_span(self.tokenizer, request.prompt, request.subject)
-            if span is not None and span[1] < len(tokens) and bool(tokens[span[1]].any()):
+            if span is not None and span[1] < len(tokens):
                 first, last = span
-                return last, (last - 1 if last > first else None)
-        counted = tokens.norm(dim=-1) > 0
+                if bool(counted[last]):
+                    return last, (last - 1 if last > first else None)
+                if last + 1 < len(tokens) and bool(counted[last + 1]):
+                    return last + 1, last
         typical = (tokens @ self.pool.T).amax(dim=-1).masked_fill(~counted, float("inf"))
-        return int(typical.argmin()), None
+        at = int(typical.argmin())
+        return at, (at - 1 if at > 0 else None)
 
     @torch.no_grad()
     def _capture(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,7 +283,8 @@ class NMCEditor(Writing, Editor):
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"keys": self.memory.keys, "subjects": self.memory.subjects, "leads": self.memory.leads,
+        tensors = {"keys": self.memory.keys, "subjects": self.memory.subjects, "names": self.memory.names,
+                   "leads": self.memory.leads,
                    "values": self.memory.values, "ends": self.memory.ends, "usage": self.memory.usage,
                    "key_mean": self.key_mean, "key_std": self.key_std}
         tensors.update({f"feedback.{k}": v.detach().clone() for k, v in self.feedback.state_dict().items()})
@@ -285,7 +293,8 @@ class NMCEditor(Writing, Editor):
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        keys, subjects, leads = tensors.get("keys"), tensors.get("subjects"), tensors.get("leads")
+        keys, subjects = tensors.get("keys"), tensors.get("subjects")
+        names, leads = tensors.get("names"), tensors.get("leads")
         values, ends, usage = tensors.get("values"), tensors.get("ends"), tensors.get("usage")
         mean, std = tensors.get("key_mean"), tensors.get("key_std")
         labels = meta.get("labels")
@@ -293,10 +302,10 @@ class NMCEditor(Writing, Editor):
         ok = (meta.get("format") == STATE_FORMAT and meta.get("layer") == self.layer
               and meta.get("key_layer") == self.key_layer and meta.get("feedback") == self.feedback.describe()
               and isinstance(labels, list) and isinstance(meta.get("scale"), (int, float))
-              and all(t is not None for t in (keys, subjects, leads, values, ends, usage, mean, std))
+              and all(t is not None for t in (keys, subjects, names, leads, values, ends, usage, mean, std))
               and keys.dim() == 2 and keys.shape[1] == h and values.shape == keys.shape
-              and subjects.shape == keys.shape and ends.shape == usage.shape == leads.shape
-              and not ends.is_floating_point() and not leads.is_floating_point()
+              and subjects.shape == keys.shape and ends.shape == usage.shape == leads.shape == names.shape
+              and not any(t.is_floating_point() for t in (ends, leads, names))
               and usage.shape == (keys.shape[0],) and len(labels) == keys.shape[0]
               and mean.shape == (h,) and std.shape == (h,))
         if not ok:
@@ -307,7 +316,8 @@ class NMCEditor(Writing, Editor):
         self._load_feedback_tensors(feedback, "nmc state")
         f32 = dict(device=self.device, dtype=torch.float32)
         i64 = dict(device=self.device, dtype=torch.long)
-        self.memory = Memory(keys.to(**f32).clone(), subjects.to(**f32).clone(), leads.to(**i64).clone(),
+        self.memory = Memory(keys.to(**f32).clone(), subjects.to(**f32).clone(), names.to(**i64).clone(),
+                             leads.to(**i64).clone(),
                              values.to(**f32).clone(), ends.to(**i64).clone(), usage.to(**f32).clone(),
                              [str(x) for x in labels])
         self.key_mean, self.key_std = mean.to(**f32).clone(), std.to(**f32).clone()

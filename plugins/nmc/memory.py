@@ -25,7 +25,8 @@ class Carried(NamedTuple):
 class Memory:
     keys: torch.Tensor  # (N, H) unit vectors: standardised running-mean queries at the edit's last prompt token
     subjects: torch.Tensor  # (N, H) unit vectors: the standardised state of the subject's last token
-    leads: torch.Tensor  # (N,) long: canonical id of the subject's token before its last (-1: one-token subject)
+    names: torch.Tensor  # (N,) long: canonical id of the token the subject key was taken at
+    leads: torch.Tensor  # (N,) long: canonical id of the token before it (-1: none needed)
     values: torch.Tensor  # (N, H) added to the written block's output where a slot is read
     ends: torch.Tensor  # (N,) long: canonical id of the answer's last token (reading stops once it is written)
     usage: torch.Tensor  # (N,) decayed write counts
@@ -35,7 +36,8 @@ class Memory:
     def empty(cls, hidden: int, device) -> "Memory":
         z, n = dict(dtype=torch.float32, device=device), dict(dtype=torch.long, device=device)
         return cls(torch.zeros((0, hidden), **z), torch.zeros((0, hidden), **z), torch.zeros((0,), **n),
-                   torch.zeros((0, hidden), **z), torch.zeros((0,), **n), torch.zeros((0,), **z), [])
+                   torch.zeros((0,), **n), torch.zeros((0, hidden), **z), torch.zeros((0,), **n),
+                   torch.zeros((0,), **z), [])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,9 +48,10 @@ class Memory:
         (B, T) canonical input ids (None: unknown): the slot read, its gate, and what the next
         cached call of these rows carries on from (`before`).
 
-        A token matches a slot's subject when its state is similar to the subject key and the
-        token before it is the subject's own token before its last ("Rod|man" matches where
-        "Hoff|man" does not: a late subword alone is shared by many names). A slot becomes
+        A token matches a slot's subject when it is the same token as the one the key was taken
+        at, its state is similar to the subject key, and the token before it is the subject's
+        own ("Rod|man" matches where "Hoff|man" does not: a late subword alone is shared by many
+        names, and digits' states are alike: "TR7" is not "TR8"). A slot becomes
         readable at its first match (the best match so far is latched) and stays readable until
         an answer has been written: from the position whose input is the read slot's answer's
         last token on, the model runs as it would, so a generated answer is not repeated. Among
@@ -65,7 +68,8 @@ class Memory:
         if ids is not None:
             previous = torch.cat([before.last_id.unsqueeze(1), ids[:, :-1]], dim=1)
             led = (previous.unsqueeze(-1) == self.leads.view(1, 1, -1)) | (self.leads < 0).view(1, 1, -1)
-            subject = subject.masked_fill(~led, -1.0)
+            named = ids.unsqueeze(-1) == self.names.view(1, 1, -1)
+            subject = subject.masked_fill(~(led & named), -1.0)
         seen = torch.maximum(subject.cummax(dim=1).values, before.seen.unsqueeze(1))
         started = seen >= threshold
         answered = before.answered.unsqueeze(1).expand_as(started)
@@ -141,7 +145,8 @@ class Entry:
 
     key: torch.Tensor  # (H,) prompt key
     subject: torch.Tensor  # (H,) subject key
-    lead: int  # canonical id of the subject's token before its last, -1 for none
+    name: int  # canonical id of the token the subject key was taken at
+    lead: int  # canonical id of the token before it, -1 for none
     value: torch.Tensor  # (H,)
     end: int  # canonical id of the answer's last token
     label: str
@@ -151,10 +156,12 @@ def with_slot(memory: Memory, slot: int, entry: Entry, usage_decay: float, new_o
     """A new Memory with `slot` holding `entry`; usage decayed, the slot's raised (from zero
     when `new_occupant`: an evicted slot's history is not the new edit's)."""
     keys, subjects, values = memory.keys.clone(), memory.subjects.clone(), memory.values.clone()
-    leads, ends, usage, labels = memory.leads.clone(), memory.ends.clone(), memory.usage * usage_decay, list(memory.labels)
+    names, leads, ends = memory.names.clone(), memory.leads.clone(), memory.ends.clone()
+    usage, labels = memory.usage * usage_decay, list(memory.labels)
     if slot == len(labels):
         keys = torch.cat([keys, entry.key[None].to(keys)])
         subjects = torch.cat([subjects, entry.subject[None].to(subjects)])
+        names = torch.cat([names, names.new_tensor([entry.name])])
         leads = torch.cat([leads, leads.new_tensor([entry.lead])])
         values = torch.cat([values, entry.value[None].to(values)])
         ends = torch.cat([ends, ends.new_tensor([entry.end])])
@@ -162,8 +169,8 @@ def with_slot(memory: Memory, slot: int, entry: Entry, usage_decay: float, new_o
         labels.append(entry.label)
     else:
         keys[slot], subjects[slot], values[slot] = entry.key.to(keys), entry.subject.to(subjects), entry.value.to(values)
-        leads[slot], ends[slot], labels[slot] = entry.lead, entry.end, entry.label
+        names[slot], leads[slot], ends[slot], labels[slot] = entry.name, entry.lead, entry.end, entry.label
     if new_occupant:
         usage[slot] = 0.0
     usage[slot] += 1.0
-    return Memory(keys, subjects, leads, values, ends, usage, labels)
+    return Memory(keys, subjects, names, leads, values, ends, usage, labels)
