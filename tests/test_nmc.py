@@ -295,8 +295,8 @@ def test_controller_on_one_fact_edited_again_and_reversed(default_model):
     loaded = default_model
     fact, neighbour = "The capital of Germany is", "The capital of France is"
     prompts = [fact, neighbour]
-    before = logits(loaded, prompts)
-    own = loaded.tokenizer.decode([int(before[0, -1].argmax())]).strip()
+    before, neighbour_before = logits(loaded, prompts), logits(loaded, [neighbour])
+    own = loaded.tokenizer.decode([int(logits(loaded, [fact])[0, -1].argmax())]).strip()
     editor = NMCEditor(loaded, {})
     editor.attach()
     try:
@@ -304,7 +304,7 @@ def test_controller_on_one_fact_edited_again_and_reversed(default_model):
         second = seeded(editor, EditRequest(prompt=fact, target_new="Rome", subject="Germany"))
         assert (first["action"], second["action"], second["slot"]) == ("new", "rewrite", first["slot"])
         assert teacher_forced_accuracy(loaded, [fact, "The capital city of Germany is"], ["Rome", "Rome"]) == [1.0, 1.0]
-        assert torch.equal(logits(loaded, [neighbour])[0], before[1, :])
+        assert torch.equal(logits(loaded, [neighbour]), neighbour_before)
         back = seeded(editor, EditRequest(prompt=fact, target_new=own, subject="Germany"))
         assert back["action"] == "erase" and len(editor.memory) == 1
         assert torch.equal(logits(loaded, prompts), before)

@@ -50,7 +50,7 @@ class NMCEditor(Writing, Editor):
     name = "nmc"
     Config = NMCConfig
     description = "Neural memory controller: key-value memory written by synthetic-gradient fast steps, refined by true-gradient slow steps"
-    export_refusal = ("NMC reads a key-value memory addressed by the prompt's content at inference; a "
+    export_refusal = ("NMC reads a key-value memory addressed by the edit's subject at inference; a "
                       "checkpoint cannot address it, so the memory would be lost")
 
     # ---- attach / detach ---------------------------------------------------------------
