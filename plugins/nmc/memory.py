@@ -111,12 +111,11 @@ def same_fact(memory: Memory, key: torch.Tensor, subject: torch.Tensor, match_su
     """The slot holding the same fact (its subject and its prompt's content both match), if any."""
     if not len(memory):
         return None
-    both = ((memory.subjects @ subject.to(torch.float32) >= match_subject)
-            & (memory.keys @ key.to(torch.float32) >= match_context))
+    context = memory.keys @ key.to(torch.float32)
+    both = (memory.subjects @ subject.to(torch.float32) >= match_subject) & (context >= match_context)
     if not bool(both.any()):
         return None
-    score = memory.keys @ key.to(torch.float32)
-    return int(score.masked_fill(~both, float("-inf")).argmax())
+    return int(context.masked_fill(~both, float("-inf")).argmax())
 
 
 def rule_controller(memory: Memory, key: torch.Tensor, subject: torch.Tensor, label: str, capacity: int,
