@@ -70,15 +70,20 @@ def start_server(args, workspace: Path, follow_of: str | None = None) -> tuple[s
 
 
 def generate_load(url: str, requests: int, concurrency: int, max_new_tokens: int) -> dict:
+    # One client with a connection per worker, as a load generator keeps them: a fresh client
+    # per request (httpx.post) spends ~10-20 ms of this process's CPU on setup, and 8 threads
+    # doing that at once made clients come back too late to join the next batch.
+    client = httpx.Client(limits=httpx.Limits(max_connections=concurrency), timeout=600)
+
     def one(i: int) -> tuple[float, int]:
         started = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0,
-                                                      "max_tokens": max_new_tokens}, timeout=600)
+        r = client.post(url + "/v1/completions", json={"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0,
+                                                       "max_tokens": max_new_tokens})
         r.raise_for_status()
         return time.perf_counter() - started, r.json()["usage"]["completion_tokens"]
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with client, ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - started
     latencies = [r[0] for r in results]
@@ -92,11 +97,12 @@ def batched_bound(url: str, requests: int, concurrency: int, max_new_tokens: int
     another: the same work batched as far as that concurrency allows (the upper bound)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
     started, tokens = time.perf_counter(), 0
-    for i in range(0, requests, concurrency):
-        r = httpx.post(url + "/v1/completions", json={"prompt": prompts[i: i + concurrency], "temperature": 0,
-                                                      "max_tokens": max_new_tokens}, timeout=600)
-        r.raise_for_status()
-        tokens += r.json()["usage"]["completion_tokens"]
+    with httpx.Client(timeout=600) as client:
+        for i in range(0, requests, concurrency):
+            r = client.post(url + "/v1/completions", json={"prompt": prompts[i: i + concurrency], "temperature": 0,
+                                                           "max_tokens": max_new_tokens})
+            r.raise_for_status()
+            tokens += r.json()["usage"]["completion_tokens"]
     wall = time.perf_counter() - started
     return {"requests": requests, "wall_seconds": wall, "requests_per_second": requests / wall,
             "tokens_per_second": tokens / wall}
@@ -158,12 +164,39 @@ def edits_to_apply(n: int) -> list[dict]:
 
 
 def phase(url: str, args) -> dict:
-    rows = {}
-    for c in args.concurrency:
-        n = max(args.requests, c)
-        rows[str(c)] = {"load": generate_load(url, n, c, args.max_new_tokens),
-                        "batched": batched_bound(url, n, c, args.max_new_tokens)}
+    """Each concurrency's load and its batched bound, `repeats` times in turn (c=1, 8, 32, then
+    again), so that a slow spell of the machine falls on every figure alike; the ratios are
+    taken within a repeat and reported as median and range."""
+    rows = {str(c): {"load": [], "batched": []} for c in args.concurrency}
+    for _ in range(args.repeats):
+        for c in args.concurrency:
+            n = max(args.requests, c)
+            rows[str(c)]["load"].append(generate_load(url, n, c, args.max_new_tokens))
+            rows[str(c)]["batched"].append(batched_bound(url, n, c, args.max_new_tokens))
+    base = rows[str(args.concurrency[0])]["load"]
+    for r in rows.values():
+        rps = [x["requests_per_second"] for x in r["load"]]
+        r["summary"] = {
+            "requests_per_second": spread(rps),
+            "tokens_per_second": spread([x["tokens_per_second"] for x in r["load"]]),
+            "p50_seconds": spread([x["p50_seconds"] for x in r["load"]]),
+            "p95_seconds": spread([x["p95_seconds"] for x in r["load"]]),
+            "batched_requests_per_second": spread([x["requests_per_second"] for x in r["batched"]]),
+            "of_batched": spread([a / b["requests_per_second"] for a, b in zip(rps, r["batched"])]),
+            "vs_first_concurrency": spread([a / b["requests_per_second"] for a, b in zip(rps, base)]),
+        }
     return rows
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "each": values}
+
+
+def cell(s: dict, fmt: str) -> str:
+    """median (min-max) when repeated."""
+    if len(s["each"]) == 1:
+        return format(s["median"], fmt)
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
 
 def main() -> None:
@@ -173,6 +206,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per concurrency and phase, interleaved")
     parser.add_argument("--edits", type=int, default=10, help="edits applied between the two phases")
     parser.add_argument("--replicas", action="store_true", help="also measure 1 and 2 read replicas")
     parser.add_argument("--poll-interval", type=float, default=0.5)
@@ -209,30 +243,36 @@ def main() -> None:
         proc.wait(timeout=60)
 
     wait = [line for line in metrics.splitlines() if line.startswith("editkit_edit_wait_seconds_")]
+    batch_rows = [line for line in metrics.splitlines() if line.startswith("editkit_batch_rows_")]
     result = {"benchmark": "serve", "model": args.model or "default", "method": args.method,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "no_edits": unedited, "with_edits": edited, "edits_in_force": len(edit_latencies),
               "edit_latency_under_load_seconds": {"each": edit_latencies, "median": statistics.median(edit_latencies)},
-              "edit_wait_metric": wait, "replicas": replicas}
+              "edit_wait_metric": wait, "batch_rows_metric": batch_rows, "replicas": replicas}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(result, indent=2))
     lines = [f"# editkit serve benchmark ({result['model']}, method {args.method})", "",
              f"Single-prompt /v1/completions requests, {args.max_new_tokens} new tokens each (greedy); 'batched' is "
              "the same prompts sent as requests of `concurrency` prompts each, one after another (the same work "
-             "batched as far as that concurrency allows: the upper bound).", "",
+             "batched as far as that concurrency allows: the upper bound). Each figure: median (range) of "
+             f"{args.repeats} interleaved repeats; ratios taken within a repeat.", "",
              "| edits in force | concurrency | req/s | tok/s | p50 s | p95 s | batched req/s | of batched | vs c=1 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, rows in ((0, unedited), (len(edit_latencies), edited)):
-        base = rows[str(args.concurrency[0])]["load"]["requests_per_second"]
         for c, r in rows.items():
-            load, bound = r["load"], r["batched"]
-            lines.append(f"| {label} | {c} | {load['requests_per_second']:.2f} | {load['tokens_per_second']:.1f} | "
-                         f"{load['p50_seconds']:.2f} | {load['p95_seconds']:.2f} | {bound['requests_per_second']:.2f} | "
-                         f"{load['requests_per_second'] / bound['requests_per_second']:.0%} | "
-                         f"{load['requests_per_second'] / base:.2f}x |")
+            m = r["summary"]
+            lines.append(f"| {label} | {c} | {cell(m['requests_per_second'], '.2f')} | {cell(m['tokens_per_second'], '.1f')} | "
+                         f"{cell(m['p50_seconds'], '.2f')} | {cell(m['p95_seconds'], '.2f')} | "
+                         f"{cell(m['batched_requests_per_second'], '.2f')} | {cell(m['of_batched'], '.0%')} | "
+                         f"{cell(m['vs_first_concurrency'], '.2f')}x |")
     lines += ["", f"Edit latency under generate load (concurrency 8): median {statistics.median(edit_latencies):.2f} s "
               f"({', '.join(f'{x:.2f}' for x in edit_latencies)}); time edits waited for batches in flight: "
               + "; ".join(wait)]
+    rows_sum = next((float(x.split()[-1]) for x in batch_rows if x.startswith("editkit_batch_rows_sum")), 0.0)
+    rows_count = next((float(x.split()[-1]) for x in batch_rows if x.startswith("editkit_batch_rows_count")), 0.0)
+    if rows_count:
+        lines += ["", f"Batches formed over the whole run: {rows_count:.0f}, {rows_sum / rows_count:.2f} prompts each "
+                  "on average (every concurrency and the bound's requests together)."]
     if replicas:
         lines += ["", f"Read replicas (poll interval {args.poll_interval} s), clients spread evenly, 8 per replica:"]
         for n in (1, 2):
