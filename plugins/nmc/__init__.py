@@ -5,17 +5,20 @@ erase, write) whose writes take fast synthetic-gradient steps and slow true-grad
 also train the synthetic-gradient module. See editor.py for the mechanism.
 
 Python API: NMCEditor, NMCConfig, SyntheticGradient, save_feedback / load_feedback, pretrain,
-evaluate_feedback. CLI: `editkit nmc pretrain | evaluate`."""
+evaluate_feedback; the learned controller: ControllerNet, train_controller, save_controller /
+load_controller. CLI: `editkit nmc pretrain | evaluate | train-controller`."""
 
 from editkit.hookspecs import hookimpl
 
 from .config import NMCConfig
+from .control_train import train_controller
+from .controller import ControllerNet, load_controller, save_controller
 from .editor import NMCEditor
 from .feedback import SyntheticGradient, load_feedback, save_feedback
 from .pretrain import evaluate_feedback, pretrain
 
-__all__ = ["NMCConfig", "NMCEditor", "SyntheticGradient", "evaluate_feedback", "load_feedback", "pretrain",
-           "save_feedback"]
+__all__ = ["ControllerNet", "NMCConfig", "NMCEditor", "SyntheticGradient", "evaluate_feedback", "load_controller",
+           "load_feedback", "pretrain", "save_controller", "save_feedback", "train_controller"]
 
 
 @hookimpl

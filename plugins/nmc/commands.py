@@ -163,4 +163,80 @@ def make_app() -> typer.Typer:
             return
         _print(report)
 
+    @app.command("train-controller")
+    def train_controller_cmd(
+        ctx: typer.Context,
+        out: Annotated[Path, typer.Option("--out", "-o", dir_okay=False,
+                                          help="Safetensors file to write; use it with --config controller=learned "
+                                               "--config controller_file=FILE.")],
+        records: Annotated[int, typer.Option("--records", min=8, help="Training facts (plus the training file's "
+                                                                      "facts that share a subject, half of them).")] = 600,
+        held_out: HeldOutOpt = 300,
+        streams: Annotated[int, typer.Option("--streams", min=1, help="Simulated training streams.")] = 300,
+        length: Annotated[int, typer.Option("--length", min=4, help="Edits per stream.")] = 48,
+        mode: Annotated[str, typer.Option("--mode", help="'synthetic' (decoupled, through a synthetic-gradient "
+                                                         "module) or 'true' (the stream's loss backpropagated).")] = "synthetic",
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        data: DataOpt = None, held_out_data: HeldOutDataOpt = None,
+        config: ConfigOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
+        device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
+    ) -> None:
+        """Meta-train the learned controller on simulated streams of CounterFact facts (edited,
+        edited again, reverted, more than the slots), save it, and compare it with the rule
+        controller on held-out streams (docs/nmc.md)."""
+        from editkit.errors import InvalidRequest
+
+        from .control_train import (evaluate_controllers, fact_table, settings_of, sibling_groups,
+                                    train_controller)
+        from .controller import save_controller
+        from .pretrain import counterfact_requests
+
+        if mode not in ("synthetic", "true"):
+            raise InvalidRequest(f"--mode must be 'synthetic' or 'true', not {mode!r}")
+        data, held_out_data = _files(data, held_out_data)
+        everything = counterfact_requests(data, 10**9)
+        train_siblings, test_siblings = sibling_groups(everything)
+        train_reqs = everything[:records] + [r for r in train_siblings if r not in everything[:records]]
+        test_reqs = counterfact_requests(held_out_data, held_out) + [r for r in test_siblings
+                                                                   if r not in everything[:records]]
+        editor = _editor(ctx, config, model, device, dtype, device_map)
+        try:
+            with _bar(as_json) as bar:
+                progress = _progress(bar)
+                train_facts = fact_table(editor, train_reqs, progress)
+                test_facts = fact_table(editor, test_reqs, progress)
+                s = settings_of(editor.config)
+                net, stats = train_controller(train_facts, s, mode=mode, streams=streams, length=length, seed=seed,
+                                              progress=progress)
+            report = {"train": stats, "held_out_facts": len(test_facts),
+                      "held_out": evaluate_controllers(test_facts, s, {"rule": None, "learned": net}, length=length),
+                      "train_streams": evaluate_controllers(train_facts, s, {"rule": None, "learned": net},
+                                                            length=length, streams=20)}
+            save_controller(out, net, {**editor.feedback_info(), "report": report})
+        finally:
+            editor.detach()
+        report["saved_to"] = str(out)
+        if as_json:
+            echo_json(report)
+            return
+        _print_controllers(report)
+
     return app
+
+
+def _print_controllers(report: dict) -> None:
+    from rich.table import Table
+
+    t = report["train"]
+    console().print(f"trained ({t['mode']} gradients) on {t['streams']} streams of {t['length']} edits over "
+                    f"{t['facts']} facts: loss {t['loss_before']:.3f} -> {t['loss_after']:.3f} (fixed probe streams); saved to "
+                    f"{report['saved_to']}")
+    for split in ("held_out", "train_streams"):
+        rows = report[split]
+        table = Table(title=f"{split.replace('_', ' ')}: share of prompts reading their latest answer")
+        table.add_column("last edit of the fact")
+        for name in rows:
+            table.add_column(name, justify="right")
+        for kind in (k for k in rows["rule"] if k != "prompts"):
+            table.add_row(f"{kind} ({rows['rule']['prompts'][kind]})", *(f"{rows[n][kind]:.3f}" for n in rows))
+        console().print(table)

@@ -1,3 +1,5 @@
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -14,6 +16,8 @@ class NMCConfig(BaseModel):
     gate_width: float = Field(0.15, gt=0, le=2, description="The read gate rises linearly from 0 at the threshold to 1 at threshold + gate_width.")
     match_threshold: float = Field(0.9, gt=0, le=1, description="Controller: an edit whose subject key is at least this similar to a slot's, and whose prompt key at least match_context, is the same fact again: it rewrites that slot instead of taking a new one.")
     match_context: float = Field(0.8, ge=-1, le=1, description="Controller: the prompt-key similarity (cosine of running means) that, with a subject match, makes an edit the same fact as a slot's.")
+    controller: Literal["rule", "learned"] = Field("rule", description="Who decides where an edit is written: 'rule', the hand-written rule (same fact again -> its slot, else a free slot, else the least used), or 'learned', the network in controller_file (docs/nmc.md compares them).")
+    controller_file: str | None = Field(None, description="Safetensors file of a learned controller (`editkit nmc train-controller`); required with controller=learned.")
     usage_decay: float = Field(0.99, gt=0, le=1, description="Controller: every edit multiplies all usage counts by this before the written slot gains 1, so the least used slot is the least recently and least often written.")
 
     # the edit loss and when an edit counts as absorbed
@@ -35,6 +39,8 @@ class NMCConfig(BaseModel):
     def _check(self) -> "NMCConfig":
         if not self.step_sizes or any(s <= 0 for s in self.step_sizes):
             raise ValueError("step_sizes needs at least one positive value")
+        if self.controller == "learned" and not self.controller_file:
+            raise ValueError("controller=learned needs controller_file (train one with `editkit nmc train-controller`)")
         if self.match_threshold < self.threshold:
             raise ValueError("match_threshold must not be below threshold")
         return self

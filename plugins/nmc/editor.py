@@ -12,7 +12,8 @@ across KV-cached generation steps; per-call state is thread-local so concurrent 
 not mix.
 
 Writing one edit: one forward pass, stopped at `layer`, gives the queries and the written
-block's output. The controller picks the slot (memory.rule_controller). The loss of a value v is the
+block's output. The controller picks the slot (memory.rule_controller, or the learned
+controller.learned_controller with controller=learned). The loss of a value v is the
 target cross-entropy of running only the blocks above with v added wherever the planned memory
 reads that slot; several candidate values are scored in one batch. Fast steps move v along the
 synthetic gradient with a line search (no backward pass through the model); if the margin is
@@ -39,6 +40,7 @@ from editkit.tokens import canonical_ids, teacher_forced_batch, token_span
 
 from .config import NMCConfig
 from .feedback import SyntheticGradient, load_feedback
+from .controller import learned_controller, load_controller
 from .memory import Entry, Memory, WritePlan, rule_controller, with_slot
 from .problem import EditProblem
 from .write import Writing
@@ -66,6 +68,7 @@ class NMCEditor(Writing, Editor):
         self.memory = Memory.empty(self.hidden, self.device)
         self.canon = canonical_ids(self.tokenizer).to(self.device)
         self.feedback = SyntheticGradient(self.hidden, cfg.feedback_hidden).to(self.device)
+        self.controller = load_controller(cfg.controller_file, self.device) if cfg.controller == "learned" else None
         self._local = threading.local()
         self.hook(self.model, self._model_pre_hook, pre=True, with_kwargs=True)
         self.hook(blocks[self.key_layer], self._key_hook)
@@ -218,11 +221,27 @@ class NMCEditor(Writing, Editor):
         at, lead = self.subject_position(request, tokens[:pos + 1])
         lead_id = int(canon[lead]) if lead is not None else -1
         key, subject = context[pos].clone(), tokens[at].clone()
-        plan = rule_controller(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
         entry = Entry(key, subject, int(canon[at]), lead_id, torch.zeros_like(key),
                       int(canon[pos + len(batch.target_ids[0])]), label)
+        if self.controller is None:
+            plan = rule_controller(self.memory, key, subject, label, cfg.slots, cfg.match_threshold, cfg.match_context)
+        else:
+            plan = learned_controller(self.controller, self.memory, key, subject, entry.name, entry.lead, label,
+                                      cfg.slots, self.current_read(tokens, context, canon, pos))
         problem = self._problem(plan, entry, canon, hidden, tokens, context, pos, batch.target_ids[0])
         return problem, plan
+
+    @torch.no_grad()
+    def current_read(self, tokens: torch.Tensor, context: torch.Tensor, canon: torch.Tensor,
+                     pos: int) -> tuple[int, float] | None:
+        """The slot the prompt (up to `pos`) reads at its last token now, and the gate (None: none)."""
+        if not len(self.memory):
+            return None
+        cfg = self.config
+        index, gate, _ = self.memory.address(tokens[None, :pos + 1], context[None, :pos + 1], canon[None, :pos + 1],
+                                             cfg.threshold, cfg.gate_width)
+        g = float(gate[0, -1])
+        return (int(index[0, -1]), g) if g > 0 else None
 
     def subject_position(self, request: EditRequest, tokens: torch.Tensor) -> tuple[int, int | None]:
         """The prompt token whose state keys the slot and the one before it whose identity the
