@@ -29,10 +29,9 @@ import torch
 from editkit.data import shared_file
 from editkit.model import load_model
 from editkit.plugins.nmc import NMCEditor
-from editkit.plugins.nmc.control_train import (Fact, evaluate_controllers, fact_table, make_stream, settings_of,
-                                               sibling_groups, train_controller)
+from editkit.plugins.nmc.control_train import (Fact, controller_requests, evaluate_controllers, fact_table,
+                                               make_stream, settings_of, train_controller)
 from editkit.plugins.nmc.controller import load_controller, save_controller
-from editkit.plugins.nmc.pretrain import counterfact_requests
 from editkit.schemas import EditRequest
 from editkit.scoring import exact_match, greedy_token_ids, teacher_forced_accuracy
 from editkit.tokens import encode_pair
@@ -41,10 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def requests_of(args) -> tuple[list[EditRequest], list[EditRequest]]:
-    everything = counterfact_requests(shared_file("counterfact-train"), 10**9)
-    train_siblings, test_siblings = sibling_groups(everything)
-    train = everything[:args.train_records] + [r for r in train_siblings if r not in everything[:args.train_records]]
-    test = counterfact_requests(shared_file("counterfact"), args.facts) + test_siblings
+    train, test = controller_requests(shared_file("counterfact-train"), shared_file("counterfact"),
+                                      args.train_records, args.facts)
     return train, [r for r in test if r.rephrases and r.target_old and r.subject]
 
 

@@ -77,6 +77,9 @@ def _print(report: dict) -> None:
             ("median steps to the margin: nmc", str(e["median_steps_nmc"])),
             ("  Adam (slow path alone)", str(e["median_steps_adam"])),
             (f"  plain SGD (lr {e['sgd_lr']:.3g})", str(e["median_steps_sgd"]))]
+    cost = e.get("mean_cost_to_margin", {})
+    rows += [(f"mean cost to the margin, {name}: rows forward / backward passes",
+              f"{c['forward_rows']:.1f} / {c['backward']:.1f}") for name, c in cost.items()]
     for name, value in rows:
         table.add_row(name, value)
     console().print(table)
@@ -186,19 +189,14 @@ def make_app() -> typer.Typer:
         controller on held-out streams (docs/nmc.md)."""
         from editkit.errors import InvalidRequest
 
-        from .control_train import (evaluate_controllers, fact_table, settings_of, sibling_groups,
+        from .control_train import (controller_requests, evaluate_controllers, fact_table, settings_of,
                                     train_controller)
         from .controller import save_controller
-        from .pretrain import counterfact_requests
 
         if mode not in ("synthetic", "true"):
             raise InvalidRequest(f"--mode must be 'synthetic' or 'true', not {mode!r}")
         data, held_out_data = _files(data, held_out_data)
-        everything = counterfact_requests(data, 10**9)
-        train_siblings, test_siblings = sibling_groups(everything)
-        train_reqs = everything[:records] + [r for r in train_siblings if r not in everything[:records]]
-        test_reqs = counterfact_requests(held_out_data, held_out) + [r for r in test_siblings
-                                                                   if r not in everything[:records]]
+        train_reqs, test_reqs = controller_requests(data, held_out_data, records, held_out)
         editor = _editor(ctx, config, model, device, dtype, device_map)
         try:
             with _bar(as_json) as bar:

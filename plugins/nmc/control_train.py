@@ -394,3 +394,17 @@ def sibling_groups(requests: list[EditRequest]) -> tuple[list[EditRequest], list
             by_subject.setdefault(req.subject, []).append(req)
     groups = [g for _, g in sorted(by_subject.items()) if len(g) > 1]
     return [r for g in groups[0::2] for r in g], [r for g in groups[1::2] for r in g]
+
+
+def controller_requests(train_file, held_out_file, records: int, held_out: int) -> tuple[list[EditRequest], list[EditRequest]]:
+    """The training facts (the training file's first `records`, plus half of its facts that
+    share a subject) and the held-out ones (the held-out file's first `held_out`, plus the
+    other half, less any among the training records)."""
+    from .pretrain import counterfact_requests
+
+    everything = counterfact_requests(train_file, 10**9)
+    first = everything[:records]
+    train_siblings, test_siblings = sibling_groups(everything)
+    train = first + [r for r in train_siblings if r not in first]
+    test = counterfact_requests(held_out_file, held_out) + [r for r in test_siblings if r not in first]
+    return train, test

@@ -186,10 +186,22 @@ def evaluate_feedback(editor: NMCEditor, requests: list[EditRequest], sgd_lr: fl
             row["one_step" + suffix] = float(s.margin[0]) >= editor.config.margin
         _, s = editor.line_search(problem, v0, -grad)  # the same step along the true gradient
         row["one_step_true_gradient"] = float(s.margin[0]) >= editor.config.margin
-        value, s = editor.fast_step(problem, v0, scored)
-        row["steps_nmc"] = 1 + _steps_to_margin(editor, problem, value, limit - 1, _adam(editor))
-        row["steps_adam"] = _steps_to_margin(editor, problem, v0, limit, _adam(editor))
-        row["steps_sgd"] = _steps_to_margin(editor, problem, v0, limit, lambda v, g: v - sgd_lr * g)
+        # each path from v = 0, with its cost: rows run through the blocks above (a line search
+        # is one batched forward of 1 + len(step_sizes) rows) and backward passes through them
+        def nmc_path() -> int:  # as the editor writes: score, one fast step, then slow steps
+            with torch.no_grad():
+                at_start, _ = problem.score(v0[None])
+            value, s = editor.fast_step(problem, v0, at_start)
+            if float(s.margin[0]) >= editor.config.margin:
+                return 1
+            return 1 + _steps_to_margin(editor, problem, value, limit - 1, _adam(editor))
+
+        for name, walk in (("nmc", nmc_path),
+                           ("adam", lambda: _steps_to_margin(editor, problem, v0, limit, _adam(editor))),
+                           ("sgd", lambda: _steps_to_margin(editor, problem, v0, limit, lambda v, g: v - sgd_lr * g))):
+            problem.forward_rows = problem.backward_passes = 0
+            row["steps_" + name] = walk()
+            row["forward_rows_" + name], row["backward_" + name] = problem.forward_rows, problem.backward_passes
         rows.append(row)
         if progress:
             progress("evaluate", i + 1, len(requests))
@@ -202,4 +214,7 @@ def evaluate_feedback(editor: NMCEditor, requests: list[EditRequest], sgd_lr: fl
             "one_step_success_untrained": mean("one_step_untrained"),
             "one_step_success_true_gradient": mean("one_step_true_gradient"),
             "median_steps_nmc": med("steps_nmc"), "median_steps_adam": med("steps_adam"),
-            "median_steps_sgd": med("steps_sgd"), "rows": rows}
+            "median_steps_sgd": med("steps_sgd"),
+            "mean_cost_to_margin": {k: {"forward_rows": mean("forward_rows_" + k), "backward": mean("backward_" + k)}
+                                    for k in ("nmc", "adam", "sgd")},
+            "rows": rows}

@@ -33,6 +33,8 @@ class EditProblem:
         self.entry = entry  # the slot the value is written into (its value still zero)
         self.key = entry.key  # (H,) unit prompt key
         self.state = hidden[positions[0]].to(torch.float32)  # (H,) written block's output at the key
+        # cost counters: candidate rows run through the blocks above, and backward passes
+        self.forward_rows, self.backward_passes = 0, 0
 
     def stream(self, values: torch.Tensor) -> torch.Tensor:
         """(m, H) candidate values -> (m, T, H) stream leaving the written block."""
@@ -44,6 +46,7 @@ class EditProblem:
         back to `values` when need_graph) for true gradients."""
         ed = self.editor
         m = values.shape[0]
+        self.forward_rows += m
         stream = self.stream(values).to(self.hidden.dtype)
         attn = torch.ones(stream.shape[:2], dtype=torch.long, device=stream.device)
         normed = ed.adapter.run_blocks(stream, ed.layer + 1, attention_mask=attn)[:, self.positions]

@@ -48,6 +48,7 @@ class Writing:
         with torch.enable_grad():
             scored, loss = problem.score(v[None], need_graph=True)
             grad = torch.autograd.grad(loss, v)[0]
+        problem.backward_passes += 1
         return scored, grad
 
     def train_feedback(self, problem: EditProblem, scored: Scored, value: torch.Tensor, grad: torch.Tensor,
