@@ -418,3 +418,21 @@ def test_reads_run_from_the_subject_to_the_answer_and_agree_across_cached_calls(
         _, g, carried = memory.address(tokens[None, a:b], context[None, a:b], ids[None, a:b], 0.6, 0.1, carried)
         gates.append(g)
     assert torch.equal(torch.cat(gates, dim=1), gate)
+
+
+def test_saves_of_only_what_changed_reopen_to_the_same_state(tiny_loaded, tmp_path):
+    """NMC saves only the slot an edit wrote, the usage counts and the feedback module
+    (tracks_changes): over new, reinforce, rewrite and evict, each edit saved on its own, the
+    reopened state equals the one in memory."""
+    loaded = tiny_loaded["llama"]
+    edits = [EDIT, EDIT, EditRequest(prompt=EDIT.prompt, target_new="capital"), EDIT2,
+             EditRequest(prompt="Cats often sleep for more than", target_new="Paris")]
+    with Session.open(tmp_path / "ws", loaded=loaded, method="nmc", method_config={**TINY, "slots": 2}) as session:
+        actions = [session.edit(e, measure=False)[0].stats["action"] for e in edits]
+        tensors, meta = session.editor.state_dict()
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    assert actions == ["new", "reinforce", "rewrite", "new", "evict"]
+    with Session.open(tmp_path / "ws", loaded=loaded) as session:
+        again, meta2 = session.editor.state_dict()
+    assert meta2 == meta and again.keys() == tensors.keys()
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())

@@ -52,6 +52,7 @@ class NMCEditor(Writing, Editor):
     name = "nmc"
     Config = NMCConfig
     description = "Neural memory controller: key-value memory written by synthetic-gradient fast steps, refined by true-gradient slow steps"
+    tracks_changes = True  # an edit writes one slot's rows, the usage vector and the feedback module
     export_refusal = ("NMC reads a key-value memory addressed by the edit's subject at inference; a "
                       "checkpoint cannot address it, so the memory would be lost")
 
@@ -205,6 +206,11 @@ class NMCEditor(Writing, Editor):
                                     new_occupant=action in ("evict", "erase"))
             if action == "erase":
                 self.memory.usage[plan.slot] = 0.0  # reused first
+            for name in ("keys", "subjects", "names", "leads", "values", "ends", "labels"):
+                self.changes.mark(name, plan.slot, plan.slot + 1)
+            self.changes.mark("usage")  # every count decays
+        for name in self.feedback.state_dict():  # slow steps train the module
+            self.changes.mark(f"feedback.{name}")
         stats.update(slot=plan.slot, action=action, memory_size=len(self.memory))
         if plan.evicted is not None and action == "evict":
             stats["evicted"] = plan.evicted
