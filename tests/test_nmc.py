@@ -436,3 +436,30 @@ def test_saves_of_only_what_changed_reopen_to_the_same_state(tiny_loaded, tmp_pa
         again, meta2 = session.editor.state_dict()
     assert meta2 == meta and again.keys() == tensors.keys()
     assert all(torch.equal(again[k], v) for k, v in tensors.items())
+
+
+def test_one_pretrained_module_serves_memories_at_several_layers(tiny_dirs, tmp_path):
+    """`nmc pretrain --layers a,b` fits one module on both memories' gradients; the file loads
+    for a memory at either layer and is refused at another."""
+    from editkit.cli.main import build_app
+    from editkit.model import load_model
+
+    out = tmp_path / "shared.safetensors"
+    result = CliRunner().invoke(build_app(), [
+        "nmc", "pretrain", "--out", str(out), "--model", str(tiny_dirs["llama"]), "--records", "4",
+        "--held-out", "2", "--steps", "2", "--epochs", "1", "--layers", "1,-1",
+        "--data", str(shared_path("counterfact-train")), "--held-out-data", str(shared_path("counterfact")), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    depth = len(load_model(str(tiny_dirs["llama"]), device="cpu").adapter.blocks())
+    assert report["pretrain"]["layers"] == [1, depth - 1] and list(report["held_out_other_layers"]) == [str(depth - 1)]
+    assert report["pretrain"]["samples"] > report["pretrain"]["records"]  # both layers' gradients
+    loaded = load_model(str(tiny_dirs["llama"]), device="cpu")
+    for layer in (1, -1):
+        editor = NMCEditor(loaded, {"layer": layer, "key_layer": 0, "feedback": str(out)})
+        editor.attach()
+        editor.detach()
+    with pytest.raises(InvalidRequest, match="layer"):
+        NMCEditor(loaded, {"layer": 2, "key_layer": 0, "feedback": str(out)}).attach()
+    bad = CliRunner().invoke(build_app(), ["nmc", "pretrain", "--out", str(out), "--layers", "one,two"])
+    assert bad.exit_code == 1 and "--layers" in bad.output

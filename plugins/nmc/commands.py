@@ -83,6 +83,10 @@ def _print(report: dict) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console().print(table)
+    for layer, other in report.get("held_out_other_layers", {}).items():
+        console().print(f"memory at block {layer}, same module: cosine {other['cosine_mean']:.3f}, one-step success "
+                        f"{other['one_step_success']:.2f} (untrained {other['one_step_success_untrained']:.2f}), "
+                        f"median steps {other['median_steps_nmc']} (Adam {other['median_steps_adam']})")
 
 
 def make_app() -> typer.Typer:
@@ -102,32 +106,57 @@ def make_app() -> typer.Typer:
         held_out: HeldOutOpt = 64,
         steps: Annotated[int, typer.Option("--steps", min=1, help="Slow-path points per training edit.")] = 8,
         epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the collected gradients.")] = 60,
+        layers: Annotated[Optional[str], typer.Option(
+            "--layers", help="Comma-separated memory layers (index or fraction of depth) that share the module; "
+                             "the file then serves a memory at any of them (default: the config's layer).")] = None,
         data: DataOpt = None, held_out_data: HeldOutDataOpt = None,
         config: ConfigOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = None,
         device_map: DeviceMapOpt = None, as_json: JsonOpt = False,
     ) -> None:
         """Meta-train the synthetic-gradient module on CounterFact edits (base model frozen, memory
-        empty), save it on its own, and measure it on held-out edits."""
+        empty), save it on its own, and measure it on held-out edits (at each layer with --layers)."""
+        from editkit.errors import InvalidRequest
+
+        from .editor import NMCEditor
         from .feedback import save_feedback
         from .pretrain import counterfact_requests, evaluate_feedback, pretrain, sgd_rate
 
+        try:
+            wanted = [float(x) if "." in x else int(x) for x in layers.split(",")] if layers else []
+        except ValueError:
+            raise InvalidRequest(f"--layers must be comma-separated layer indices or fractions, not {layers!r}") from None
         data, held_out_data = _files(data, held_out_data)
         train_reqs = counterfact_requests(data, records)
         test_reqs = counterfact_requests(held_out_data, held_out) if held_out else []
         editor = _editor(ctx, config, model, device, dtype, device_map)
+        editors = [editor]
         try:
+            for value in wanted[1:]:
+                editors.append(NMCEditor(editor.loaded, {**editor.config.model_dump(), "layer": value}))
+                editors[-1].attach()
+            if wanted:  # the first listed layer is the primary editor's
+                editors[0].detach()
+                editors[0] = editor = NMCEditor(editor.loaded, {**editor.config.model_dump(), "layer": wanted[0]})
+                editor.attach()
             with _bar(as_json) as bar:
                 progress = _progress(bar)
-                stats = pretrain(editor, train_reqs, steps=steps, epochs=epochs, progress=progress)
+                stats = pretrain(editor, train_reqs, steps=steps, epochs=epochs, progress=progress,
+                                 shared_with=editors[1:])
                 report = {"pretrain": stats}
                 if test_reqs:
                     lr = sgd_rate(editor, train_reqs[:32])
                     report["held_out"] = evaluate_feedback(editor, test_reqs, lr, progress=progress)
                     report["held_out"].pop("rows")
-            save_feedback(out, editor.feedback, {**editor.feedback_info(), **{"pretrain": stats},
-                                                 "held_out": report.get("held_out")})
+                    for other in editors[1:]:
+                        held = evaluate_feedback(other, test_reqs, sgd_rate(other, train_reqs[:32]), progress=progress)
+                        held.pop("rows")
+                        report.setdefault("held_out_other_layers", {})[str(other.layer)] = held
+            save_feedback(out, editor.feedback, {**editor.feedback_info(), "layers": stats["layers"],
+                                                 "pretrain": stats, "held_out": report.get("held_out")})
         finally:
-            editor.detach()
+            for e in editors:
+                if e.attached:
+                    e.detach()
         report["saved_to"] = str(out)
         if as_json:
             echo_json(report)

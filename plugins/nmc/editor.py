@@ -89,8 +89,11 @@ class NMCEditor(Writing, Editor):
     def load_feedback(self, path) -> None:
         """Replace the synthetic-gradient module with one saved by `editkit nmc pretrain`."""
         tensors, doc = load_feedback(path)
-        want = {**self.feedback.describe(), "layer": self.layer, "key_layer": self.key_layer}
+        want = {**self.feedback.describe(), "key_layer": self.key_layer}
         bad = {k: (doc.get(k), v) for k, v in want.items() if doc.get(k) != v}
+        layers = doc.get("layers") or [doc.get("layer")]  # a shared module serves several layers
+        if self.layer not in layers:
+            bad["layer"] = (layers[0] if len(layers) == 1 else layers, self.layer)
         if bad:
             detail = ", ".join(f"{k}: file {a}, here {b}" for k, (a, b) in bad.items())
             raise InvalidRequest(f"synthetic-gradient file {path} does not fit this model/config ({detail})")

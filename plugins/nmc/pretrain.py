@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,13 +115,21 @@ def fit(editor: NMCEditor, samples: Samples, epochs: int = 60, lr: float = 1e-3,
 
 
 def pretrain(editor: NMCEditor, requests: list[EditRequest], steps: int = 8, epochs: int = 60,
-             progress: Progress | None = None) -> dict:
-    if len(editor.memory):
+             progress: Progress | None = None, shared_with: Sequence[NMCEditor] = ()) -> dict:
+    """Meta-train the editor's module. `shared_with`: editors with memories at other layers
+    (same model and key layer) that share one module: it is fitted on every layer's gradients
+    and copied into each (measured as good as a module per layer: docs/nmc.md)."""
+    editors = [editor, *shared_with]
+    if any(len(e.memory) for e in editors):
         raise InvalidRequest("pretrain the synthetic-gradient module on an editor with an empty memory")
-    samples = collect(editor, requests, steps, progress)
+    if len({e.key_layer for e in editors}) > 1 or len({e.layer for e in editors}) < len(editors):
+        raise InvalidRequest("a shared synthetic-gradient module needs one key layer and different memory layers")
+    samples = Samples([row for e in editors for row in collect(e, requests, steps, progress).rows])
     losses = fit(editor, samples, epochs=epochs, progress=progress)
+    for other in shared_with:
+        other.feedback.load_state_dict(editor.feedback.state_dict())
     return {"records": len(requests), "samples": len(samples.rows), "fit_loss_first": losses[0],
-            "fit_loss_last": losses[-1]}
+            "fit_loss_last": losses[-1], "layers": [e.layer for e in editors]}
 
 
 def _steps_to_margin(editor: NMCEditor, problem: EditProblem, value: torch.Tensor, limit: int,
