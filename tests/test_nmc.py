@@ -463,3 +463,44 @@ def test_one_pretrained_module_serves_memories_at_several_layers(tiny_dirs, tmp_
         NMCEditor(loaded, {"layer": 2, "key_layer": 0, "feedback": str(out)}).attach()
     bad = CliRunner().invoke(build_app(), ["nmc", "pretrain", "--out", str(out), "--layers", "one,two"])
     assert bad.exit_code == 1 and "--layers" in bad.output
+
+
+def test_reads_of_the_slots_named_in_the_input_equal_reads_of_the_whole_memory():
+    """Memory.address computes similarities only for slots keyed at one of the input's tokens
+    (or started earlier); on random memories, inputs and carried state it equals the full
+    computation wherever a slot is read, and carries the same state on."""
+    from editkit.plugins.nmc.memory import Memory
+
+    gen = torch.Generator().manual_seed(0)
+    h, n = 16, 40
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, h, generator=gen), dim=-1)  # noqa: E731
+    subjects = unit(n)
+    names = torch.randint(0, 30, (n,), generator=gen)  # inputs use ids below 12: most slots go unnamed
+    leads = torch.where(torch.rand(n, generator=gen) < 0.3, -1, torch.randint(0, 12, (n,), generator=gen))
+    memory = Memory(unit(n), subjects, names, leads, torch.randn(n, h, generator=gen), torch.randint(0, 12, (n,), generator=gen),
+                    torch.rand(n, generator=gen), [str(i) for i in range(n)])
+    ids = torch.randint(0, 12, (3, 7), generator=gen)
+    ids[2] = 20  # a row naming no slot
+    tokens = unit(3, 7)
+    for row, pos, slot in ((0, 3, 5), (1, 2, 9)):  # slots matched at their own token and lead
+        tokens[row, pos] = subjects[slot]
+        ids[row, pos] = names[slot]
+        ids[row, pos - 1] = leads[slot] if leads[slot] >= 0 else 11
+    context = unit(3, 7)
+    before = None
+    for call in range(3):  # a prompt, then cached steps carrying state on
+        assert 0 < int(torch.isin(names, ids).sum()) < n  # the prefilter leaves slots out
+        a = memory.address(tokens, context, ids, 0.6, 0.15, before, prefilter=True)
+        b = memory.address(tokens, context, ids, 0.6, 0.15, before, prefilter=False)
+        assert torch.equal(a[1], b[1])
+        assert bool((a[1][:2] > 0).any(dim=1).all()) or call > 0  # both prompts read their slots
+        assert torch.equal(a[0][a[1] > 0], b[0][b[1] > 0])
+        assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+        before = a[2]
+        tokens, context = unit(3, 1), unit(3, 1)
+        ids = torch.randint(0, 12, (3, 1), generator=gen)
+    none = torch.full((2, 4), 99)  # no slot keyed at any of these tokens, nothing carried
+    a = memory.address(unit(2, 4), unit(2, 4), none, 0.6, 0.15)
+    b = memory.address(unit(2, 4), unit(2, 4), none, 0.6, 0.15, prefilter=False)
+    assert not bool(a[1].any()) and not bool(b[1].any())
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))

@@ -43,7 +43,39 @@ class Memory:
         return len(self.labels)
 
     def address(self, tokens: torch.Tensor, context: torch.Tensor, ids: torch.Tensor | None, threshold: float,
-                width: float, before: Carried | None = None) -> tuple[torch.Tensor, torch.Tensor, Carried]:
+                width: float, before: Carried | None = None,
+                prefilter: bool = True) -> tuple[torch.Tensor, torch.Tensor, Carried]:
+        """See _address. With the input's token ids known, only the slots keyed at one of its
+        tokens, or already started by an earlier call of these rows, can be read: similarities
+        are computed for those alone (the same result, tested), so a read costs the number of
+        such slots, not the memory's size."""
+        n = len(self)
+        if before is None:
+            before = Carried(torch.full((tokens.shape[0], n), float("-inf"), device=tokens.device),
+                             torch.zeros((tokens.shape[0], n), dtype=torch.bool, device=tokens.device),
+                             torch.full((tokens.shape[0],), -2, dtype=torch.long, device=tokens.device))
+        if ids is None or not prefilter:
+            return self._address(tokens, context, ids, threshold, width, before)
+        live = torch.isin(self.names, ids) | (before.seen >= threshold).any(dim=0)
+        cand = live.nonzero().squeeze(1)
+        if len(cand) == n:
+            return self._address(tokens, context, ids, threshold, width, before)
+        if not len(cand):  # nothing can be read: the rows run unchanged
+            shape = tokens.shape[:2]
+            return (torch.zeros(shape, dtype=torch.long, device=tokens.device), torch.zeros(shape, device=tokens.device),
+                    Carried(before.seen.clamp_min(-1.0), before.answered.clone(), ids[:, -1]))
+        sub = Memory(self.keys[cand], self.subjects[cand], self.names[cand], self.leads[cand], self.values[cand],
+                     self.ends[cand], self.usage[cand], [])
+        part = Carried(before.seen[:, cand], before.answered[:, cand], before.last_id)
+        index, gate, after = sub._address(tokens, context, ids, threshold, width, part)
+        seen = before.seen.clamp_min(-1.0)  # an unnamed slot's match is -1 at every position
+        seen[:, cand] = after.seen
+        answered = before.answered.clone()
+        answered[:, cand] = after.answered
+        return cand[index], gate, Carried(seen, answered, after.last_id)
+
+    def _address(self, tokens: torch.Tensor, context: torch.Tensor, ids: torch.Tensor | None, threshold: float,
+                 width: float, before: Carried) -> tuple[torch.Tensor, torch.Tensor, Carried]:
         """Per position of (B, T, H) unit token queries, (B, T, H) unit context queries and
         (B, T) canonical input ids (None: unknown): the slot read, its gate, and what the next
         cached call of these rows carries on from (`before`).
@@ -60,11 +92,6 @@ class Memory:
         rises linearly to 1 at threshold + width. Neighbouring prompts (same relation, another
         subject) do not match the subject, so they run unchanged."""
         subject = tokens.to(torch.float32) @ self.subjects.T  # (B, T, N)
-        b, _, n = subject.shape
-        if before is None:
-            before = Carried(torch.full((b, n), float("-inf"), device=subject.device),
-                             torch.zeros((b, n), dtype=torch.bool, device=subject.device),
-                             torch.full((b,), -2, dtype=torch.long, device=subject.device))
         if ids is not None:
             previous = torch.cat([before.last_id.unsqueeze(1), ids[:, :-1]], dim=1)
             led = (previous.unsqueeze(-1) == self.leads.view(1, 1, -1)) | (self.leads < 0).view(1, 1, -1)
