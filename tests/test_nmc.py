@@ -504,3 +504,31 @@ def test_reads_of_the_slots_named_in_the_input_equal_reads_of_the_whole_memory()
     b = memory.address(unit(2, 4), unit(2, 4), none, 0.6, 0.15, prefilter=False)
     assert not bool(a[1].any()) and not bool(b[1].any())
     assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+def test_writing_slots_in_place_equals_copying_them():
+    """write_slot (the editor's: rows overwritten, buffers that grow) leaves the same memory as
+    with_slot (a copy) over appends past the buffers' first size, rewrites, evictions; an older
+    memory sharing the buffers does not write over the newer one's rows."""
+    from editkit.plugins.nmc.memory import Entry, Memory, with_slot, write_slot
+
+    gen = torch.Generator().manual_seed(1)
+    h = 8
+
+    def entry(i):
+        return Entry(torch.randn(h, generator=gen), torch.randn(h, generator=gen), i, i + 1,
+                     torch.randn(h, generator=gen), i + 2, f"label {i}")
+
+    copied = in_place = Memory.empty(h, "cpu")
+    steps = [(i, False) for i in range(70)] + [(3, False), (69, True), (0, True), (70, False)]
+    for i, (slot, fresh) in enumerate(steps):
+        e = entry(i)
+        copied = with_slot(copied, slot, e, 0.99, new_occupant=fresh)
+        in_place = write_slot(in_place, slot, e, 0.99, new_occupant=fresh)
+        if i == 66:  # after the buffers grew once: it shares them with the memories after it
+            older = in_place
+    assert in_place.labels == copied.labels and len(in_place) == 71
+    assert all(torch.equal(getattr(in_place, n), getattr(copied, n)) for n in Memory.TENSORS)
+    before = in_place.keys.clone()
+    write_slot(older, len(older), entry(99), 0.99)  # an older memory appends: into new buffers
+    assert torch.equal(in_place.keys, before)

@@ -41,7 +41,7 @@ from editkit.tokens import canonical_ids, teacher_forced_batch, token_span
 from .config import NMCConfig
 from .feedback import SyntheticGradient, load_feedback
 from .controller import learned_controller, load_controller
-from .memory import Entry, Memory, WritePlan, rule_controller, with_slot
+from .memory import Entry, Memory, WritePlan, rule_controller, with_slot, write_slot
 from .problem import EditProblem
 from .write import Writing
 
@@ -205,8 +205,8 @@ class NMCEditor(Writing, Editor):
             action = "erase"  # back to the model's own answer: the slot keeps the fact with no value
         if action != "none":
             entry = replace(problem.entry, value=value)
-            self.memory = with_slot(self.memory, plan.slot, entry, cfg.usage_decay,
-                                    new_occupant=action in ("evict", "erase"))
+            self.memory = write_slot(self.memory, plan.slot, entry, cfg.usage_decay,
+                                     new_occupant=action in ("evict", "erase"))
             if action == "erase":
                 self.memory.usage[plan.slot] = 0.0  # reused first
             for name in ("keys", "subjects", "names", "leads", "values", "ends", "labels"):
@@ -298,11 +298,15 @@ class NMCEditor(Writing, Editor):
         the row: the other slots' contribution goes into the base stream, the written slot's
         gate becomes the read mask of the trained value."""
         cfg = self.config
-        planned = with_slot(self.memory, plan.slot, entry, 1.0)
+        # Only slots keyed at one of the prompt's tokens can be read on it (Memory.address): the
+        # planned memory is those (less the written slot) and the entry, not a copy of them all.
+        near = torch.isin(self.memory.names, ids).nonzero().squeeze(1)
+        near = near[near != plan.slot]
+        planned = with_slot(self.memory.subset(near), len(near), entry, 1.0)
         index, gate, _ = planned.address(tokens[None], context[None], ids[None], cfg.threshold, cfg.gate_width)
         index, gate = index[0], gate[0]
-        own = (index == plan.slot).to(torch.float32) * gate
-        others = (gate * (index != plan.slot).to(torch.float32)).unsqueeze(-1) * planned.values[index]
+        own = (index == len(near)).to(torch.float32) * gate
+        others = (gate * (index != len(near)).to(torch.float32)).unsqueeze(-1) * planned.values[index]
         base = hidden.to(torch.float32) + others
         n = len(target_ids)
         positions = torch.arange(pos, pos + n, device=hidden.device)

@@ -31,6 +31,14 @@ class Memory:
     ends: torch.Tensor  # (N,) long: canonical id of the answer's last token (reading stops once it is written)
     usage: torch.Tensor  # (N,) decayed write counts
     labels: list[str] = field(default_factory=list)  # normalised target of each slot
+    # Backing buffers with room to grow (write_slot): the tensors above are their first N rows.
+    spare: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    TENSORS = ("keys", "subjects", "names", "leads", "values", "ends", "usage")
+
+    def subset(self, rows: torch.Tensor) -> "Memory":
+        """A copy of the given slots only."""
+        return Memory(*(getattr(self, name)[rows] for name in self.TENSORS), [self.labels[i] for i in rows.tolist()])
 
     @classmethod
     def empty(cls, hidden: int, device) -> "Memory":
@@ -64,8 +72,7 @@ class Memory:
             shape = tokens.shape[:2]
             return (torch.zeros(shape, dtype=torch.long, device=tokens.device), torch.zeros(shape, device=tokens.device),
                     Carried(before.seen.clamp_min(-1.0), before.answered.clone(), ids[:, -1]))
-        sub = Memory(self.keys[cand], self.subjects[cand], self.names[cand], self.leads[cand], self.values[cand],
-                     self.ends[cand], self.usage[cand], [])
+        sub = self.subset(cand)
         part = Carried(before.seen[:, cand], before.answered[:, cand], before.last_id)
         index, gate, after = sub._address(tokens, context, ids, threshold, width, part)
         seen = before.seen.clamp_min(-1.0)  # an unnamed slot's match is -1 at every position
@@ -176,6 +183,42 @@ class Entry:
     value: torch.Tensor  # (H,)
     end: int  # canonical id of the answer's last token
     label: str
+
+
+def write_slot(memory: Memory, slot: int, entry: Entry, usage_decay: float, new_occupant: bool = False) -> Memory:
+    """`memory` with `slot` holding `entry`, written in place (the editor's memory once a write
+    has succeeded): a slot's rows are overwritten, a new slot goes into buffers that double when
+    full, so an edit costs the same however many slots there are (with_slot copies them all).
+    Usage as in with_slot."""
+    n = len(memory)
+    row = {"keys": entry.key, "subjects": entry.subject, "names": entry.name, "leads": entry.lead,
+           "values": entry.value, "ends": entry.end}
+    if slot < n:
+        for name, value in row.items():
+            getattr(memory, name)[slot] = torch.as_tensor(value).to(getattr(memory, name))
+        memory.labels[slot] = entry.label
+        memory.usage.mul_(usage_decay)
+        if new_occupant:
+            memory.usage[slot] = 0.0
+        memory.usage[slot] += 1.0
+        return memory
+    buffers = memory.spare
+    # reuse the buffers only if this memory is their newest user (an older memory sharing them
+    # would write over a row the newer one holds)
+    if (buffers is None or buffers["keys"].shape[0] <= n or int(buffers["rows"]) != n
+            or buffers["keys"].data_ptr() != memory.keys.data_ptr()):
+        room = max(64, 2 * (n + 1))
+        buffers = {"rows": torch.tensor(n)}
+        for name in Memory.TENSORS:
+            t = getattr(memory, name)
+            buffers[name] = torch.zeros((room, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            buffers[name][:n] = t
+    for name, value in row.items():
+        buffers[name][n] = torch.as_tensor(value).to(buffers[name])
+    buffers["usage"][:n].mul_(usage_decay)
+    buffers["usage"][n] = 1.0
+    buffers["rows"] = torch.tensor(n + 1)
+    return Memory(*(buffers[name][:n + 1] for name in Memory.TENSORS), memory.labels + [entry.label], spare=buffers)
 
 
 def with_slot(memory: Memory, slot: int, entry: Entry, usage_decay: float, new_occupant: bool = False) -> Memory:
