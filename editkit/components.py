@@ -86,7 +86,9 @@ class Component:
         self._handles = []
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, JSON-serialisable metadata) describing everything learned so far."""
+        """(tensors, JSON-serialisable metadata) describing everything learned so far. The
+        tensors may be the live state itself (WISE's memories, NMC's slots are written in
+        place): copy them to keep them past the next edit."""
         raise NotImplementedError
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
