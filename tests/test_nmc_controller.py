@@ -126,5 +126,8 @@ def test_train_controller_command_on_a_tiny_model(tiny_dirs, tmp_path):
     assert report["train"]["streams"] == 3 and report["train"]["mode"] == "synthetic"
     assert set(report["held_out"]) == {"rule", "learned"} and report["held_out_facts"] > 4
     assert load_controller(out, "cpu").describe()["features"][0] == "subject"
+    tables = CliRunner().invoke(build_app(), args[:-1])  # the readable report
+    assert tables.exit_code == 0, tables.output
+    assert "held out" in tables.output and "learned" in tables.output and "revert" in tables.output
     result = CliRunner().invoke(build_app(), args[:-1] + ["--mode", "sometimes"])
     assert result.exit_code == 1 and "--mode" in result.output

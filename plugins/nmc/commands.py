@@ -56,6 +56,14 @@ def _progress(bar):
     return update
 
 
+def _emit(report: dict, as_json: bool, show) -> None:
+    """The command's report: JSON with --json, else `show`'s tables."""
+    if as_json:
+        echo_json(report)
+    else:
+        show(report)
+
+
 def _print(report: dict) -> None:
     from rich.table import Table
 
@@ -158,10 +166,7 @@ def make_app() -> typer.Typer:
                 if e.attached:
                     e.detach()
         report["saved_to"] = str(out)
-        if as_json:
-            echo_json(report)
-            return
-        _print(report)
+        _emit(report, as_json, _print)
 
     @app.command("evaluate")
     def evaluate_cmd(
@@ -190,10 +195,7 @@ def make_app() -> typer.Typer:
                 report["held_out"].pop("rows")
         finally:
             editor.detach()
-        if as_json:
-            echo_json(report)
-            return
-        _print(report)
+        _emit(report, as_json, _print)
 
     @app.command("train-controller")
     def train_controller_cmd(
@@ -243,10 +245,7 @@ def make_app() -> typer.Typer:
         finally:
             editor.detach()
         report["saved_to"] = str(out)
-        if as_json:
-            echo_json(report)
-            return
-        _print_controllers(report)
+        _emit(report, as_json, _print_controllers)
 
     return app
 
