@@ -228,7 +228,7 @@ def stream_loss(sim: SimMemory, facts: list[Fact], events: list[Event], s: Setti
             if p is None:
                 p = torch.tensor(1.0 if answer == facts[f].own else 0.0)
             terms.append(-torch.log(p.clamp_min(1e-4)))
-    return torch.stack(terms).mean()
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def accuracy(sim: SimMemory, facts: list[Fact], events: list[Event], s: Settings) -> dict[str, list[float]]:
@@ -283,6 +283,8 @@ def train_controller(facts: list[Fact], s: Settings, mode: str = "synthetic", st
     for n in range(streams):
         events = make_stream(facts, rng, length)
         capacity = rng.choice([10_000, max(4, length // 2)])
+        if not events:  # too few facts left to edit: nothing to learn from
+            continue
         leaves = []
 
         def decide(cands, k, label, memory):
