@@ -144,3 +144,22 @@ NQ_STYLE = [
 ]
 
 UNRELATED = GENERAL + NQ_STYLE
+
+# Entities of many kinds (people, places, organisations, works, things) that stand in for an
+# edit's subject: the edit's prompt about another subject is the "same relation, another
+# subject" case an edit must leave alone (CounterFact's neighbourhood prompts). Hand-picked,
+# not drawn from the evaluation data.
+SUBJECTS = [
+    "Albert Einstein", "Marie Curie", "Pablo Picasso", "Wolfgang Amadeus Mozart", "Frida Kahlo",
+    "Nelson Mandela", "Serena Williams", "Lionel Messi", "Akira Kurosawa", "Ada Lovelace",
+    "Charles Darwin", "Jane Austen", "Haruki Murakami", "Gabriel García Márquez", "Rabindranath Tagore",
+    "Cleopatra", "Genghis Khan", "Isaac Newton", "Leo Tolstoy", "Ella Fitzgerald",
+    "Toronto", "Nairobi", "Lima", "Oslo", "Kyoto", "Marseille", "Melbourne", "Casablanca", "Hanoi",
+    "Bavaria", "Patagonia", "Iceland", "Mongolia", "Portugal", "Ghana", "Chile", "Vietnam", "Finland",
+    "the Danube", "Lake Victoria", "Mount Kilimanjaro", "the Sahara",
+    "Toyota", "Siemens", "Nokia", "IBM", "Unilever", "Airbus", "Samsung", "Nestlé", "BBC", "UNESCO",
+    "the University of Oxford", "Real Madrid", "the Chicago Bulls", "the Louvre",
+    "Don Quixote", "The Magic Flute", "Citizen Kane", "The Tale of Genji", "Star Wars",
+    "Windows 95", "the Boeing 747", "the Volkswagen Beetle", "the Linux kernel",
+    "the Nobel Prize in Physics", "the Olympic Games", "the Eiffel Tower", "the Great Barrier Reef",
+]

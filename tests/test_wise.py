@@ -56,14 +56,22 @@ def test_attach_apply_detach_is_bit_identical(tiny_loaded, tiny_family):
     assert torch.equal(logits(loaded, texts), before)
 
 
-def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_family):
+@pytest.mark.parametrize("replay", ["train", "activation"])
+def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_family, replay):
     loaded = tiny_loaded[tiny_family]
+    # activation replay: retrieve mode with shards of 2, so the third edit keeps its shard-mate
+    # above the in-scope margin and pushes the first memory's edits below the unrelated one
+    extra = {} if replay == "train" else {"mode": "retrieve", "shard_size": 2, "replay": 2,
+                                          "replay_mode": "activation"}
     runs = []
     for fast in (True, False):
-        editor = WISEEditor(loaded, {**TINY, "steps": 6, "early_stop": False, "fast_path": fast})
+        editor = WISEEditor(loaded, {**TINY, "steps": 6, "early_stop": False, "fast_path": fast, **extra})
         editor.attach()
         try:
-            seeded_apply(editor, EDIT)  # a second edit trains on top of a non-zero side memory
+            seeded_apply(editor, EDIT)  # a later edit trains on top of a non-zero side memory
+            if replay == "activation":
+                seeded_apply(editor, EDIT2, seed=2)
+                seeded_apply(editor, EDIT, seed=3)
             runs.append((seeded_apply(editor, EDIT2, seed=1)["trajectory"], editor.memories.clone()))
         finally:
             editor.detach()
@@ -205,6 +213,89 @@ def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded):
         editor.detach()
 
 
+def test_activation_replay_scores_earlier_edits_without_training_them(tiny_loaded, monkeypatch):
+    """Paper replay (appendix B.3): the memory's earlier edits only count in the in-scope
+    activation scores and other memories' edits are out of scope; no earlier edit is trained."""
+    loaded = tiny_loaded["llama"]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 2, "replay": 4,
+                                 "replay_mode": "activation"})
+    editor.attach()
+    seen = []
+    real = editor._fast_steps
+
+    def spy(specs, out_specs, keep_specs=()):
+        seen.append(([s[0] for s in specs], [s[0] for s in out_specs], [s[0] for s in keep_specs]))
+        return real(specs, out_specs, keep_specs)
+
+    monkeypatch.setattr(editor, "_fast_steps", spy)
+    prompts = [f"{EDIT.prompt} {i}" for i in range(3)]
+    try:
+        for i, prompt in enumerate(prompts):
+            seeded_apply(editor, EditRequest(prompt=prompt, target_new="Rome"), seed=i)
+    finally:
+        editor.detach()
+    trained, out, kept = seen[2]  # third edit: memory 1; memory 0 holds the first two
+    assert all(p.endswith(prompts[2]) for p in trained)  # the edit and its context prefixes only
+    assert kept == [] and set(prompts[:2]) <= set(out)
+    trained, out, kept = seen[1]  # second edit: its shard-mate kept in scope, nothing trained again
+    assert kept == [prompts[0]] and all(p.endswith(prompts[1]) for p in trained)
+    assert not set(prompts) & set(out)
+
+
+def test_subject_negatives_are_the_prompt_about_other_subjects(tiny_loaded, monkeypatch):
+    loaded = tiny_loaded["gpt_neox"]
+    editor = WISEEditor(loaded, {**TINY, "subject_negatives": 3})
+    editor.attach()
+    seen = []
+    real = editor._fast_steps
+
+    def spy(specs, out_specs, keep_specs=()):
+        seen.append([s[0] for s in out_specs])
+        return real(specs, out_specs, keep_specs)
+
+    monkeypatch.setattr(editor, "_fast_steps", spy)
+    try:
+        seeded_apply(editor, EditRequest(prompt="Toko Yasuda plays the", target_new="piano", subject="Toko Yasuda"))
+        seeded_apply(editor, EditRequest(prompt="Toko Yasuda plays the", target_new="piano"))  # no subject
+        seeded_apply(editor, EditRequest(prompt="She plays the", target_new="piano", subject="Toko Yasuda"))
+    finally:
+        editor.detach()
+    swapped = [p for p in seen[0] if p.endswith(" plays the")]
+    assert len(swapped) == 3 and len(set(swapped)) == 3 and not any("Toko Yasuda" in p for p in swapped)
+    assert not any(p.endswith(" plays the") for out in seen[1:] for p in out)  # none without a usable subject
+
+
+def test_retrieve_memories_are_merged_every_n_shards(tiny_loaded, tmp_path):
+    """Paper WISE-Retrieve: shards TIES-merged into one retrievable memory on a schedule, so
+    memories grow as T / (shard_size x n); routing and reopening still agree."""
+    loaded = tiny_loaded["gpt2"]
+    config = {**TINY, "mode": "retrieve", "shard_size": 1, "retrieve_merge_every": 2, "faiss_min_memories": None}
+    texts = [f"{EDIT.prompt} {i}" for i in range(5)]
+    with Session.open(tmp_path / "ws", loaded=loaded, method="wise", method_config=config) as session:
+        editor = session.editor
+        session.edit(EditRequest(prompt=texts[0], target_new="Rome"), measure=False)
+        shard = editor.memories[0].clone()
+        session.edit(EditRequest(prompt=texts[1], target_new="Rome"), measure=False)
+        assert editor.memories.shape[0] == 2  # [shards 1+2 merged, the fresh one]
+        for t in texts[2:]:
+            session.edit(EditRequest(prompt=t, target_new="Rome"), measure=False)
+        assert editor.memories.shape[0] == 4  # [1+2, 3+4, 5, fresh]
+        assert [e["memory"] for e in editor.edits] == [0, 0, 1, 1, 2]
+        assert not torch.equal(editor.memories[0], shard)  # the merge replaced the first shard
+        assert torch.isfinite(editor.thresholds[:3]).all() and torch.isinf(editor.thresholds[3])
+        assert editor.keys.shape[0] == 4
+        from editkit.generation import generate
+
+        together = generate(loaded, texts + [OTHER], max_new_tokens=4)
+        assert together == [generate(loaded, [t], max_new_tokens=4)[0] for t in texts + [OTHER]]
+        tensors, meta = editor.state_dict()
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    with Session.open(tmp_path / "ws", loaded=loaded) as session:
+        again, meta2 = session.editor.state_dict()
+        assert meta2 == meta and all(torch.equal(again[k], v) for k, v in tensors.items())
+        assert generate(loaded, texts + [OTHER], max_new_tokens=4) == together
+
+
 @pytest.mark.parametrize("values, field", [({"mask_ratio": 1.5}, "mask_ratio"), ({"mode": "both"}, "mode"),
                                            ({"context_lengths": []}, "context_lengths"),
                                            ({"margin_unit": -1}, "margin_unit"), ({"bogus": 1}, "bogus")])
@@ -214,10 +305,13 @@ def test_config_errors_name_the_field(values, field):
 
 
 def test_paper_preset_fills_what_is_not_given_and_survives_a_round_trip(tiny_loaded):
-    from editkit.plugins.wise.config import PAPER_PRESET, WISEConfig
+    from editkit.plugins.wise.config import PAPER_PRESET, PAPER_RETRIEVE_PRESET, WISEConfig
 
     paper = WISEConfig(preset="paper", steps=3)
     assert all(getattr(paper, k) == v for k, v in PAPER_PRESET.items()) and paper.steps == 3
+    retrieve = WISEConfig(preset="paper-retrieve")
+    assert all(getattr(retrieve, k) == v for k, v in PAPER_RETRIEVE_PRESET.items())
+    assert retrieve.mode == "retrieve" and retrieve.faiss_min_memories is None and retrieve.lr == 1.0
     assert WISEConfig(preset="paper", lr=3.0).lr == 3.0  # given explicitly: wins over the preset
     assert WISEConfig.model_validate(paper.model_dump(mode="json")) == paper  # as a workspace stores it
     assert WISEConfig().lr == 10.0 and WISEConfig().margin_mean == "all"

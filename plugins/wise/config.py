@@ -13,7 +13,7 @@ class WISEConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tuned", "paper"] = Field("tuned", description="Starting point of every field not given: 'tuned' (the defaults below, fitted to small models) or 'paper' (WISE's paper and EasyEdit's LLaMA-2 hparams, as far as editkit implements them; docs/wise.md).")
+    preset: Literal["tuned", "paper", "paper-retrieve"] = Field("tuned", description="Starting point of every field not given: 'tuned' (the defaults below, fitted to small models), 'paper' (WISE-Merge with the paper's and EasyEdit's LLaMA-2 hparams) or 'paper-retrieve' (WISE-Retrieve as the paper defines it: shards of 500 merged into one retrievable memory per 1,000 edits, activation-only replay, top-1 over every memory); docs/wise.md.")
 
     # where the side memory lives and how it is used
     layer: int | float = Field(0.85, description="Layer whose MLP down-projection is copied as side memory: index, negative index, or fraction of depth.")
@@ -46,14 +46,17 @@ class WISEConfig(BaseModel):
     cache_contexts: bool = Field(True, description="Generate the context prefixes once per session (False: regenerate them every edit; an ablation, EasyEdit caches them too).")
     unrelated_per_edit: int = Field(32, ge=1, le=128, description="Unrelated prompts drawn from the pool for each edit's margin loss (paper: 1 per edit, over 1000s of edits; cheap on the fast path, which scores them at the edited layer only).")
     unrelated_prompts: list[str] | None = Field(None, description="Pool of unrelated prompt texts (prompt plus answer); None uses the built-in pool.")
-    replay: int = Field(8, ge=0, le=64, description="Earlier edits of the same memory (at most this many, drawn at random) replayed with each new edit (paper appendix B.3); 0 = off.")
+    subject_negatives: int = Field(0, ge=0, le=64, description="Out-of-scope prompts made from the edit's own prompt with its subject swapped for other entities (a built-in list), pushed below the unrelated margin like the unrelated prompts: CounterFact's neighbourhood prompts share the edit's relation with another subject. Needs the request's subject in its prompt; 0 = off.")
+    replay: int = Field(8, ge=0, le=64, description="Earlier edits (at most this many of each kind, drawn at random) replayed with each new edit; 0 = off.")
+    replay_mode: Literal["train", "activation"] = Field("train", description="'train': the memory's earlier edits are trained again (cross-entropy and in-scope margins). 'activation' (paper appendix B.3): no cross-entropy; the memory's earlier edits are kept above the in-scope margin and, in retrieve mode, other memories' edits are pushed below the unrelated one, so top-1 routing tells memories apart.")
 
     # knowledge sharding
     mask_ratio: float = Field(0.2, gt=0, le=1, description="Fraction of side-memory entries each shard may change (rho); a fresh random mask per shard.")
     shard_size: int = Field(8, ge=1, description="Edits per shard: a new gradient mask (merge) or a new memory (retrieve) after this many (8: every edit replays all its shard-mates at replay=8).")
     merge_every: int = Field(2, ge=1, description="WISE-Merge: TIES-merge the shards into the side memory every this many shards.")
     ties_density: float = Field(0.53, gt=0, le=1, description="TIES: fraction of each shard's change kept (largest magnitudes) before sign election.")
-    faiss_min_memories: int = Field(16, ge=1, description="WISE-Retrieve: from this many memories on, a faiss index picks candidate memories before exact scoring.")
+    retrieve_merge_every: int = Field(0, ge=0, description="WISE-Retrieve: TIES-merge every this many finished shards into one retrievable memory (the paper: merge_freq / save_freq = 2), so memories grow as T / (shard_size x this); 0 = never, one memory per shard.")
+    faiss_min_memories: int | None = Field(16, ge=1, description="WISE-Retrieve: from this many memories on, a faiss index picks candidate memories before exact scoring; None = always top-1 by activation score over every memory (the paper).")
     faiss_candidates: int = Field(4, ge=1, description="WISE-Retrieve: candidate memories the faiss index returns per sequence.")
 
     # implementation
@@ -63,8 +66,8 @@ class WISEConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") == "paper":
-            return {**PAPER_PRESET, **data}
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
         return data
 
     @field_validator("context_lengths")
@@ -89,11 +92,15 @@ class WISEConfig(BaseModel):
         return v
 
 
-# The paper's settings where editkit implements them (arXiv 2405.14768; EasyEdit's
-# hparams/WISE/llama-7b.yaml). Still different from the paper (docs/wise.md): replay is off
-# (the paper's activation-only replay is not implemented), shards start from the previous
-# shard's end state, and past 1,000 edits merge mode keeps merging into one memory where
-# EasyEdit's WISE-Retrieve opens a new retrievable memory per 1,000 edits.
+# The paper's settings (arXiv 2405.14768; EasyEdit's hparams/WISE/llama-7b.yaml). Still
+# different from the paper in merge mode (docs/wise.md): shards start from the previous shard's
+# end state, not independently from the main memory.
 PAPER_PRESET = {"lr": 1.0, "beta": 20.0, "margin_unit": 1.0, "protect_energy": 0.0, "unrelated_per_edit": 1,
                 "replay": 0, "margin_mean": "violated", "early_stop_flat": True, "mode": "merge",
                 "shard_size": 500, "merge_every": 2}
+# WISE-Retrieve as the paper defines it: a shard per save_freq (500) edits, the shards TIES-merged
+# into one retrievable memory per merge_freq (1,000), activation-only replay (appendix B.3; the
+# paper gives no count: 8 of each kind here), top-1 by activation score over every memory.
+PAPER_RETRIEVE_PRESET = {**PAPER_PRESET, "mode": "retrieve", "retrieve_merge_every": 2, "replay": 8,
+                         "replay_mode": "activation", "faiss_min_memories": None}
+PRESETS = {"paper": PAPER_PRESET, "paper-retrieve": PAPER_RETRIEVE_PRESET}

@@ -22,6 +22,7 @@ from editkit.components import Editor
 from editkit.schemas import EditRequest
 from editkit.sites import Site
 from editkit.tokens import encode_pair
+from editkit.unrelated import SUBJECTS
 
 from .config import WISEConfig
 from .merge import ties_merge
@@ -96,15 +97,19 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         n_prompt = len(self.tokenizer(request.prompt, add_special_tokens=False).input_ids)
         specs = [(request.prompt, request.target_new, None)]
         specs += [(f"{c}. {request.prompt}", request.target_new, n_prompt) for c in contexts]
-        earlier = [e for e in self.edits if e["memory"] == g]
-        if cfg.replay and earlier:
-            pick = torch.randperm(len(earlier))[: cfg.replay].tolist()
-            specs += [(earlier[i]["prompt"], earlier[i]["target"], None) for i in sorted(pick)]
+        earlier = self._replayed([e for e in self.edits if e["memory"] == g])
+        keep_specs = earlier if cfg.replay_mode == "activation" else []
+        if cfg.replay_mode == "train":
+            specs += earlier
         pool = self._pool()
         drawn = torch.randint(len(pool), (cfg.unrelated_per_edit,)).tolist()
         out_specs = [(pool[i], None, None) for i in drawn]
+        if cfg.replay_mode == "activation" and cfg.mode == "retrieve":  # other memories' edits must not fire here
+            out_specs += self._replayed([e for e in self.edits if e["memory"] != g])
+        out_specs += [(p, None, None) for p in self._other_subjects(request)]
 
-        step_fn = self._fast_steps(specs, out_specs) if cfg.fast_path else self._slow_steps(specs, out_specs)
+        steps_of = self._fast_steps if cfg.fast_path else self._slow_steps
+        step_fn = steps_of(specs, out_specs, keep_specs)
         param = self.memories[g].clone().requires_grad_(True)
         mask = self.mask.to(param.dtype)
         adam = torch.optim.Adam([param], lr=cfg.lr) if cfg.optimizer == "adam" else None
@@ -144,6 +149,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.shard_edits += 1
         if self.shard_edits >= cfg.shard_size:
             self._end_shard()
+        g = self.edits[-1]["memory"]  # a retrieve merge may have moved it
         self._refresh_threshold(g)
         if g != self._current():  # a finished retrieve memory never trains again: drop its cached inputs
             self._xcache = {i: v for i, v in self._xcache.items() if self.edits[i]["memory"] != g}
@@ -152,6 +158,23 @@ class WISEEditor(Routing, Training, StateIO, Editor):
                 "in_scope_min": float(s_in.detach().min()) / unit, "unrelated_max": float(s_out.detach().max()) / unit,
                 "threshold": float(self.thresholds[g]) / unit if g < len(self.thresholds) else None,
                 "trajectory": trajectory}
+
+    def _other_subjects(self, request: EditRequest) -> list[str]:
+        """The edit's prompt about config.subject_negatives other subjects (drawn at random from
+        editkit.unrelated.SUBJECTS); none without a subject that occurs in the prompt."""
+        n, subject = self.config.subject_negatives, request.subject
+        if not n or not subject or subject not in request.prompt:
+            return []
+        others = [s for s in SUBJECTS if s != subject]
+        pick = torch.randperm(len(others))[:n].tolist()
+        return [request.prompt.replace(subject, others[i]) for i in pick]
+
+    def _replayed(self, edits: list[dict[str, Any]]) -> list[tuple[str, str, None]]:
+        """At most config.replay of `edits`, drawn at random, in stream order, as row specs."""
+        if not self.config.replay or not edits:
+            return []
+        pick = torch.randperm(len(edits))[: self.config.replay].tolist()
+        return [(edits[i]["prompt"], edits[i]["target"], None) for i in sorted(pick)]
 
     # ---- thresholds, keys, shards -----------------------------------------------------------
     def _edit_inputs(self, indices: list[int]) -> None:
@@ -204,6 +227,8 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             self.keys = torch.cat([self.keys, self.keys.new_zeros((1, in_f))])
             self.thresholds = torch.cat([self.thresholds, self.thresholds.new_full((1,), float("inf"))])
             self._index = None
+            if cfg.retrieve_merge_every and self.shards % cfg.retrieve_merge_every == 0:
+                self._merge_memories(cfg.retrieve_merge_every)
             return
         current = self.memories[0]
         self.pending.append(current - self.shard_base)
@@ -217,3 +242,28 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             self.changes.mark("merge_base")
         self.shard_base = self.memories[0].clone()
         self.changes.mark("shard_base")
+
+    def _merge_memories(self, k: int) -> None:
+        """WISE-Retrieve: TIES-merge the last k finished memories (one per shard, each a change
+        from the main memory) into one retrievable memory; its edits move to it and its threshold
+        is recomputed from the merged weights on all of them (the paper keeps the shards' lowest)."""
+        cfg = self.config
+        cur = self.memories.shape[0] - 1  # the fresh memory the next edit trains
+        lo = cur - k
+        merged = ties_merge(list(self.memories[lo:cur]), cfg.ties_density).clamp(-cfg.norm_constraint,
+                                                                                  cfg.norm_constraint)
+        self.memories = torch.cat([self.memories[:lo], merged[None], self.memories[cur:]])
+        self.keys = torch.cat([self.keys[:lo], self.keys[lo:cur].sum(0, keepdim=True), self.keys[cur:]])
+        self.thresholds = torch.cat([self.thresholds[:lo], self.thresholds[lo:lo + 1], self.thresholds[cur:]])
+        first = None
+        for i, e in enumerate(self.edits):
+            if e["memory"] >= lo + 1:
+                e["memory"] = lo if e["memory"] < cur else e["memory"] - (k - 1)
+                first = i if first is None else first
+        for name in ("memories", "keys", "thresholds"):
+            self.changes.mark(name, lo)
+        if first is not None:
+            self.changes.mark("edits", first)
+        self._index = None
+        self._refresh_threshold(lo)
+        self._xcache = {i: v for i, v in self._xcache.items() if self.edits[i]["memory"] != lo}

@@ -70,7 +70,8 @@ class Routing:
             score = reduce_scores(d.norm(dim=-1), valid, how)
             idx = torch.zeros(b, dtype=torch.long, device=xf.device)
             return score > self.thresholds[0], idx, d
-        if g < self.config.faiss_min_memories or faiss() is None:  # every memory scored exactly
+        prefilter = self.config.faiss_min_memories
+        if prefilter is None or g < prefilter or faiss() is None:  # top-1 over every memory, scored exactly
             d_all = torch.einsum("bti,ghi->gbth", xf, self.memories)
             scores = reduce_scores(d_all.norm(dim=-1).flatten(0, 1), valid.repeat(g, 1), how).view(g, b)
             best, idx = scores.max(dim=0)

@@ -124,8 +124,10 @@ class Training:
         """Mean over the violated entries of a hinge (EasyEdit's margin loss); 0 when none is."""
         return hinge.sum() / (hinge > 0).sum().clamp(min=1)
 
-    def _fast_steps(self, specs, out_specs):
-        """Step function on cached layer inputs: only the blocks above the edited one run."""
+    def _fast_steps(self, specs, out_specs, keep_specs=()):
+        """Step function on cached layer inputs: only the blocks above the edited one run.
+        `keep_specs` count in the in-scope activation scores only (no cross-entropy), so they
+        cost nothing above the edited layer."""
         dev = self.loaded.device
         rows = make_rows(self.tokenizer, specs).to(dev)
         out_rows = make_rows(self.tokenizer, out_specs).to(dev)
@@ -133,6 +135,12 @@ class Training:
         cap = self._capture(rows, block_out=True)
         x_in, h_in = self._project(cap["x"].to(torch.float32)), cap["h"]
         x_out = self._project(self._capture(out_rows, block_out=False)["x"].to(torch.float32))
+        keep = None
+        if keep_specs:
+            keep_rows = make_rows(self.tokenizer, list(keep_specs)).to(dev)
+            keep_prompt = make_rows(self.tokenizer, list(keep_specs), score_target=False).score.to(dev)
+            keep = (self._project(self._capture(keep_rows, block_out=False)["x"].to(torch.float32)),
+                    keep_rows.score, keep_prompt)
         gold = rows.labels[:, 1:]
         r, c = (gold != IGNORE).nonzero(as_tuple=True)  # loss positions: t predicts t + 1
         targets = gold[r, c]
@@ -144,18 +152,23 @@ class Training:
             logits = self.adapter.unembed(hidden[r, c]).float()
             ce = F.cross_entropy(logits, targets)
             norms = d_in.norm(dim=-1)  # in scope: scored on prompt + target and on the prompt alone
-            s_in = torch.cat([reduce_scores(norms, rows.score, how), reduce_scores(norms, prompt_only, how)])
+            s_in = [reduce_scores(norms, rows.score, how), reduce_scores(norms, prompt_only, how)]
+            if keep is not None:
+                k_norms = F.linear(keep[0], param).norm(dim=-1)
+                s_in += [reduce_scores(k_norms, keep[1], how), reduce_scores(k_norms, keep[2], how)]
             s_out = reduce_scores(F.linear(x_out, param).norm(dim=-1), out_rows.attn, how)
-            return ce, target_lead(logits.detach(), targets), s_in, s_out
+            return ce, target_lead(logits.detach(), targets), torch.cat(s_in), s_out
 
         return step
 
-    def _slow_steps(self, specs, out_specs):
-        """Step function of the full-model path: the whole model, every row, every position."""
+    def _slow_steps(self, specs, out_specs, keep_specs=()):
+        """Step function of the full-model path: the whole model, every row, every position
+        (cross-entropy on `specs` only; `keep_specs` count in the in-scope scores)."""
         dev = self.loaded.device
-        rows = make_rows(self.tokenizer, specs + out_specs).to(dev)
-        n_in = len(specs)
-        prompt_only = make_rows(self.tokenizer, specs + out_specs, score_target=False).score[:n_in].to(dev)
+        scored = list(specs) + list(keep_specs)
+        rows = make_rows(self.tokenizer, scored + out_specs).to(dev)
+        n_ce, n_in = len(specs), len(scored)
+        prompt_only = make_rows(self.tokenizer, scored + out_specs, score_target=False).score[:n_in].to(dev)
         how = self.config.score_reduce
 
         def step(param):
@@ -166,12 +179,15 @@ class Training:
             finally:
                 self._train_delta = None
                 self._train_x = None
-            flat, gold = logits[:n_in, :-1].flatten(0, 1).float(), rows.labels[:n_in, 1:].flatten()
+            flat, gold = logits[:n_ce, :-1].flatten(0, 1).float(), rows.labels[:n_ce, 1:].flatten()
             ce = F.cross_entropy(flat, gold, ignore_index=IGNORE)
             keep = gold != IGNORE
             norms = F.linear(x, param).norm(dim=-1)
-            s_in = torch.cat([reduce_scores(norms[:n_in], rows.score[:n_in], how),
-                              reduce_scores(norms[:n_in], prompt_only, how)])
+            # in-scope scores in the fast path's order: the edit's rows, then the kept ones
+            s_in = torch.cat([reduce_scores(norms[:n_ce], rows.score[:n_ce], how),
+                              reduce_scores(norms[:n_ce], prompt_only[:n_ce], how),
+                              reduce_scores(norms[n_ce:n_in], rows.score[n_ce:n_in], how),
+                              reduce_scores(norms[n_ce:n_in], prompt_only[n_ce:], how)])
             s_out = reduce_scores(norms[n_in:], rows.attn[n_in:], how)
             return ce, target_lead(flat[keep].detach(), gold[keep]), s_in, s_out
 
