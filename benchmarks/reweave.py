@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--config", default="{}", help="ReweaveConfig values as JSON")
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (median)")
+    parser.add_argument("--long-inputs", default="4,16,64",
+                        help="passkey recall in one input this many times --chunk-tokens long (comma-separated; '' skips)")
+    parser.add_argument("--chunk-tokens", type=int, default=32, help="chunk length for the long inputs")
+    parser.add_argument("--long-items", type=int, default=32, help="held-out long inputs per length")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reweave.json")
     args = parser.parse_args()
 
@@ -85,6 +89,8 @@ def main() -> None:
                                       "layers": rw.adapter.num_layers,
                                       "parameters": sum(p.numel() for p in rw.module.parameters())}
                 measure_cost(rw, loaded, args, result)
+                if args.long_inputs:
+                    measure_long_inputs(rw, loaded, args, result)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -143,6 +149,82 @@ def measure_cost(rw, loaded, args, result: dict) -> None:
     print(result["cost"], flush=True)
 
 
+def long_input(rng, tok, n_tokens: int, chunk: int, digits: int) -> tuple[str, str, str]:
+    """(context, query, answer): filler sentences of about n_tokens tokens in all with one
+    passkey sentence somewhere before the last chunk, then the question."""
+    from editkit.plugins.reweave.data import ADJECTIVES, FILLER, OBJECTS
+
+    name = f"{rng.choice(ADJECTIVES)} {rng.choice(OBJECTS)}"
+    code = "".join(rng.choice("0123456789") for _ in range(digits))
+    query = f" Question: what is the code for the {name}? Answer: it is"
+    room = n_tokens - len(tok(query).input_ids)
+    sentences, used = [], 0
+    while used < room:
+        sentences.append(rng.choice(FILLER))
+        used += len(tok(" " + sentences[-1]).input_ids)
+    # the fact goes before the last chunk, so only the memory can bring it back
+    cut, before = 0, 0
+    while cut < len(sentences) and before + len(tok(" " + sentences[cut]).input_ids) < room - chunk:
+        before += len(tok(" " + sentences[cut]).input_ids)
+        cut += 1
+    sentences.insert(rng.randrange(0, max(1, cut)), f"The code for the {name} is {code}.")
+    return " ".join(sentences), query, " " + code
+
+
+@torch.no_grad()
+def measure_long_inputs(rw, loaded, args, result: dict) -> None:
+    """Passkey recall from one long input read chunk by chunk (editkit.generation.read_ahead,
+    what Session.generate does in a conversation with chunk_tokens set), teacher-forced on the
+    code's digits; against the frozen model reading only the last chunk (what it has without
+    the memory) and reading the whole input at once (full attention, where it fits)."""
+    import random
+
+    from editkit.generation import Row, read_ahead
+    from editkit.plugins.reweave.train import encode
+
+    tok, size = loaded.tokenizer, args.chunk_tokens
+    out = {"chunk_tokens": size, "items": args.long_items, "capacity": rw.config.capacity,
+           "keep_per_chunk": rw.config.keep_per_chunk, "lengths": {}}
+
+    def digits_right(ids: list[int], start: int, conversation: str | None) -> tuple[int, int]:
+        rw.set_conversation(conversation)
+        try:
+            logits = loaded.model(torch.tensor([ids[:-1]])).logits[0, start - 1:]
+        finally:
+            rw.set_conversation(None)
+        hits = logits.argmax(-1) == torch.tensor(ids[start:])
+        return int(hits.sum()), int(hits.all())
+
+    for times in [int(x) for x in args.long_inputs.split(",") if x.strip()]:
+        rng = random.Random(500 + times)
+        tally = {k: [0, 0] for k in ("reweave", "frozen_last_chunk", "frozen_whole")}
+        tokens = 0
+        started = time.perf_counter()
+        for i in range(args.long_items):
+            context, query, answer = long_input(rng, tok, times * size, size, args.digits)
+            full, start = encode(tok, context + query, answer)
+            answer_ids, prompt_ids = full[start:], full[:start]
+            conv = f"__long__{i}"
+            rw.set_conversation(conv)
+            try:
+                (row,) = read_ahead(loaded, [Row("", 1, prompt_ids=prompt_ids)], size)
+            finally:
+                rw.set_conversation(None)
+            tail = row.prompt_ids
+            for key, ids, conversation in (("reweave", tail, conv), ("frozen_last_chunk", tail, None),
+                                           ("frozen_whole", prompt_ids, None)):
+                got = digits_right(ids + answer_ids, len(ids), conversation)
+                tally[key][0] += got[0]
+                tally[key][1] += got[1]
+            rw.clear(conv)
+            tokens += len(answer_ids)
+        out["lengths"][times] = {"input_tokens": times * size, "seconds": time.perf_counter() - started,
+                                 **{k: {"digit_accuracy": v[0] / tokens, "exact": v[1] / args.long_items}
+                                    for k, v in tally.items()}}
+        print(f"long input {times}x{size}: {out['lengths'][times]}", flush=True)
+    result["long_inputs"] = out
+
+
 def summary(r: dict) -> str:
     c, b, runs = r["cost"], r["buffer"], r["runs"]
     t0 = runs[0]["train"]
@@ -188,6 +270,21 @@ def summary(r: dict) -> str:
               f"{r['torch_threads']}; other jobs may share it). Where the 'added' time is negative or the "
               "baseline itself swings, the plugin's cost is below the run-to-run noise of that machine and "
               "this run does not measure it; rerun on an idle machine.", ""]
+    if "long_inputs" in r:
+        li = r["long_inputs"]
+        lines += ["## One long input, read chunk by chunk (the last seed's reweaver)", "",
+                  f"The input holds one passkey sentence somewhere before its last chunk of {li['chunk_tokens']} "
+                  f"tokens, then the question; {li['items']} held-out inputs per length. `reweave`: read chunk by "
+                  "chunk in a conversation (what `generate` does with `chunk_tokens` set); `frozen, last chunk`: "
+                  "the model without memory sees only what generation continues from; `frozen, whole`: the "
+                  f"model reads everything at once (full attention). Memory: capacity {li['capacity']} states "
+                  f"per capture layer, {li['keep_per_chunk']} kept per chunk. Digit accuracy (exact).", "",
+                  "| input | tokens | reweave | frozen, last chunk | frozen, whole | seconds |", "|---|---|---|---|---|---|"]
+        for times, row in li["lengths"].items():
+            cells = " | ".join(f"{100 * row[k]['digit_accuracy']:.1f}% ({100 * row[k]['exact']:.1f}%)"
+                               for k in ("reweave", "frozen_last_chunk", "frozen_whole"))
+            lines.append(f"| {times}x chunk | {row['input_tokens']} | {cells} | {row['seconds']:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -112,6 +112,12 @@ class Component:
     def clear_conversation(self, conversation: str) -> None:
         """Forget what `conversation` left in runtime memory."""
 
+    def chunk_tokens(self) -> int | None:
+        """Inside a conversation, inputs longer than this many tokens are read chunk by chunk
+        (each earlier chunk one forward pass into the runtime memory, the last chunk the
+        prompt generation continues); None: inputs are read whole."""
+        return None
+
 
 class Editor(Component):
     """An editing method. The session seeds torch's RNG before each apply() so replays are exact."""

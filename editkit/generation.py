@@ -115,7 +115,7 @@ def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None 
     top_k = 50 if top_k is None else top_k  # transformers' default where the model sets none
     ends = _end_tokens(loaded)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (min(ends) if ends else 0)
-    prompts = [r.prompt_ids if r.prompt_ids is not None else tok(r.prompt).input_ids for r in rows]
+    prompts = [_prompt_ids(loaded, r) for r in rows]
     width = max(len(p) for p in prompts)  # left padding: every row's last prompt token lines up
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -172,6 +172,41 @@ def decode(loaded: LoadedModel, rows: list[Row], on_token: TokenCallback | None 
         if not (row.stop or on_token):
             decoded.text = tok.decode(decoded.ids, skip_special_tokens=True)
     return out
+
+
+def _prompt_ids(loaded: LoadedModel, row: Row) -> list[int]:
+    return list(row.prompt_ids) if row.prompt_ids is not None else list(loaded.tokenizer(row.prompt).input_ids)
+
+
+@torch.no_grad()
+def read_ahead(loaded: LoadedModel, rows: list[Row], size: int) -> list[Row]:
+    """Rows whose prompt is longer than `size` tokens, read chunk by chunk: every chunk but
+    the last is one forward pass of its own (a component with runtime memory, such as memory
+    reweaving, keeps what it needs of it), and the row continues from its last `size` tokens.
+    Call it inside the conversation whose memory should receive the chunks. A tokenizer's
+    leading special token (BOS) starts every chunk, as it starts every short prompt."""
+    bos = _leading_special(loaded)
+    out = []
+    for row in rows:
+        ids = _prompt_ids(loaded, row)
+        body = ids[1:] if bos is not None and ids[:1] == [bos] else ids
+        if len(body) <= size:
+            out.append(row)
+            continue
+        head, tail = body[:-size], body[-size:]
+        lead = [] if bos is None else [bos]
+        for lo in range(0, len(head), size):
+            chunk = torch.tensor([lead + head[lo:lo + size]], device=loaded.device)
+            loaded.model(input_ids=chunk, attention_mask=torch.ones_like(chunk), use_cache=False)
+        out.append(Row(**{**row.__dict__, "prompt_ids": lead + tail}))
+    return out
+
+
+def _leading_special(loaded: LoadedModel) -> int | None:
+    """The special token the tokenizer puts before every text (BOS), if it does."""
+    tok = loaded.tokenizer
+    first = tok("a").input_ids[:1]
+    return first[0] if first and first[0] in set(tok.all_special_ids) else None
 
 
 def generate_ids(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,

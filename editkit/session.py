@@ -23,7 +23,7 @@ from editkit import legacy
 from editkit.chunks import ChunkStore
 from editkit.components import Editor, Intervention, describe_validation_error
 from editkit.errors import EditVetoed, InvalidRequest, WorkspaceError
-from editkit.generation import Decoded, Row, check_fits, decode as _decode
+from editkit.generation import Decoded, Row, check_fits, decode as _decode, read_ahead
 from editkit.host import PluginHost, get_host
 from editkit.model import DEFAULT_ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from editkit.limits import check_sampling, check_seed, check_texts, max_prompt_chars
@@ -467,7 +467,16 @@ class Session:
         with ExitStack() as stack:
             for component in self._components():
                 stack.enter_context(component.conversation(conversation))
+            size = self.chunk_tokens()
+            if size:
+                rows = read_ahead(self.loaded, rows, size)
             return _decode(self.loaded, rows, on_token, cancelled)
+
+    def chunk_tokens(self) -> int | None:
+        """Within a conversation, inputs longer than this are read chunk by chunk (the
+        smallest chunk any attached component asks for; None: read whole)."""
+        sizes = [n for n in (c.chunk_tokens() for c in self._components()) if n]
+        return min(sizes) if sizes else None
 
     def check_rows(self, rows: list[Row], conversation: str | None = None) -> None:
         """InvalidRequest unless every row can be decoded: a prompt within the limit and the
@@ -481,7 +490,15 @@ class Session:
         for r in rows:
             check_seed(r.seed)
             check_sampling(r.temperature, r.top_p)
-        check_fits(self.loaded, ((name(i), r.prompt, r.max_new_tokens) for i, r in enumerate(rows)))
+        size = self.chunk_tokens() if conversation is not None else None
+        limit = self.loaded.context_length
+        if size:  # read chunk by chunk: generation continues from at most `size` tokens (and a BOS)
+            longest = max(r.max_new_tokens for r in rows)
+            if limit and size + 1 + longest > limit:
+                raise InvalidRequest(f"a chunk of {size} tokens + {longest} to generate is over the model's "
+                                     f"context of {limit} tokens")
+        else:
+            check_fits(self.loaded, ((name(i), r.prompt, r.max_new_tokens) for i, r in enumerate(rows)))
         if conversation is not None:
             check_conversation(conversation)
 

@@ -237,6 +237,42 @@ def test_state_round_trip_through_session(tmp_path, tiny_loaded):
     assert torch.equal(logits(loaded), base)
 
 
+def test_long_input_is_read_chunk_by_chunk_in_a_conversation(tmp_path, tiny_loaded, tiny_family):
+    """An input longer than chunk_tokens: its earlier chunks go into the conversation's memory
+    one forward pass each and generation continues from the last chunk; the same as a client
+    sending the chunks as separate calls. Without a conversation the input is read whole."""
+    from editkit.generation import Row, decode
+
+    loaded = tiny_loaded[tiny_family]
+    tok = loaded.tokenizer
+    cfg = {"capture_layers": [0.5], "reweave_layer": -1, "heads": 2, "head_dim": 8, "chunk_tokens": 8}
+    with reweaving(loaded, cfg) as rw:
+        perturb(rw, seed=3)
+        state = rw.state_dict()
+    text = " ".join(f"the code for door {i} is {1000 + 7 * i}." for i in range(12))
+    ids = tok(text).input_ids
+    bos = [ids[0]] if ids[0] in tok.all_special_ids else []
+    body = ids[len(bos):]
+    assert len(body) > 40  # several chunks
+    with Session.open(tmp_path / "ws", loaded=loaded, method="ft", method_config=FAST) as s:
+        rw = s.add_intervention("reweave", cfg, state=state)
+        assert len(ids) > loaded.context_length  # too long for the model read whole...
+        with pytest.raises(InvalidRequest, match="over the model's context"):
+            s.generate(text, max_new_tokens=5)  # ...as it is without a conversation
+        assert not rw.buffers
+        got = s.generate(text, max_new_tokens=5, conversation="long")
+        head = body[:-8]
+        assert rw.buffers["long"].chunks == -(-len(head) // 8) + 5  # one pass per earlier chunk, one per token
+        with rw.conversation("by-hand"):
+            for lo in range(0, len(head), 8):
+                loaded.model(torch.tensor([bos + head[lo:lo + 8]]))
+            by_hand = decode(loaded, [Row("", 5, prompt_ids=bos + body[-8:])])[0].text
+        assert got == [by_hand]
+        assert torch.equal(rw.buffers["long"].layers[rw.capture_ids[0]].states,
+                           rw.buffers["by-hand"].layers[rw.capture_ids[0]].states)
+        s.remove_intervention("reweave")
+
+
 def test_bad_config_is_refused(tiny_loaded):
     loaded = tiny_loaded["llama"]
     for bad in ({"gate_init": 0.0}, {"capacity": 0}, {"scorer": "magic"}, {"capture_layers": []}):

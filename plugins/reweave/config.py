@@ -40,6 +40,10 @@ class ReweaveConfig(BaseModel):
                              "identity until trained whatever g is (g must be non-zero for out_proj to learn).")
     seed: int = Field(0, description="Seed of the reweaver's random initialisation (with train()'s own seed for "
                       "batch order, a run is reproducible on the same machine and thread count).")
+    chunk_tokens: int = Field(0, ge=0, le=65536, description="Within a conversation, an input longer than this "
+                              "many tokens is read chunk by chunk (each earlier chunk one forward pass whose states "
+                              "enter the memory; generation continues from the last chunk), so one long input gets "
+                              "the memory without the client cutting it into calls; 0 = read whole.")
     max_conversations: int = Field(64, ge=1, le=100000, description="Most conversation buffers held at once; "
                                    "the least recently used is dropped beyond this.")
 

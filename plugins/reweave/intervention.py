@@ -333,6 +333,9 @@ class MemoryReweaving(Intervention):
     def clear_conversation(self, conversation: str) -> None:
         self.clear(conversation)
 
+    def chunk_tokens(self) -> int | None:
+        return self.config.chunk_tokens or None
+
     def clear(self, conversation: str | None = None) -> None:
         """Forget everything `conversation` (default: the current one) remembers."""
         key = str(conversation if conversation is not None else self.current)
