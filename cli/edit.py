@@ -242,6 +242,9 @@ def generate(
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for sampling.")] = None,
     chat: Annotated[bool, typer.Option(
         "--chat", help="Send each PROMPT as a user message through the model's chat template.")] = False,
+    conversation: Annotated[Optional[str], typer.Option(
+        "--conversation", help="Read and extend this conversation's runtime memory (reweave) for the call; "
+        "with reweave's chunk_tokens set, a PROMPT longer than that is read chunk by chunk.")] = None,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -249,7 +252,7 @@ def generate(
     device_map: DeviceMapOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate with the workspace's edits in force (the workspace must exist)."""
+    """Generate with the workspace's edits and interventions in force (the workspace must exist)."""
     if any(not p.strip() for p in prompts):
         raise InvalidRequest("prompt must not be empty")
     check_texts((("PROMPT", p) for p in prompts), max_prompt_chars())
@@ -257,7 +260,7 @@ def generate(
                       device_map=device_map) as session:
         inputs = [session.chat_prompt([{"role": "user", "content": p}]) for p in prompts] if chat else prompts
         texts = session.generate(inputs, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed)
+                                 top_p=top_p, seed=seed, conversation=conversation)
     if as_json:
         echo_json([{"prompt": p, "text": t} for p, t in zip(prompts, texts)])
         return

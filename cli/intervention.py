@@ -3,6 +3,7 @@ its own commands wrote (`ph3 locate`, `reweave train --out`) or from --config al
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,17 +32,23 @@ def add(
     [--config k=N]; reweave: --from TRAINED.safetensors."""
     cls = host_of(ctx).intervention(name)  # an unknown name fails before the model loads
     options = parse_config(config) or {}
-    with open_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
-                      device_map=device_map) as session:
-        if name in session.interventions:
-            raise InvalidRequest(f"{name} is already attached to {workspace}; run `editkit intervention remove "
-                                 f"{name}` first")
-        if source is None:
-            session.add_intervention(name, options)
-        else:
-            cfg, tensors, meta = cls.state_from_file(source, options, session.loaded)
-            session.add_intervention(name, cfg, state=(tensors, meta))
-        summary = session.interventions[name].state_dict()[1]
+    fresh = not Path(workspace).exists()
+    try:
+        with open_session(ctx, workspace, create=True, model=model, device=device, dtype=dtype,
+                          device_map=device_map) as session:
+            if name in session.interventions:
+                raise InvalidRequest(f"{name} is already attached to {workspace}; run `editkit intervention "
+                                     f"remove {name}` first")
+            if source is None:
+                session.add_intervention(name, options)
+            else:
+                cfg, tensors, meta = cls.state_from_file(source, options, session.loaded)
+                session.add_intervention(name, cfg, state=(tensors, meta))
+            summary = session.interventions[name].state_dict()[1]
+    except Exception:
+        if fresh and Path(workspace).exists():  # this call made it: a failed add leaves nothing behind
+            shutil.rmtree(workspace)
+        raise
     typer.echo(f"attached {name} to {workspace}" + (f" from {source}" if source else "")
                + (f": {summary}" if summary else ""))
 

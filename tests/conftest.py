@@ -45,6 +45,40 @@ def default_model():
         pytest.skip(f"default model unavailable: {exc}")
 
 
+@pytest.fixture(scope="session")
+def trained_reweave(default_model) -> dict:
+    """A reweaver trained once per run on the default model (the benchmark's recipe at half
+    the episodes: 2-digit passkeys one chunk back), with its held-out episodes and the frozen
+    and woven recall on them. Shared by the recall test and the composition test."""
+    import time
+
+    from editkit.plugins.reweave import evaluate, passkeys, prepare, reweaving, train
+
+    started = time.perf_counter()
+    items = passkeys(288, seed=0, digits=2, distractors=0)
+    with reweaving(default_model) as rw:
+        stats = train(rw, prepare(rw, items[:256]), steps=400, lr=3e-3, batch_size=16)
+        base = evaluate(rw, items[256:], use_memory=False)
+        woven = evaluate(rw, items[256:], use_memory=True)
+        state = rw.state_dict()
+        config = rw.config.model_dump(mode="json")
+    return {"config": config, "state": state, "held_out": items[256:], "stats": stats, "base": base,
+            "woven": woven, "seconds": time.perf_counter() - started}
+
+
+@pytest.fixture(scope="session")
+def located_ph3(default_model) -> dict:
+    """PH3 head scores located once per run on known-fact conflict items of the default model
+    (120 items, splits 48 / 36 / 36), with the unpruned validation rates."""
+    from editkit.plugins.ph3 import build_items, evaluate_rates, locate_heads, split_items
+
+    shared_path("known")
+    items = build_items(default_model, "known", limit=120, seed=0)
+    parts = split_items(items, seed=0)
+    return {"parts": parts, "scores": locate_heads(default_model, parts["locate"]),
+            "base_validation": evaluate_rates(default_model, parts["validation"])}
+
+
 def shared_path(name: str) -> Path:
     """Shared data set `name` (editkit.data.SHARED_FILES), or a skip (a fail in CI, where the
     shared data must be present)."""

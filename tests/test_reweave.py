@@ -2,8 +2,6 @@
 train/serve agreement, state round trip through a session, training lowers the loss; and on
 the default model, held-out cross-chunk recall above the frozen baseline."""
 
-import time
-
 import pytest
 import torch
 
@@ -292,19 +290,14 @@ def test_learned_scorer_trains(tiny_loaded):
 
 
 @pytest.mark.model
-def test_default_model_recalls_across_chunks(default_model):
+def test_default_model_recalls_across_chunks(trained_reweave):
     """Held-out passkeys one chunk back, served through conversations: recall with the trained
     reweaver far above the frozen model, which cannot see the earlier chunk (chance: 10% per
     digit). The benchmark's recipe at half the episodes (benchmarks/reweave.py: 512 episodes,
-    100% for seeds 0-2)."""
-    started = time.perf_counter()
-    items = passkeys(288, seed=0, digits=2, distractors=0)
-    with reweaving(default_model) as rw:
-        stats = train(rw, prepare(rw, items[:256]), steps=400, lr=3e-3, batch_size=16)
-        base = evaluate(rw, items[256:], use_memory=False)
-        woven = evaluate(rw, items[256:], use_memory=True)
-    elapsed = time.perf_counter() - started
-    print(f"\nreweave default model: train {stats}, baseline {base}, reweave {woven}, {elapsed:.1f}s")
+    100% for seeds 0-2); trained once per run (conftest.trained_reweave)."""
+    stats, base, woven = trained_reweave["stats"], trained_reweave["base"], trained_reweave["woven"]
+    print(f"\nreweave default model: train {stats}, baseline {base}, reweave {woven}, "
+          f"{trained_reweave['seconds']:.1f}s")
     assert stats["last5_loss"] < stats["first_loss"] - 2.0
     assert base["token_accuracy"] < 0.3
     assert woven["token_accuracy"] > base["token_accuracy"] + 0.5
@@ -331,7 +324,19 @@ def test_cli_train_apply_remove(tiny_dirs, tmp_path):
     tensors, doc = load_file(out)
     assert doc["config"]["capture_layers"] == [1, 2] and doc["state"]["trained_steps"] == 3 and "o.weight" in tensors
     ws = tmp_path / "ws"
-    result = runner.invoke(app, ["intervention", "add", "reweave", "--from", str(out), "--workspace", str(ws), *model])
+    add = ["intervention", "add", "reweave", "--from", str(out), "--workspace", str(ws), *model]
+    result = runner.invoke(app, [*add, "--config", "heads=2"])  # what it learnt comes from the file
+    assert result.exit_code == 1 and "heads" in result.output and not ws.exists()
+    result = runner.invoke(app, [*add, "--config", "chunk_tokens=8"])  # how it serves may change
+    assert result.exit_code == 0, result.output
+    with Session.open(ws, create=False) as s:
+        rw = s.interventions["reweave"]
+        assert rw.config.chunk_tokens == 8 and rw.capture_ids == [1, 2]
+    long_prompt = " ".join(["the code for the red door is 4821."] * 40)  # over the tiny model's context
+    result = runner.invoke(app, ["generate", long_prompt, "--max-new-tokens", "3", "--workspace", str(ws), *model])
+    assert result.exit_code == 1 and "context" in result.output  # read whole without a conversation
+    result = runner.invoke(app, ["generate", long_prompt, "--max-new-tokens", "3", "--conversation", "c",
+                                 "--workspace", str(ws), "--json", *model])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["reweave", "train", "--workspace", str(ws), "--json", *small[:6]])
     assert result.exit_code == 0, result.output  # continues training the workspace's reweaver

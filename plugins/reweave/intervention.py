@@ -48,6 +48,9 @@ from editkit.sites import Site
 from .config import ReweaveConfig
 
 STATE_FORMAT = 1
+# Settings of how the trained reweaver serves, not of what it learnt: `intervention add
+# reweave --from FILE --config KEY=VALUE` may change these and nothing else.
+SERVING_SETTINGS = {"chunk_tokens", "max_conversations", "capacity", "eviction"}
 
 
 class Reweaver(nn.Module):
@@ -445,13 +448,16 @@ class MemoryReweaving(Intervention):
         """From a file of `editkit reweave train --out`: its config and trained weights."""
         from .files import load_file
 
-        if options:
-            raise InvalidRequest("reweave takes its config from the trained file; drop --config")
+        fixed = sorted(set(options) - SERVING_SETTINGS)
+        if fixed:
+            raise InvalidRequest(f"reweave takes {', '.join(fixed)} from the trained file; --config may set only "
+                                 f"{', '.join(sorted(SERVING_SETTINGS))}")
         tensors, doc = load_file(path)
         if doc.get("fingerprint") and loaded.fingerprint != doc["fingerprint"]:
             raise WorkspaceError(f"{path} was trained on other weights (fingerprint {doc['fingerprint']}, "
                                  f"workspace model {loaded.fingerprint})")
-        return doc.get("config"), tensors, doc.get("state", {})
+        config = doc.get("config")
+        return (None if config is None and not options else {**(config or {}), **options}), tensors, doc.get("state", {})
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("format", STATE_FORMAT) != STATE_FORMAT:
