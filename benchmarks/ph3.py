@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.1)
     ap.add_argument("--mode", default="direct", choices=["direct", "activation"])
     ap.add_argument("--orders", default="effect,paper", help="pruning orders to compare on the same scores")
+    ap.add_argument("--per-head", type=int, default=0,
+                    help="favour memory: also prune each of the N strongest context heads (by patching score and by "
+                         "effect) alone, and the effect order's first 1..2N together, on the test split")
     ap.add_argument("--out", default=str(ROOT / "results" / "ph3"))
     args = ap.parse_args()
 
@@ -67,11 +70,39 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
     }
+    if args.per_head:
+        test = [ConflictItem.from_dict(d) for d in doc["split_items"]["test"]]
+        result["per_head"] = per_head(loaded, scores, test, args.per_head, doc["test"]["before"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result, args))
     print(out.with_suffix(".md").read_text())
+
+
+def per_head(loaded, scores: HeadScores, test: list, n: int, before: dict) -> dict:
+    """Favour memory, head by head: what pruning each strong context head alone does to the
+    memory rate and clean accuracy on the test split, and the effect order's first k together
+    (k = 1, 2, 4, ... up to 2n): how far pruning can push this model's memory at all."""
+    from editkit.plugins.ph3 import rates_with
+
+    by_score = [(l, h) for l, h, _ in scores.ranked("context")[:n]]
+    by_effect = scores.top("context", n)
+    alone = []
+    for head in dict.fromkeys(by_score + by_effect):  # union, first seen first
+        r = rates_with(loaded, test, [head])
+        alone.append({"head": list(head), "score_rank": by_score.index(head) + 1 if head in by_score else None,
+                      "effect_rank": by_effect.index(head) + 1 if head in by_effect else None,
+                      "memory_gain_points": 100 * (r["memory_rate"] - before["memory_rate"]),
+                      "clean_loss_points": 100 * (before["clean_accuracy"] - r["clean_accuracy"])})
+    together, k = [], 1
+    ordered = scores.top("context", 2 * n)
+    while k <= len(ordered):
+        r = rates_with(loaded, test, ordered[:k])
+        together.append({"k": k, "memory_gain_points": 100 * (r["memory_rate"] - before["memory_rate"]),
+                         "clean_loss_points": 100 * (before["clean_accuracy"] - r["clean_accuracy"])})
+        k *= 2
+    return {"alone": alone, "together": together}
 
 
 def by_order(loaded, doc: dict, args) -> dict:
@@ -110,6 +141,20 @@ def markdown(result: dict, args) -> str:
                 lines.append(f"| {order} | favour {f} | 0 | no k kept clean accuracy within tolerance | - | - | "
                              f"+{result['paper_gain_points'][f]} |")
     lines.append("")
+    if "per_head" in result:
+        ph = result["per_head"]
+        lines += ["## Favour memory, head by head (test split)", "",
+                  "Each strong context head pruned alone (rank by patching score / by effect), then the effect "
+                  "order's first k together: how far pruning moves this model toward its memory.", "",
+                  "| head | score rank | effect rank | memory rate gain (points) | clean accuracy lost (points) |",
+                  "|---|---|---|---|---|"]
+        for a in ph["alone"]:
+            lines.append(f"| L{a['head'][0]}H{a['head'][1]} | {a['score_rank'] or '-'} | {a['effect_rank'] or '-'} | "
+                         f"{a['memory_gain_points']:+.1f} | {a['clean_loss_points']:.1f} |")
+        lines += ["", "| k (effect order) | memory rate gain (points) | clean accuracy lost (points) |", "|---|---|---|"]
+        for t in ph["together"]:
+            lines.append(f"| {t['k']} | {t['memory_gain_points']:+.1f} | {t['clean_loss_points']:.1f} |")
+        lines.append("")
     for order, r in result["orders"].items():
         lines += [f"## Order `{order}`", "", one_order({**result, **r, "order": order}, args)]
     return "\n".join(lines)
