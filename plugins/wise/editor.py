@@ -233,8 +233,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         current = self.memories[0]
         self.pending.append(current - self.shard_base)
         if len(self.pending) >= cfg.merge_every:
-            merged = self.merge_base + ties_merge(self.pending, cfg.ties_density)
-            merged = merged.clamp(-cfg.norm_constraint, cfg.norm_constraint)
+            merged = self._ties(self.pending, self.merge_base)
             self.memories = merged[None].clone()
             self.merge_base = merged.clone()
             self.pending = []
@@ -246,12 +245,11 @@ class WISEEditor(Routing, Training, StateIO, Editor):
     def _merge_memories(self, k: int) -> None:
         """WISE-Retrieve: TIES-merge the last k finished memories (one per shard, each a change
         from the main memory) into one retrievable memory; its edits move to it and its threshold
-        is recomputed from the merged weights on all of them (the paper keeps the shards' lowest)."""
-        cfg = self.config
+        is recomputed from the merged weights on all of them (the paper keeps the shards' lowest) by
+        apply(), whose edit ended the last of those shards."""
         cur = self.memories.shape[0] - 1  # the fresh memory the next edit trains
         lo = cur - k
-        merged = ties_merge(list(self.memories[lo:cur]), cfg.ties_density).clamp(-cfg.norm_constraint,
-                                                                                  cfg.norm_constraint)
+        merged = self._ties(list(self.memories[lo:cur]), torch.zeros_like(self.memories[0]))
         self.memories = torch.cat([self.memories[:lo], merged[None], self.memories[cur:]])
         self.keys = torch.cat([self.keys[:lo], self.keys[lo:cur].sum(0, keepdim=True), self.keys[cur:]])
         self.thresholds = torch.cat([self.thresholds[:lo], self.thresholds[lo:lo + 1], self.thresholds[cur:]])
@@ -265,5 +263,8 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         if first is not None:
             self.changes.mark("edits", first)
         self._index = None
-        self._refresh_threshold(lo)
-        self._xcache = {i: v for i, v in self._xcache.items() if self.edits[i]["memory"] != lo}
+
+    def _ties(self, deltas: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        """`base` plus the TIES merge of shard changes, within the norm constraint."""
+        cfg = self.config
+        return (base + ties_merge(deltas, cfg.ties_density)).clamp(-cfg.norm_constraint, cfg.norm_constraint)
