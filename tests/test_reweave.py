@@ -9,6 +9,7 @@ from editkit.errors import InvalidRequest
 from editkit.plugins.reweave import MemoryReweaving, passkeys, prepare, reweaving, train
 from editkit.plugins.reweave.train import batch_loss, evaluate, score
 from editkit.session import Session
+from editkit.sites import Site
 
 FAST = {"steps": 2, "lr": 0.05, "early_stop_loss": 0.0}
 TEXT = "The capital of Italy is Rome and the code for the red door is 4821"
@@ -115,10 +116,16 @@ def test_padding_is_never_captured(tiny_loaded):
         assert all(len(b) == int(enc.attention_mask.sum()) for b in buf.layers.values())
 
 
-def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family):
+VARIANTS = {"default": {}, "next_token": {"value_from": "next_token"}, "key_window": {"key_window": 3},
+            "query_layer": {"query_layer": 1}}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family, variant):
     loaded = tiny_loaded[tiny_family]
     items = passkeys(12, seed=1, digits=2)
-    with reweaving(loaded, {"capture_layers": [0, 1], "reweave_layer": 2}) as rw:
+    config = {"capture_layers": [0, 1], "reweave_layer": 2, **VARIANTS[variant]}
+    with reweaving(loaded, config) as rw:
         perturb(rw, seed=3)
         prepared = prepare(rw, items[:2])
         ep, p = items[0], prepared[0]
@@ -126,7 +133,8 @@ def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family)
             feed(loaded, ep.chunks)
             served = loaded.model(p.ids.unsqueeze(0)).logits[0, p.positions]
         with torch.no_grad():
-            h = rw.module(p.hidden[None], p.memory[None], p.sources[None])
+            h = rw.module(p.hidden[None], p.memory[None], p.sources[None],
+                          query=None if p.query is None else p.query[None])
             top = rw.adapter.run_blocks(h, rw.reweave_id + 1)
             functional = rw.adapter.unembed(top[0, p.positions])
         assert torch.allclose(served, functional, atol=1e-4)
@@ -135,7 +143,7 @@ def test_training_path_matches_serving_and_lowers_loss(tiny_loaded, tiny_family)
             assert fast["token_accuracy"] == slow["token_accuracy"]
             assert fast["answer_logprob"] == pytest.approx(slow["answer_logprob"], abs=1e-4)
     flags = [p.requires_grad for p in loaded.model.parameters()]
-    with reweaving(loaded, {"capture_layers": [0, 1], "reweave_layer": 2}) as rw:
+    with reweaving(loaded, config) as rw:
         prepared = prepare(rw, items)
         with torch.no_grad():
             before = batch_loss(rw, prepared).item()
@@ -280,6 +288,63 @@ def test_bad_config_is_refused(tiny_loaded):
         MemoryReweaving(loaded, {"capacity": 4, "keep_per_chunk": 8}).attach()
 
 
+@pytest.mark.parametrize("value_from", ["next_token", "token"])
+def test_token_values_are_input_embeddings(tiny_loaded, value_from):
+    """'next_token' stores the next token's input embedding as an entry's value ('token': its
+    own); the key half is the token's state at the capture layer; with key_window, the states
+    before it (zeros before the pass)."""
+    loaded = tiny_loaded["llama"]
+    ids = loaded.tokenizer("The code for the red door is 4821.", return_tensors="pt").input_ids
+    n, width = ids.shape[1], loaded.model.config.hidden_size
+    embeds = loaded.model.get_input_embeddings()(ids)[0]
+    config = {"capture_layers": [1], "reweave_layer": 2, "keep_per_chunk": 64, "capacity": 64,
+              "value_from": value_from, "key_window": 2}
+    with reweaving(loaded, config) as rw, rw.conversation("c") as buf, torch.no_grad():
+        seen, _ = rw.adapter.capture({"input_ids": ids}, {"h": (Site("block", 1), "out")})
+        loaded.model(ids)
+        states = buf.layers[1].states
+    assert states.shape == (n, 3 * width)
+    assert torch.allclose(states[:, :width], seen["h"][0], atol=1e-6)  # own state
+    assert torch.equal(states[0, width:2 * width], torch.zeros(width))  # nothing before the pass
+    assert torch.allclose(states[1:, width:2 * width], seen["h"][0, :-1], atol=1e-6)
+    values = embeds[1:] if value_from == "next_token" else embeds[:-1]
+    assert torch.allclose(states[:-1, 2 * width:], values, atol=1e-6)
+
+
+def test_config_written_before_query_layer_keeps_its_meaning():
+    """A complete config written before query_layer and key_window existed (every workspace and
+    trained file of that time) reads as it did then, whatever today's defaults are."""
+    from editkit.plugins.reweave.config import FIELDS_BEFORE_QUERY_LAYER, ReweaveConfig
+
+    old = {k: v for k, v in ReweaveConfig().model_dump().items() if k in FIELDS_BEFORE_QUERY_LAYER}
+    read = ReweaveConfig(**old)
+    assert read.query_layer is None and read.key_window == 1
+    assert ReweaveConfig(**{**old, "key_window": 3}).query_layer == ReweaveConfig().query_layer
+
+
+def test_reconstruction_objective(tiny_loaded):
+    """prepare(teacher=True) keeps the reweave block's output at the answer positions with the
+    episode read whole (earlier chunks in the context); training with a reconstruction weight
+    brings the woven states closer to it."""
+    loaded = tiny_loaded["llama"]
+    items = passkeys(8, seed=3, digits=2)
+    with reweaving(loaded, {"capture_layers": [0, 1], "reweave_layer": 2}) as rw:
+        prepared = prepare(rw, items, teacher=True)
+        ep, p = items[0], prepared[0]
+        before = [t for chunk in ep.chunks for t in loaded.tokenizer(chunk).input_ids]
+        whole = torch.tensor([before + p.ids.tolist()])
+        seen, _ = rw.adapter.capture({"input_ids": whole}, {"h": (Site("block", rw.reweave_id), "out")})
+        assert torch.allclose(p.teacher, seen["h"][0, len(before) + p.positions], atol=1e-5)
+
+        def error():
+            with torch.no_grad():
+                return batch_loss(rw, prepared, reconstruction=1.0).item() - batch_loss(rw, prepared).item()
+
+        start = error()
+        train(rw, prepared, steps=30, lr=1e-2, batch_size=4, reconstruction=10.0)
+        assert error() < start - 1e-3, (start, error())
+
+
 def test_learned_scorer_trains(tiny_loaded):
     loaded = tiny_loaded["llama"]
     items = passkeys(8, seed=2, digits=2)
@@ -315,7 +380,7 @@ def test_cli_train_apply_remove(tiny_dirs, tmp_path):
 
     app, runner = build_app(get_host()), CliRunner()
     model = ["--model", str(tiny_dirs["llama"]), "--device", "cpu"]
-    small = ["--steps", "3", "--examples", "6", "--held-out", "2", "--config", "capture_layers=[1,2]"]
+    small = ["--steps", "3", "--examples", "6", "--held-out", "2", "--config", "capture_layers=[1,2]", "--data", "passkey"]
     out = tmp_path / "rw.safetensors"
     result = runner.invoke(app, ["reweave", "train", "--out", str(out), "--json", *small, *model])
     assert result.exit_code == 0, result.output
@@ -338,7 +403,7 @@ def test_cli_train_apply_remove(tiny_dirs, tmp_path):
     result = runner.invoke(app, ["generate", long_prompt, "--max-new-tokens", "3", "--conversation", "c",
                                  "--workspace", str(ws), "--json", *model])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["reweave", "train", "--workspace", str(ws), "--json", *small[:6]])
+    result = runner.invoke(app, ["reweave", "train", "--workspace", str(ws), "--json", *small[:6], *small[8:]])
     assert result.exit_code == 0, result.output  # continues training the workspace's reweaver
     with Session.open(ws, create=False) as s:
         assert s.interventions["reweave"].meta["trained_steps"] == 6

@@ -38,13 +38,18 @@ def make_app() -> typer.Typer:
             help="Workspace to attach the trained reweaver to (kept across reopenings).")] = None,
         out: Annotated[Optional[Path], typer.Option(
             "--out", "-o", dir_okay=False, help="Standalone safetensors file to write instead.")] = None,
-        steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps.")] = 400,
-        examples: Annotated[int, typer.Option("--examples", min=2, help="Training episodes.")] = 512,
-        held_out: Annotated[int, typer.Option("--held-out", min=0, help="Held-out episodes to measure.")] = 64,
+        steps: Annotated[int, typer.Option("--steps", min=1, help="Optimisation steps.")] = 1200,
+        examples: Annotated[int, typer.Option("--examples", min=2, help="Training episodes.")] = 2048,
+        held_out: Annotated[int, typer.Option("--held-out", min=0, help="Held-out episodes to measure.")] = 128,
         data: Annotated[Data, typer.Option("--data", help="Episodes: built-in passkeys, CounterFact or zsRE "
-                                           "facts from the shared data (../shared/data or $EDITKIT_SHARED_DATA), or a mix.")] = Data.passkey,
+                                           "facts from the shared data (../shared/data or $EDITKIT_SHARED_DATA), or a mix "
+                                           "of all three (half passkeys).")] = Data.mixed,
         distance: Annotated[int, typer.Option("--distance", min=1, help="Chunks between fact and query.")] = 1,
         lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak Adam learning rate (linear warm-up, cosine decay).")] = 3e-3,
+        reconstruction: Annotated[float, typer.Option(
+            "--reconstruction", min=0.0, help="Weight of the reconstruction objective: the woven states at the answer "
+            "positions pulled towards the frozen model's with the earlier chunks in its context (0: answer "
+            "cross-entropy only).")] = 0.0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Episodes per step.")] = 16,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         config: ConfigOpt = None,
@@ -73,14 +78,22 @@ def make_app() -> typer.Typer:
                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console(),
                           transient=True, disable=as_json) as bar:
                 prep_task = bar.add_task("capturing", total=len(train_items), info="")
-                prepared = prepare(rw, train_items, progress=lambda d, t: bar.update(prep_task, completed=d))
+                prepared = prepare(rw, train_items, progress=lambda d, t: bar.update(prep_task, completed=d),
+                                   teacher=reconstruction > 0)
                 task = bar.add_task("training", total=steps, info="")
                 stats = train(rw, prepared, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                              reconstruction=reconstruction,
                               progress=lambda s, t, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
             report = {"train": stats}
             if test_items:
                 report["held_out"] = {"baseline": evaluate(rw, test_items, use_memory=False),
                                       "reweave": evaluate(rw, test_items, use_memory=True)}
+                kinds = sorted({ep.kind for ep in test_items})
+                if len(kinds) > 1:  # a mix: each kind on its own too
+                    for kind in kinds:
+                        some = [ep for ep in test_items if ep.kind == kind]
+                        report["held_out"][f"baseline {kind}"] = evaluate(rw, some, use_memory=False)
+                        report["held_out"][f"reweave {kind}"] = evaluate(rw, some, use_memory=True)
             return report
 
         if out is not None:

@@ -99,14 +99,13 @@ def fact_episodes(source: str, n: int, seed: int = 0, distance: int = 1) -> list
 
 
 def episodes(data: str, n: int, seed: int = 0, distance: int = 1, digits: int = 4) -> list[Episode]:
-    """`data`: passkey | counterfact | zsre | mixed (half passkeys, a quarter of each fact set)."""
+    """`data`: passkey | counterfact | zsre | mixed (half passkeys, half CounterFact facts)."""
     if data == "passkey":
         return passkeys(n, seed, distance, digits)
     if data in ("counterfact", "zsre"):
         return fact_episodes(data, n, seed, distance)
     if data == "mixed":
-        items = passkeys(n - 2 * (n // 4), seed, distance, digits)
-        items += fact_episodes("counterfact", n // 4, seed, distance) + fact_episodes("zsre", n // 4, seed, distance)
+        items = passkeys(n - n // 2, seed, distance, digits) + fact_episodes("counterfact", n // 2, seed, distance)
         random.Random(seed).shuffle(items)
         return items
     raise InvalidRequest(f"unknown data '{data}' (known: passkey, counterfact, zsre, mixed)")

@@ -4,18 +4,22 @@ cross-attention that adds what the buffer holds back into a later layer's hidden
 Concrete choices (the paper gives no equations; see docs/reweave.md):
 
 * Capture: the output hidden state of each capture block, one entry per token, detached and
-  copied. With `value_from="next"` (default) an entry is [the token's state | the next
-  token's state]: keys read the first half, values the second, so recall returns what
-  followed a context like the current one (the induction-head pattern; with values from the
-  token itself the default model's training loss stayed at chance). Per forward pass and
+  copied. With `value_from="next_token"` (default) an entry is [the token's state | the next
+  token's input embedding]: keys read the first half, values the second, so recall returns
+  the token that followed a context like the current one (the induction-head pattern; 'next'
+  stores the next token's state instead, 'token' the token's own embedding; with values from
+  the token's own state the default model's training loss stayed at chance). With
+  `key_window` > 1 the states of the tokens before it are kept too and keys read them all.
+  Per forward pass and
   layer the `keep_per_chunk` highest-scored tokens are kept; the score is the z-score of the
   token's L2 norm within the chunk ('norm') or a linear probe on the layer-normed state
   ('learned'). A layer's buffer holds at most `capacity` entries; beyond that the
   lowest-scored ('score') or the oldest ('fifo') goes. Pad positions are never kept.
 * Captures of one forward pass are staged and committed when the whole model's forward ends,
   so a chunk never reads its own (future) tokens: the memory a pass reads is from earlier passes.
-* Reweave: after block `reweave_layer`,
-  h <- h + tanh(g) * rms(h) * W_o MHA(q = W_q LN(h), k = W_k (LN(m_key) + e_layer),
+* Reweave: after block `reweave_layer`, with x the output of block `query_layer` (default
+  65% of depth; h itself when None),
+  h <- h + tanh(g) * rms(h) * W_o MHA(q = W_q LN(x), k = W_k (LN(m_key) + e_layer),
   v = W_v (LN(m_value) + e_layer)), plus a learned null key with value 0 (a query may take
   nothing). Logits are scaled by a learned factor starting at `attention_scale` (4: a sharp
   start) and W_k starts equal to W_q, so attention starts by similarity. rms(h) makes the
@@ -57,20 +61,21 @@ class Reweaver(nn.Module):
     """Gated cross-attention from hidden states onto buffered latent states (identity at init)."""
 
     def __init__(self, hidden: int, sources: int, heads: int, head_dim: int, gate_init: float,
-                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0):
+                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1):
         super().__init__()
         inner = heads * head_dim
-        self.hidden, self.paired = hidden, paired
+        self.hidden, self.paired, self.key_window = hidden, paired, key_window
         self.heads, self.head_dim = heads, head_dim
         self.norm_q = nn.LayerNorm(hidden)
         self.norm_m = nn.LayerNorm(hidden)
         self.source = nn.Parameter(torch.zeros(sources, hidden))  # layer tag of each buffered state
         self.q = nn.Linear(hidden, inner, bias=False)
-        self.k = nn.Linear(hidden, inner, bias=False)
+        self.k = nn.Linear(hidden * key_window, inner, bias=False)  # [own | previous | ...] states
         self.v = nn.Linear(hidden, inner, bias=False)
         self.o = nn.Linear(inner, hidden, bias=False)
         with torch.no_grad():  # keys start as the query projection: attention starts by similarity
-            self.k.weight.copy_(self.q.weight)
+            self.k.weight.zero_()  # earlier tokens of the window start without a say
+            self.k.weight[:, :hidden].copy_(self.q.weight)
         nn.init.zeros_(self.o.weight)  # exactly the identity until trained
         self.null_key = nn.Parameter(torch.zeros(heads, head_dim))
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
@@ -92,21 +97,27 @@ class Reweaver(nn.Module):
         lead, m = memory.shape[:-2], memory.shape[-2]
         nh, hd = self.heads, self.head_dim
         tag = self.source[sources]
-        keys = memory[..., :self.hidden].float()
-        values = memory[..., self.hidden:].float() if self.paired else keys
-        k = self.k(self.norm_m(keys) + tag).view(*lead, m, nh, hd).transpose(-2, -3)
+        width = self.hidden * self.key_window
+        window = memory[..., :width].float().unflatten(-1, (self.key_window, self.hidden))
+        present = (window != 0).any(-1, keepdim=True)  # a window reaching before its pass holds zeros
+        keys = ((self.norm_m(window) + tag.unsqueeze(-2)) * present).flatten(-2)
+        own = memory[..., :self.hidden].float()
+        values = memory[..., width:].float() if self.paired else own
+        k = self.k(keys).view(*lead, m, nh, hd).transpose(-2, -3)
         v = self.v(self.norm_m(values) + tag).view(*lead, m, nh, hd).transpose(-2, -3)
-        bias = self.score(memory) if self.scorer is not None else keys.new_zeros((*lead, m))
+        bias = self.score(memory) if self.scorer is not None else own.new_zeros((*lead, m))
         return k, v, bias
 
     def attend(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
         """What reweaving adds to `hidden` (B, T, H) given projected memory (B or 1, heads, M,
-        head_dim), its bias (B or 1, M) and a validity mask (B, M); float32, shaped as hidden."""
+        head_dim), its bias (B or 1, M) and a validity mask (B, M); float32, shaped as hidden.
+        `query` (B, T, H): the states the queries come from (default: hidden)."""
         b, t, _ = hidden.shape
         nh, hd = self.heads, self.head_dim
         m = k.shape[-2]
-        q = self.q(self.norm_q(hidden.float())).view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
+        source = hidden if query is None else query
+        q = self.q(self.norm_q(source.float())).view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
         k = torch.cat([self.null_key.view(1, nh, 1, hd).expand(b, nh, 1, hd), k.expand(b, nh, m, hd)], dim=2)
         v = torch.cat([v.new_zeros(b, nh, 1, hd), v.expand(b, nh, m, hd)], dim=2)
         logits = q @ k.transpose(-1, -2) * (self.log_scale.exp() / hd ** 0.5)  # B nh T (1+M)
@@ -121,13 +132,14 @@ class Reweaver(nn.Module):
         return torch.tanh(self.gate) * scale * self.o(out)
 
     def delta(self, hidden: torch.Tensor, memory: torch.Tensor, sources: torch.Tensor,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
         """What reweaving adds to `hidden` (B, T, H), given memory (B, M, H or 2H), its layer
-        tags (B, M) and a validity mask (B, M); float32, same shape as hidden."""
-        return self.attend(hidden, *self.project(memory, sources), mask)
+        tags (B, M), a validity mask (B, M) and the query states (default: hidden); float32,
+        same shape as hidden."""
+        return self.attend(hidden, *self.project(memory, sources), mask, query)
 
-    def forward(self, hidden, memory, sources, mask=None):
-        return hidden + self.delta(hidden, memory, sources, mask).to(hidden.dtype)
+    def forward(self, hidden, memory, sources, mask=None, query=None):
+        return hidden + self.delta(hidden, memory, sources, mask, query).to(hidden.dtype)
 
 
 def _joined(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -227,6 +239,15 @@ class MemoryBuffer:
         return parts[0] if len(parts) == 1 else _joined(parts)
 
 
+def _window(hidden: torch.Tensor, valid: torch.Tensor | None, window: int) -> torch.Tensor:
+    """Each position's state followed by the `window` - 1 states before it in the same pass
+    (zeros before the pass or at pad positions): (B, T, H) -> (B*T, window*H)."""
+    if valid is not None:
+        hidden = hidden * valid[..., None].to(hidden.dtype)
+    shifted = [torch.nn.functional.pad(hidden, (0, 0, j, 0))[:, :hidden.shape[1]] for j in range(window)]
+    return torch.cat(shifted, dim=-1).reshape(-1, window * hidden.shape[-1])
+
+
 def _hidden_of(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -253,6 +274,9 @@ class MemoryReweaving(Intervention):
         adapter = self.adapter
         self.capture_ids = sorted({adapter.layer_index(layer) for layer in cfg.capture_layers})
         self.reweave_id = adapter.layer_index(cfg.reweave_layer)
+        self.query_id = self.reweave_id if cfg.query_layer is None else adapter.layer_index(cfg.query_layer)
+        if self.query_id > self.reweave_id:
+            raise InvalidRequest(f"reweave query_layer ({self.query_id}) lies above reweave_layer ({self.reweave_id})")
         if cfg.keep_per_chunk > cfg.capacity:
             raise InvalidRequest(f"reweave keep_per_chunk ({cfg.keep_per_chunk}) exceeds capacity ({cfg.capacity})")
         reweave_block = adapter.module(Site("block", self.reweave_id))
@@ -261,7 +285,8 @@ class MemoryReweaving(Intervention):
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(cfg.seed)
             module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
-                              cfg.gate_init, cfg.scorer == "learned", cfg.value_from == "next", cfg.attention_scale)
+                              cfg.gate_init, cfg.scorer == "learned", cfg.value_from != "self", cfg.attention_scale,
+                              cfg.key_window)
         self.module = module.to(device)
         self.module.requires_grad_(False)
         self.cache_projections = True  # False: project every buffered state at every step (tests)
@@ -270,6 +295,10 @@ class MemoryReweaving(Intervention):
         self._local = threading.local()  # per thread: conversation, staged captures, pad mask
         self.hook(self.model, self._on_model_start, pre=True, with_kwargs=True)
         self.hook(self.model, self._on_model_end, with_kwargs=True)
+        if self.query_id != self.reweave_id:
+            self.hook(adapter.module(Site("block", self.query_id)), self._on_query_block)
+        if cfg.value_from in ("next_token", "token"):  # values are input embeddings
+            self.hook(adapter.module(Site("embed")), self._on_embed)
         for layer in self.capture_ids:
             self.hook(adapter.module(Site("block", layer)), self._make_capture(layer))
         self.hook(reweave_block, self._reweave_hook)
@@ -348,6 +377,7 @@ class MemoryReweaving(Intervention):
     # ---- hooks -------------------------------------------------------------------------
     def _on_model_start(self, module, args, kwargs):
         self._pending = {}
+        self._local.embedded = self._local.query = None
         mask = kwargs.get("attention_mask")
         self._pad_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
@@ -377,11 +407,29 @@ class MemoryReweaving(Intervention):
         sources = torch.full((states.shape[0],), source, dtype=torch.long, device=states.device)
         return self.module.project(states, sources)
 
-    def select(self, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """From one layer's hidden states (B, T, H), the (states (k, H), scores (k,)) to keep:
-        the `keep_per_chunk` best-scored non-pad tokens, detached copies."""
+    def _on_query_block(self, module, args, output):
+        if self.current is not None:
+            self._local.query = _hidden_of(output).detach()
+        return None
+
+    def _on_embed(self, module, args, output):
+        if self.current is not None:
+            self._local.embedded = _hidden_of(output).detach()
+        return None
+
+    def select(self, hidden: torch.Tensor, valid: torch.Tensor | None = None,
+               embedded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """From one layer's hidden states (B, T, H), the (states (k, H or 2H), scores (k,)) to
+        keep: the `keep_per_chunk` best-scored non-pad tokens, detached copies. `embedded`:
+        the pass's input embeddings (B, T, H), needed with value_from 'next_token'."""
         with torch.no_grad():
             hidden = hidden.detach()
+            if self.config.value_from in ("next_token", "token"):
+                if embedded is None or embedded.shape[:2] != hidden.shape[:2]:
+                    raise RuntimeError(f"reweave: value_from '{self.config.value_from}' needs the pass's input embeddings")
+                following = embedded.detach().to(hidden.device, hidden.dtype)
+            else:
+                following = hidden
             if valid is not None and valid.shape != hidden.shape[:2]:
                 valid = None
             valid = None if valid is None else valid.to(device=hidden.device, dtype=torch.bool)
@@ -389,18 +437,22 @@ class MemoryReweaving(Intervention):
             keep = torch.ones(own.shape[0], dtype=torch.bool, device=own.device) if valid is None \
                 else valid.reshape(-1)
             flat = own
-            if self.config.value_from == "next":  # [own state | next token's state (own at the end)]
-                nxt = torch.cat([hidden[:, 1:], hidden[:, -1:]], dim=1)
+            if self.config.value_from == "token":  # [own state | own input embedding]
+                flat = torch.cat([own, following.reshape(-1, hidden.shape[-1])], dim=-1)
+            elif self.config.value_from != "self":  # [own state | what the next token holds (own at the end)]
+                nxt = torch.cat([following[:, 1:], following[:, -1:]], dim=1)
                 has_next = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
                 has_next[:, -1] = False
                 if valid is not None:
                     has_next &= torch.cat([valid[:, 1:], valid[:, -1:] & False], dim=1)
-                nxt = torch.where(has_next[..., None], nxt, hidden)
+                nxt = torch.where(has_next[..., None], nxt, following)
                 flat = torch.cat([own, nxt.reshape(-1, hidden.shape[-1])], dim=-1)
+            if self.config.key_window > 1:  # [own | previous | ... | value]: keys read the window
+                flat = torch.cat([_window(hidden, valid, self.config.key_window), flat[:, hidden.shape[-1]:]], dim=-1)
             if self.config.scorer == "learned":
                 scores = self.module.score(flat)
             else:
-                norms = own.float().norm(dim=-1)
+                norms = hidden.reshape(-1, hidden.shape[-1]).float().norm(dim=-1)
                 sel = norms[keep]
                 std = sel.std() if sel.numel() > 1 else sel.new_ones(())
                 scores = (norms - sel.mean()) / (std + 1e-6)
@@ -417,7 +469,8 @@ class MemoryReweaving(Intervention):
             valid = self._pad_mask
             if valid is not None and valid.shape[:2] != hidden.shape[:2]:
                 valid = valid[:, -hidden.shape[1]:] if valid.shape[0] == hidden.shape[0] else None
-            self._pending[layer] = self.select(hidden, valid)
+            embedded = getattr(self._local, "embedded", None)
+            self._pending[layer] = self.select(hidden, valid, embedded)
             return None
         return hook
 
@@ -434,7 +487,10 @@ class MemoryReweaving(Intervention):
             k, v, bias = self.module.project(states, sources)
         else:
             k, v, bias = buf.projections(self.capture_ids, self._project, weights)
-        delta = self.module.attend(hidden, k[None], v[None], bias[None])
+        query = getattr(self._local, "query", None) if self.query_id != self.reweave_id else None
+        if query is not None:
+            query = query.to(hidden.device)
+        delta = self.module.attend(hidden, k[None], v[None], bias[None], query=query)
         return _with_hidden(output, hidden + delta.to(hidden.dtype))
 
     # ---- state -------------------------------------------------------------------------

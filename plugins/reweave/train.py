@@ -30,6 +30,10 @@ class Prepared:
     hidden: torch.Tensor  # (T, H) output of the reweave block, frozen model
     memory: torch.Tensor  # (M, H), or (M, 2H) when paired with the next token
     sources: torch.Tensor  # (M,)
+    # (A, H) the reweave block's output at `positions` when the earlier chunks are in the
+    # context (the episode read as one input): what the reconstruction objective aims at
+    teacher: torch.Tensor | None = None
+    query: torch.Tensor | None = None  # (T, H) output of the query block, when it is not the reweave block
 
 
 def encode(tokenizer, query: str, answer: str) -> tuple[list[int], int]:
@@ -46,9 +50,11 @@ def encode(tokenizer, query: str, answer: str) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def _forward_batch(rw: MemoryReweaving, texts: list[list[int]], layers: list[int]) -> tuple[dict, torch.Tensor]:
+def _forward_batch(rw: MemoryReweaving, texts: list[list[int]], layers: list[int],
+                   embedded: bool = False) -> tuple[dict, torch.Tensor]:
     """Right-padded forward of token lists with no conversation (the reweaver is inert);
-    returns {layer: block output (B, T, H)} and the attention mask (B, T)."""
+    returns {layer: block output (B, T, H)} (and "embed": the input embeddings, if asked)
+    and the attention mask (B, T)."""
     device = rw.loaded.device
     pad = rw.tokenizer.pad_token_id if rw.tokenizer.pad_token_id is not None else 0
     n = max(len(t) for t in texts)
@@ -57,17 +63,20 @@ def _forward_batch(rw: MemoryReweaving, texts: list[list[int]], layers: list[int
     for i, t in enumerate(texts):
         ids[i, :len(t)] = torch.tensor(t, device=device)
         mask[i, :len(t)] = 1
-    seen, _ = rw.adapter.capture({"input_ids": ids, "attention_mask": mask},
-                                 {layer: (Site("block", layer), "out") for layer in layers})
+    points = {layer: (Site("block", layer), "out") for layer in layers}
+    if embedded:
+        points["embed"] = (Site("embed"), "out")
+    seen, _ = rw.adapter.capture({"input_ids": ids, "attention_mask": mask}, points)
     return seen, mask
 
 
 @torch.no_grad()
 def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
-            progress: Callable[[int, int], None] | None = None) -> list[Prepared]:
+            progress: Callable[[int, int], None] | None = None, teacher: bool = False) -> list[Prepared]:
     """Capture each episode's memory and its query's frozen states at the reweave layer, batched.
     Capture uses the serving selection (MemoryReweaving.select on each chunk alone, then
-    MemoryBuffer.add), so training sees what serving would store."""
+    MemoryBuffer.add), so training sees what serving would store. `teacher`: also the reweave
+    layer's states at the answer positions with the whole episode in the context."""
     out: list[Prepared] = []
     device, tok, cfg = rw.loaded.device, rw.tokenizer, rw.config
     previous = rw.current
@@ -78,27 +87,40 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
             buffers = [MemoryBuffer() for _ in group]
             for j in range(max(len(ep.chunks) for ep in group)):
                 rows = [i for i, ep in enumerate(group) if j < len(ep.chunks)]
-                seen, mask = _forward_batch(rw, [tok(group[i].chunks[j]).input_ids for i in rows], rw.capture_ids)
+                seen, mask = _forward_batch(rw, [tok(group[i].chunks[j]).input_ids for i in rows], rw.capture_ids,
+                                            embedded=cfg.value_from in ("next_token", "token"))
                 for r, i in enumerate(rows):
+                    embeds = seen["embed"][r:r + 1] if "embed" in seen else None
                     for layer in rw.capture_ids:
-                        states, scores = rw.select(seen[layer][r:r + 1], mask[r:r + 1])
+                        states, scores = rw.select(seen[layer][r:r + 1], mask[r:r + 1], embeds)
                         buffers[i].add(layer, states, scores, cfg.capacity, cfg.eviction)
             encoded = [encode(tok, ep.query, ep.answer) for ep in group]
-            seen, _ = _forward_batch(rw, [full[:-1] for full, _ in encoded], [rw.reweave_id])
+            seen, _ = _forward_batch(rw, [full[:-1] for full, _ in encoded], sorted({rw.reweave_id, rw.query_id}))
+            taught = [None] * len(group)
+            if teacher:
+                before = [[t for chunk in ep.chunks for t in tok(chunk).input_ids] for ep in group]
+                whole, _ = _forward_batch(rw, [b + full[:-1] for b, (full, _) in zip(before, encoded)], [rw.reweave_id])
+                taught = [whole[rw.reweave_id][r, len(b) + start - 1:len(b) + len(full) - 1].clone()
+                          for r, (b, (full, start)) in enumerate(zip(before, encoded))]
             for r, ((full, start), buf) in enumerate(zip(encoded, buffers)):
                 found = buf.memory(rw.capture_ids)
                 if found is None:
-                    width = rw.adapter.hidden_size * (2 if rw.module.paired else 1)
+                    width = rw.adapter.hidden_size * (rw.config.key_window + (1 if rw.module.paired else 0))
                     found = (torch.zeros(0, width, device=device),
                              torch.zeros(0, dtype=torch.long, device=device))
                 out.append(Prepared(torch.tensor(full[:-1], device=device), torch.tensor(full[start:], device=device),
                                     torch.arange(start - 1, len(full) - 1, device=device),
-                                    seen[rw.reweave_id][r, :len(full) - 1].clone(), found[0], found[1]))
+                                    seen[rw.reweave_id][r, :len(full) - 1].clone(), found[0], found[1], taught[r],
+                                    None if rw.query_id == rw.reweave_id else seen[rw.query_id][r, :len(full) - 1].clone()))
             if progress:
                 progress(len(out), len(items))
     finally:
         rw.set_conversation(previous)
     return out
+
+
+def _queries(batch: list[Prepared]) -> torch.Tensor | None:
+    return None if batch[0].query is None else _pad([p.query for p in batch])[0]
 
 
 def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,21 +134,28 @@ def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def batch_loss(rw: MemoryReweaving, batch: list[Prepared]) -> torch.Tensor:
-    """Mean answer-token cross-entropy with the reweaver applied (grad flows to it only)."""
+def batch_loss(rw: MemoryReweaving, batch: list[Prepared], reconstruction: float = 0.0) -> torch.Tensor:
+    """Mean answer-token cross-entropy with the reweaver applied (grad flows to it only), plus
+    `reconstruction` x the mean squared error, relative to the target's RMS, between the woven
+    states and the teacher's (prepare(teacher=True)) at the answer positions."""
     hidden, attn = _pad([p.hidden for p in batch])
     memory, mmask = _pad([p.memory for p in batch])
     sources, _ = _pad([p.sources for p in batch])
-    woven = rw.module(hidden, memory, sources, mmask)
+    woven = rw.module(hidden, memory, sources, mmask, _queries(batch))
     top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
     rows = torch.cat([torch.full_like(p.positions, i) for i, p in enumerate(batch)])
     cols = torch.cat([p.positions for p in batch])
     logits = rw.adapter.unembed(top[rows, cols]).float()
-    return torch.nn.functional.cross_entropy(logits, torch.cat([p.targets for p in batch]))
+    loss = torch.nn.functional.cross_entropy(logits, torch.cat([p.targets for p in batch]))
+    if reconstruction:
+        target = torch.cat([p.teacher for p in batch]).float()
+        rms = target.pow(2).mean(-1, keepdim=True).sqrt()
+        loss = loss + reconstruction * ((woven[rows, cols].float() - target) / rms).pow(2).mean()
+    return loss
 
 
 def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: float = 3e-3, batch_size: int = 16,
-          seed: int = 0, clip: float = 1.0, warmup: int = 10,
+          seed: int = 0, clip: float = 1.0, warmup: int = 10, reconstruction: float = 0.0,
           progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Adam on the reweaver's parameters; the base model is frozen (its grads are never needed).
     The learning rate warms up linearly over `warmup` steps and decays along a cosine to 0; the
@@ -150,7 +179,7 @@ def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: floa
         rw.module.train()
         for step in range(1, steps + 1):
             batch = rng.sample(prepared, min(batch_size, len(prepared)))
-            loss = batch_loss(rw, batch)
+            loss = batch_loss(rw, batch, reconstruction)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -228,11 +257,12 @@ def score(rw: MemoryReweaving, prepared: list[Prepared], use_memory: bool = True
     for lo in range(0, len(prepared), batch_size):
         batch = prepared[lo:lo + batch_size]
         if not use_memory:
-            batch = [Prepared(p.ids, p.targets, p.positions, p.hidden, p.memory[:0], p.sources[:0]) for p in batch]
+            batch = [Prepared(p.ids, p.targets, p.positions, p.hidden, p.memory[:0], p.sources[:0], p.teacher, p.query)
+                     for p in batch]
         hidden, attn = _pad([p.hidden for p in batch])
         memory, mmask = _pad([p.memory for p in batch])
         sources, _ = _pad([p.sources for p in batch])
-        woven = rw.module(hidden, memory, sources, mmask)
+        woven = rw.module(hidden, memory, sources, mmask, _queries(batch))
         top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
         for i, p in enumerate(batch):
             logits = rw.adapter.unembed(top[i, p.positions]).float()
