@@ -5,6 +5,7 @@ code to its name when it reads everything in one input.
     python benchmarks/reweave_recipe.py --data passkey --variant '{"value_from": "next"}' --variant '{}'
     python benchmarks/reweave_recipe.py --data counterfact --variant '{}' --reconstruction 0.1
     python benchmarks/reweave_recipe.py --binding-heads 40
+    python benchmarks/reweave_recipe.py --trained reweave.safetensors --facts counterfact-dev
 
 --data passkey: 2-digit passkeys with one distractor code per chunk, trained at one and two
 chunks back, held out at both; counterfact: CounterFact fact episodes; mixed: what `editkit
@@ -86,6 +87,20 @@ def run_variant(loaded, variant: dict, train_items, held: dict, args) -> dict:
     return out
 
 
+def measure_trained(loaded, args) -> dict:
+    """A trained reweaver's recall of `--held-out` fact episodes from `--facts`, and the frozen model's."""
+    from editkit.plugins.reweave import load_file, prepare, reweaving
+    from editkit.plugins.reweave.data import fact_episodes
+    from editkit.plugins.reweave.train import score
+
+    tensors, doc = load_file(args.trained)
+    items = fact_episodes(args.facts, args.held_out, seed=args.seed + 7)
+    with reweaving(loaded, doc["config"], state=(tensors, doc.get("state", {}))) as rw:
+        prepared = prepare(rw, items)
+        return {"file": str(args.trained), "facts": args.facts, "reweave": score(rw, prepared),
+                "frozen": score(rw, prepared, use_memory=False)}
+
+
 @torch.no_grad()
 def binding_heads(loaded, n: int) -> dict:
     """The frozen model reading a passkey chunk and its question in one input: per layer, the
@@ -135,6 +150,12 @@ def summary(result: dict) -> str:
                          f"{100 * row['frozen']['token_accuracy']:.1f}% ({100 * row['frozen']['exact']:.1f}%) | "
                          + (f"{fd['right']} / {fd['distractor']} / {fd['other']}" if fd else "–") + " |")
         lines.append("")
+    if "trained" in result:
+        t = result["trained"]
+        lines += [f"## {t['file']} on {t['facts']} facts", "",
+                  f"reweave {100 * t['reweave']['token_accuracy']:.1f}% ({100 * t['reweave']['exact']:.1f}%), frozen "
+                  f"{100 * t['frozen']['token_accuracy']:.1f}% ({100 * t['frozen']['exact']:.1f}%) of "
+                  f"{t['reweave']['items']} episodes: answer tokens (exact)", ""]
     if "binding_heads" in result:
         bh = result["binding_heads"]
         lines += [f"## Binding heads (frozen model, whole input, {bh['episodes']} episodes; first digit right "
@@ -159,6 +180,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reconstruction", type=float, default=0.0, help="weight of the reconstruction objective")
     parser.add_argument("--binding-heads", type=int, default=0, help="episodes for the frozen model's binding-head scan")
+    parser.add_argument("--trained", type=Path, default=None, help="a reweaver file (`editkit reweave train --out`) "
+                        "to measure on --facts")
+    parser.add_argument("--facts", default="counterfact-dev", help="fact source of --trained's measurement "
+                        "(counterfact-dev: facts no training reads)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reweave_recipe.json")
     args = parser.parse_args()
 
@@ -172,6 +197,8 @@ def main() -> None:
         for text in args.variant:
             result["runs"].append(run_variant(loaded, json.loads(text), train_items, held, args))
             print(summary(result), flush=True)
+    if args.trained:
+        result["trained"] = measure_trained(loaded, args)
     if args.binding_heads:
         result["binding_heads"] = binding_heads(loaded, args.binding_heads)
     args.out.parent.mkdir(parents=True, exist_ok=True)

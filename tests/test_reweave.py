@@ -345,6 +345,23 @@ def test_reconstruction_objective(tiny_loaded):
         assert error() < start - 1e-3, (start, error())
 
 
+def test_fact_episodes_state_the_fact_and_ask_for_it():
+    """Fact episodes from the shared data: the earlier chunk states the counterfactual fact,
+    the query asks for it without it; CounterFact's training and dev files give other facts
+    (training reads the first, measurement may read the second)."""
+    from conftest import shared_path
+    from editkit.plugins.reweave.data import fact_episodes
+
+    shared_path("counterfact"), shared_path("counterfact-train")
+    train, dev = fact_episodes("counterfact", 20, seed=1), fact_episodes("counterfact-dev", 20, seed=1)
+    for ep in train + dev:
+        prompt = ep.query.split(". ", 1)[1]
+        assert f"{prompt}{ep.answer}." in ep.chunks[0] and ep.answer.strip() not in ep.query
+    assert not {ep.query.split(". ", 1)[1] for ep in train} & {ep.query.split(". ", 1)[1] for ep in dev}
+    with pytest.raises(InvalidRequest, match="unknown fact source"):
+        fact_episodes("wikipedia", 2)
+
+
 def test_learned_scorer_trains(tiny_loaded):
     loaded = tiny_loaded["llama"]
     items = passkeys(8, seed=2, digits=2)

@@ -74,14 +74,16 @@ def passkeys(n: int, seed: int = 0, distance: int = 1, digits: int = 4, distract
 
 def load_facts(source: str) -> list[tuple[str, str]]:
     """(prompt, counterfactual answer) pairs of the shared data ('counterfact': its training
-    file, or 'zsre'), read through the suite of that name."""
+    file; 'counterfact-dev': its dev file, for measuring only; or 'zsre'), read through the
+    suite of that name."""
     from editkit.data import shared_file
     from editkit.host import get_host
 
-    files = {"counterfact": "counterfact-train", "zsre": "zsre"}
+    files = {"counterfact": "counterfact-train", "counterfact-dev": "counterfact", "zsre": "zsre"}
     if source not in files:
-        raise InvalidRequest(f"unknown fact source '{source}' (known: counterfact, zsre)")
-    data = get_host().suite(source)().read(str(shared_file(files[source])), None, skip_invalid=True)
+        raise InvalidRequest(f"unknown fact source '{source}' (known: {', '.join(files)})")
+    suite = source.split("-")[0]
+    data = get_host().suite(suite)().read(str(shared_file(files[source])), None, skip_invalid=True)
     return [(r.prompt.strip(), r.target_new.strip()) for r in data.requests]
 
 
