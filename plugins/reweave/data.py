@@ -79,11 +79,12 @@ def load_facts(source: str) -> list[tuple[str, str]]:
     from editkit.data import shared_file
     from editkit.host import get_host
 
-    files = {"counterfact": "counterfact-train", "counterfact-dev": "counterfact", "zsre": "zsre"}
-    if source not in files:
-        raise InvalidRequest(f"unknown fact source '{source}' (known: {', '.join(files)})")
-    suite = source.split("-")[0]
-    data = get_host().suite(suite)().read(str(shared_file(files[source])), None, skip_invalid=True)
+    sources = {"counterfact": ("counterfact", "counterfact-train"), "counterfact-dev": ("counterfact", "counterfact"),
+               "zsre": ("zsre", "zsre")}  # source: (suite, shared data set)
+    if source not in sources:
+        raise InvalidRequest(f"unknown fact source '{source}' (known: {', '.join(sources)})")
+    suite, name = sources[source]
+    data = get_host().suite(suite)().read(str(shared_file(name)), None, skip_invalid=True)
     return [(r.prompt.strip(), r.target_new.strip()) for r in data.requests]
 
 

@@ -28,7 +28,7 @@ class Prepared:
     targets: torch.Tensor  # (A,) answer tokens scored
     positions: torch.Tensor  # (A,) positions whose next-token prediction is scored
     hidden: torch.Tensor  # (T, H) output of the reweave block, frozen model
-    memory: torch.Tensor  # (M, H), or (M, 2H) when paired with the next token
+    memory: torch.Tensor  # (M, key_window x H), plus H more per entry when values are paired (not 'self')
     sources: torch.Tensor  # (M,)
     # (A, H) the reweave block's output at `positions` when the earlier chunks are in the
     # context (the episode read as one input): what the reconstruction objective aims at
