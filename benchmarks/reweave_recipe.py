@@ -49,15 +49,11 @@ def datasets(data: str, examples: int, held: int, digits: int, seed: int) -> tup
 def first_digits(rw, items, prepared) -> dict:
     """Of passkey episodes, how often the first predicted digit is the code's, a distractor's
     first digit (a binding failure), or another (a copying failure)."""
-    from editkit.plugins.reweave.train import _pad, _queries
+    from editkit.plugins.reweave.train import woven_forward
 
     counts = {"right": 0, "distractor": 0, "other": 0}
     for ep, p in zip(items, prepared):
-        hidden, attn = _pad([p.hidden])
-        memory, mask = _pad([p.memory])
-        sources, _ = _pad([p.sources])
-        woven = rw.module(hidden, memory, sources, mask, _queries([p]))
-        top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
+        _, top = woven_forward(rw, [p])
         guess = rw.tokenizer.decode([int(rw.adapter.unembed(top[0, p.positions[0]]).argmax())]).strip()
         code = ep.answer.strip()
         others = [c for c in re.findall(r"is (\d+)\.", " ".join(ep.chunks)) if c != code]

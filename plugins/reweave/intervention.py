@@ -297,7 +297,7 @@ class MemoryReweaving(Intervention):
         self.hook(self.model, self._on_model_end, with_kwargs=True)
         if self.query_id != self.reweave_id:
             self.hook(adapter.module(Site("block", self.query_id)), self._on_query_block)
-        if cfg.value_from in ("next_token", "token"):  # values are input embeddings
+        if self.values_are_embeddings:
             self.hook(adapter.module(Site("embed")), self._on_embed)
         for layer in self.capture_ids:
             self.hook(adapter.module(Site("block", layer)), self._make_capture(layer))
@@ -407,6 +407,11 @@ class MemoryReweaving(Intervention):
         sources = torch.full((states.shape[0],), source, dtype=torch.long, device=states.device)
         return self.module.project(states, sources)
 
+    @property
+    def values_are_embeddings(self) -> bool:
+        """Whether stored values are input embeddings (captured from the embedding layer)."""
+        return self.config.value_from in ("next_token", "token")
+
     def _on_query_block(self, module, args, output):
         if self.current is not None:
             self._local.query = _hidden_of(output).detach()
@@ -424,7 +429,7 @@ class MemoryReweaving(Intervention):
         the pass's input embeddings (B, T, H), needed with value_from 'next_token'."""
         with torch.no_grad():
             hidden = hidden.detach()
-            if self.config.value_from in ("next_token", "token"):
+            if self.values_are_embeddings:
                 if embedded is None or embedded.shape[:2] != hidden.shape[:2]:
                     raise RuntimeError(f"reweave: value_from '{self.config.value_from}' needs the pass's input embeddings")
                 following = embedded.detach().to(hidden.device, hidden.dtype)

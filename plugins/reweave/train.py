@@ -8,6 +8,7 @@ answer positions."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -88,7 +89,7 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
             for j in range(max(len(ep.chunks) for ep in group)):
                 rows = [i for i, ep in enumerate(group) if j < len(ep.chunks)]
                 seen, mask = _forward_batch(rw, [tok(group[i].chunks[j]).input_ids for i in rows], rw.capture_ids,
-                                            embedded=cfg.value_from in ("next_token", "token"))
+                                            embedded=rw.values_are_embeddings)
                 for r, i in enumerate(rows):
                     embeds = seen["embed"][r:r + 1] if "embed" in seen else None
                     for layer in rw.capture_ids:
@@ -119,8 +120,15 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
     return out
 
 
-def _queries(batch: list[Prepared]) -> torch.Tensor | None:
-    return None if batch[0].query is None else _pad([p.query for p in batch])[0]
+def woven_forward(rw: MemoryReweaving, batch: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training path's forward of a batch: the reweave block's states with the reweaver
+    applied (B, T, H) and the final-normed states above it (B, T, H)."""
+    hidden, attn = _pad([p.hidden for p in batch])
+    memory, mmask = _pad([p.memory for p in batch])
+    sources, _ = _pad([p.sources for p in batch])
+    queries = None if batch[0].query is None else _pad([p.query for p in batch])[0]
+    woven = rw.module(hidden, memory, sources, mmask, queries)
+    return woven, rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
 
 
 def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,11 +146,7 @@ def batch_loss(rw: MemoryReweaving, batch: list[Prepared], reconstruction: float
     """Mean answer-token cross-entropy with the reweaver applied (grad flows to it only), plus
     `reconstruction` x the mean squared error, relative to the target's RMS, between the woven
     states and the teacher's (prepare(teacher=True)) at the answer positions."""
-    hidden, attn = _pad([p.hidden for p in batch])
-    memory, mmask = _pad([p.memory for p in batch])
-    sources, _ = _pad([p.sources for p in batch])
-    woven = rw.module(hidden, memory, sources, mmask, _queries(batch))
-    top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
+    woven, top = woven_forward(rw, batch)
     rows = torch.cat([torch.full_like(p.positions, i) for i, p in enumerate(batch)])
     cols = torch.cat([p.positions for p in batch])
     logits = rw.adapter.unembed(top[rows, cols]).float()
@@ -257,13 +261,8 @@ def score(rw: MemoryReweaving, prepared: list[Prepared], use_memory: bool = True
     for lo in range(0, len(prepared), batch_size):
         batch = prepared[lo:lo + batch_size]
         if not use_memory:
-            batch = [Prepared(p.ids, p.targets, p.positions, p.hidden, p.memory[:0], p.sources[:0], p.teacher, p.query)
-                     for p in batch]
-        hidden, attn = _pad([p.hidden for p in batch])
-        memory, mmask = _pad([p.memory for p in batch])
-        sources, _ = _pad([p.sources for p in batch])
-        woven = rw.module(hidden, memory, sources, mmask, _queries(batch))
-        top = rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
+            batch = [dataclasses.replace(p, memory=p.memory[:0], sources=p.sources[:0]) for p in batch]
+        _, top = woven_forward(rw, batch)
         for i, p in enumerate(batch):
             logits = rw.adapter.unembed(top[i, p.positions]).float()
             hits = logits.argmax(-1) == p.targets
