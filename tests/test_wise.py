@@ -65,7 +65,8 @@ def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_fam
                                           "replay_mode": "activation"}
     runs = []
     for fast in (True, False):
-        editor = WISEEditor(loaded, {**TINY, "steps": 6, "early_stop": False, "fast_path": fast, **extra})
+        editor = WISEEditor(loaded, {**TINY, "steps": 6, "early_stop": False, "fast_path": fast,
+                                     "target_check_every": 1, **extra})
         editor.attach()
         try:
             seeded_apply(editor, EDIT)  # a later edit trains on top of a non-zero side memory
@@ -79,6 +80,61 @@ def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_fam
     assert len(fast_traj) == len(slow_traj) == 6
     assert torch.allclose(torch.tensor(fast_traj), torch.tensor(slow_traj), rtol=1e-3, atol=1e-4)
     assert torch.allclose(fast_mem, slow_mem, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("every, target_steps", [(4, 3), (1, 9)])
+def test_learnt_targets_are_checked_every_n_steps_and_margins_train_between(tiny_loaded, monkeypatch, every,
+                                                                            target_steps):
+    """Once the targets count as learnt, only every target_check_every-th step runs the layers
+    above the edited one; the steps between still move the side memory (the margins)."""
+    loaded = tiny_loaded["llama"]
+    # every target counts as learnt at once (lead >= -1e9); beta is never met, so no early stop
+    editor = WISEEditor(loaded, {**TINY, "steps": 9, "early_stop_lead": -1e9, "beta": 1e9,
+                                 "target_check_every": every})
+    editor.attach()
+    calls, moved = [], []
+    real = editor.adapter.run_blocks
+    monkeypatch.setattr(editor.adapter, "run_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        stats = seeded_apply(editor, EDIT)
+        moved.append(editor.memories[0].abs().sum().item())
+    finally:
+        editor.detach()
+    assert stats["steps"] == 9 and stats["target_steps"] == target_steps == len(calls)
+    assert moved[0] > 0
+
+
+def test_row_leads_are_each_rows_weakest_target_token():
+    from editkit.plugins.wise.train import row_leads
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 4.0, 0.0]])
+    targets = torch.tensor([0, 1, 1])
+    leads = row_leads(logits, targets, torch.tensor([0, 0, 2]), 4)
+    assert leads.tolist() == [-3.0, float("inf"), 3.0, float("inf")]  # row 0: min(2, -3); rows 1, 3: no target
+
+
+def test_a_replayed_edit_needs_only_to_stay_as_learnt_as_it_was(tiny_loaded, monkeypatch):
+    """A hard earlier edit (its targets never led by early_stop_lead) must not hold every later
+    edit of its memory to the step limit: its replayed row needs only to stay the greedy
+    prediction, or no worse than at the new edit's first step."""
+    loaded = tiny_loaded["gpt2"]
+    editor = WISEEditor(loaded, {**TINY, "replay": 1, "early_stop_lead": 50.0})
+    editor.attach()
+    checks = []
+    real = editor._targets_learnt
+    monkeypatch.setattr(editor, "_targets_learnt",
+                        lambda ce, leads, need: checks.append((leads.tolist(), need.tolist())) or real(ce, leads, need))
+    try:
+        seeded_apply(editor, EDIT)
+        checks.clear()
+        seeded_apply(editor, EDIT2, seed=1)
+    finally:
+        editor.detach()
+    own = TINY["n_contexts"] + 1
+    (first_leads, first_need), (_, later_need) = checks[0], checks[-1]
+    assert len(first_need) == own + 1 and first_need[:own] == [50.0] * own
+    assert first_need[own] == pytest.approx(min(0.0, first_leads[own]))  # a tiny random model learns nothing
+    assert later_need == first_need
 
 
 def test_routing_is_per_row_in_a_mixed_batch_and_in_generation(tiny_loaded, tiny_family):
@@ -223,9 +279,9 @@ def test_activation_replay_scores_earlier_edits_without_training_them(tiny_loade
     seen = []
     real = editor._fast_steps
 
-    def spy(specs, out_specs, keep_specs=()):
+    def spy(specs, drawn, out_specs, keep_specs=()):
         seen.append(([s[0] for s in specs], [s[0] for s in out_specs], [s[0] for s in keep_specs]))
-        return real(specs, out_specs, keep_specs)
+        return real(specs, drawn, out_specs, keep_specs)
 
     monkeypatch.setattr(editor, "_fast_steps", spy)
     prompts = [f"{EDIT.prompt} {i}" for i in range(3)]
@@ -249,9 +305,9 @@ def test_subject_negatives_are_the_prompt_about_other_subjects(tiny_loaded, monk
     seen = []
     real = editor._fast_steps
 
-    def spy(specs, out_specs, keep_specs=()):
+    def spy(specs, drawn, out_specs, keep_specs=()):
         seen.append([s[0] for s in out_specs])
-        return real(specs, out_specs, keep_specs)
+        return real(specs, drawn, out_specs, keep_specs)
 
     monkeypatch.setattr(editor, "_fast_steps", spy)
     try:

@@ -6,8 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class WISEConfig(BaseModel):
     """WISE (arXiv 2405.14768). Defaults follow the paper and its LLaMA-2 settings except where
     they failed on the default model: the margin unit (fitted to the model's activation scale),
-    beta, protected input directions, lr, unrelated prompts per edit, replay, early stop, and
-    Retrieve with small shards. docs/wise.md lists each departure, why, and what was measured.
+    beta, protected input directions, lr, unrelated prompts per edit, replay, early stop, target
+    checks every few steps once learnt, and Retrieve with small shards. docs/wise.md lists each departure, why, and what was measured.
     `preset="paper"` starts from the paper's settings instead (PAPER_PRESET; fields given
     explicitly still win)."""
 
@@ -29,6 +29,8 @@ class WISEConfig(BaseModel):
     early_stop: bool = Field(True, description="Stop an edit once its targets are learnt (early_stop_loss or early_stop_lead) and all three margins are met.")
     early_stop_loss: float = Field(0.01, ge=0, description="Targets count as learnt once the target cross-entropy is below this.")
     early_stop_lead: float = Field(1.0, description="Targets also count as learnt once every target token of every training row is the greedy prediction by at least this many nats of log-probability.")
+    target_check_every: int = Field(4, ge=1, le=1000, description="Once an edit's targets are learnt, run the layers above the edited one (the cross-entropy) only every this many steps, and before stopping; the steps between train the activation margins alone, which need none of them (fast path only; 1 = every step, as the paper; most steps of an edit push unrelated prompts below alpha).")
+    margin_tolerance: float = Field(0.25, ge=0, description="For early stopping, a margin counts as met within this many margin units of it (an unrelated prompt at alpha + 0.1 routes no differently, thresholds sit near beta; without it an edit could spend its remaining steps on a hinge violated by a hundredth of a unit).")
     early_stop_flat: bool = Field(False, description="Stop instead when the total loss is at most 0.02 and moved at most 1e-4 since the previous step (EasyEdit's meter; the paper preset).")
 
     # margin (routing) loss
@@ -96,7 +98,7 @@ class WISEConfig(BaseModel):
 # different from the paper in merge mode (docs/wise.md): shards start from the previous shard's
 # end state, not independently from the main memory.
 PAPER_PRESET = {"lr": 1.0, "beta": 20.0, "margin_unit": 1.0, "protect_energy": 0.0, "unrelated_per_edit": 1,
-                "replay": 0, "margin_mean": "violated", "early_stop_flat": True, "mode": "merge",
+                "replay": 0, "margin_mean": "violated", "early_stop_flat": True, "target_check_every": 1, "margin_tolerance": 0.0, "mode": "merge",
                 "shard_size": 500, "merge_every": 2}
 # WISE-Retrieve as the paper defines it: a shard per save_freq (500) edits, the shards TIES-merged
 # into one retrievable memory per merge_freq (1,000), activation-only replay (appendix B.3; the

@@ -74,6 +74,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.basis: torch.Tensor | None = None  # (in, k): unrelated activations' principal directions
         self.contexts: list[str] | None = None
         self._xcache: dict[int, tuple[torch.Tensor, int, int]] = {}
+        self._pool_x: tuple[torch.Tensor, torch.Tensor] | None = None  # the unrelated pool's inputs, once per session
         self._bypass = False
         self._train_delta: torch.Tensor | None = None
         self._train_x: torch.Tensor | None = None
@@ -98,38 +99,62 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         specs = [(request.prompt, request.target_new, None)]
         specs += [(f"{c}. {request.prompt}", request.target_new, n_prompt) for c in contexts]
         earlier = self._replayed([e for e in self.edits if e["memory"] == g])
-        keep_specs = earlier if cfg.replay_mode == "activation" else []
+        keep_specs = self._specs(earlier) if cfg.replay_mode == "activation" else []
+        own = len(specs)  # the edit's own rows; replayed edits follow
         if cfg.replay_mode == "train":
-            specs += earlier
+            specs += self._specs(earlier)
+        # the lead each trained row's targets need: the edit's own rows early_stop_lead; a
+        # replayed edit's (set at the first check) only that they stay the greedy prediction,
+        # or no worse than they were (a hard earlier edit would otherwise hold every later
+        # edit of its memory to the step limit)
+        need = torch.full((len(specs),), cfg.early_stop_lead, device=self.loaded.device)
         pool = self._pool()
         drawn = torch.randint(len(pool), (cfg.unrelated_per_edit,)).tolist()
-        out_specs = [(pool[i], None, None) for i in drawn]
+        out_specs = []  # out of scope besides the drawn unrelated prompts
         if cfg.replay_mode == "activation" and cfg.mode == "retrieve":  # other memories' edits must not fire here
-            out_specs += self._replayed([e for e in self.edits if e["memory"] != g])
+            out_specs += self._specs(self._replayed([e for e in self.edits if e["memory"] != g]))
         out_specs += [(p, None, None) for p in self._other_subjects(request)]
 
-        steps_of = self._fast_steps if cfg.fast_path else self._slow_steps
-        step_fn = steps_of(specs, out_specs, keep_specs)
+        if cfg.fast_path:
+            step_fn = self._fast_steps(specs, drawn, out_specs, keep_specs)
+        else:
+            step_fn = self._slow_steps(specs, [(pool[i], None, None) for i in drawn] + out_specs, keep_specs)
         param = self.memories[g].clone().requires_grad_(True)
         mask = self.mask.to(param.dtype)
         adam = torch.optim.Adam([param], lr=cfg.lr) if cfg.optimizer == "adam" else None
-        trajectory: list[float] = []
-        ce_v = margin_v = float("nan")
+        trajectory: list[float] = []  # total loss at every step
+        checked: list[float] = []  # total loss at the steps that ran the targets (EasyEdit's meter reads these)
+        ce_v = margin_v = lead_v = float("nan")
         s_in = s_out = None
-        steps = 0
+        steps = since_check = 0
+        learnt = verify = False
         mean = self._violated_mean if cfg.margin_mean == "violated" else torch.mean
         for steps in range(1, cfg.steps + 1):
-            ce, lead, s_in, s_out = step_fn(param)
+            # Once the targets are learnt, most steps only push the activation margins, which
+            # need no layer above the edited one; the targets are checked again every
+            # target_check_every steps and before stopping.
+            run_targets = not learnt or verify or since_check + 1 >= cfg.target_check_every
+            ce, leads, s_in, s_out = step_fn(param, run_targets)
             gap = mean(F.relu(s_out[None, :] - s_in[:, None] + cfg.gamma * unit))
             low = mean(F.relu(s_out - cfg.alpha * unit))
             high = mean(F.relu(cfg.beta * unit - s_in))
             margin = gap + low + high  # in activation units, as in the paper
             loss = ce + cfg.margin_weight * margin
-            ce_v, margin_v, lead_v = float(ce.detach()), float(margin.detach()), float(lead)
             trajectory.append(float(loss.detach()))
-            if cfg.early_stop and (self._flat(trajectory) if cfg.early_stop_flat else
-                                   self._done(ce_v, lead_v, s_in.detach(), s_out.detach(), unit)):
-                break
+            margin_v = float(margin.detach())
+            met = self._margins_met(s_in.detach(), s_out.detach(), unit)
+            if leads is None:
+                since_check += 1
+                verify = met
+            else:
+                since_check, verify = 0, False
+                if not checked:
+                    need[own:] = leads[own:].clamp(max=0.0)
+                ce_v, lead_v = float(ce.detach()), float(leads[:own].min())
+                learnt = self._targets_learnt(ce_v, leads, need)
+                checked.append(trajectory[-1])
+                if cfg.early_stop and (self._flat(checked) if cfg.early_stop_flat else learnt and met):
+                    break
             (grad,) = torch.autograd.grad(loss, param)
             with torch.no_grad():
                 if adam is None:
@@ -154,6 +179,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         if g != self._current():  # a finished retrieve memory never trains again: drop its cached inputs
             self._xcache = {i: v for i, v in self._xcache.items() if self.edits[i]["memory"] != g}
         return {"loss": trajectory[-1], "ce": ce_v, "margin": margin_v, "lead": lead_v, "steps": steps,
+                "target_steps": len(checked),
                 "memory": g, "memories": int(self.memories.shape[0]),
                 "in_scope_min": float(s_in.detach().min()) / unit, "unrelated_max": float(s_out.detach().max()) / unit,
                 "threshold": float(self.thresholds[g]) / unit if g < len(self.thresholds) else None,
@@ -169,12 +195,16 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         pick = torch.randperm(len(others))[:n].tolist()
         return [request.prompt.replace(subject, others[i]) for i in pick]
 
-    def _replayed(self, edits: list[dict[str, Any]]) -> list[tuple[str, str, None]]:
-        """At most config.replay of `edits`, drawn at random, in stream order, as row specs."""
+    def _replayed(self, edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """At most config.replay of `edits`, drawn at random, in stream order."""
         if not self.config.replay or not edits:
             return []
         pick = torch.randperm(len(edits))[: self.config.replay].tolist()
-        return [(edits[i]["prompt"], edits[i]["target"], None) for i in sorted(pick)]
+        return [edits[i] for i in sorted(pick)]
+
+    @staticmethod
+    def _specs(edits: list[dict[str, Any]]) -> list[tuple[str, str, None]]:
+        return [(e["prompt"], e["target"], None) for e in edits]
 
     # ---- thresholds, keys, shards -----------------------------------------------------------
     def _edit_inputs(self, indices: list[int]) -> None:

@@ -17,13 +17,14 @@ from .rows import Rows, make_rows
 _SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 
-def target_lead(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits, (N,) targets -> the smallest lead, in nats of log-probability, of a target
-    token over the best other token (negative where the target is not the greedy prediction)."""
+def row_leads(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(N, V) logits at the loss positions, their (N,) targets and (N,) row indices -> (n_rows,)
+    each row's smallest lead, in nats of log-probability, of a target token over the best other
+    token (negative where a target is not the greedy prediction; +inf for a row without one)."""
     tgt = logits.gather(1, targets[:, None])[:, 0]
     other = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
-    return (tgt - other).min()
-
+    lead = (tgt - other).float()
+    return lead.new_full((n_rows,), float("inf")).scatter_reduce(0, rows, lead, "amin")
 
 
 class Training:
@@ -69,6 +70,30 @@ class Training:
         k = int((share < energy).sum()) + 1
         self.basis = vh[:k].T.contiguous()
 
+    @torch.no_grad()
+    def _pool_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unrelated pool's projected down-projection inputs (N, T, in) and valid-token mask
+        (N, T): they depend on the main model alone and every edit draws from them, so they are
+        captured once per session, in one fixed batch (so a replayed stream sees the same values)."""
+        if self._pool_x is None:
+            rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
+            x = self._project(self._capture(rows, block_out=False)["x"].to(torch.float32))
+            self._pool_x = (x, rows.attn)
+        return self._pool_x
+
+    def _out_inputs(self, drawn: list[int], out_specs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and valid-token mask of the out-of-scope rows: the drawn pool prompts (cached),
+        then `out_specs` (captured now), right-padded to one width."""
+        pool_x, pool_attn = self._pool_inputs()
+        parts = [(pool_x[drawn], pool_attn[drawn])]
+        if out_specs:
+            rows = make_rows(self.tokenizer, out_specs).to(self.loaded.device)
+            parts.append((self._project(self._capture(rows, block_out=False)["x"].to(torch.float32)), rows.attn))
+        width = max(x.shape[1] for x, _ in parts)
+        xs = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x, _ in parts]
+        masks = [F.pad(m, (0, width - m.shape[1])) for _, m in parts]
+        return torch.cat(xs), torch.cat(masks)
+
     def _margin_unit(self) -> float:
         self._pool_statistics()
         if self.config.margin_unit != "auto":
@@ -105,14 +130,18 @@ class Training:
             self.contexts = self._make_contexts(self.config.seed)
         return self.contexts
 
-    def _done(self, ce: float, lead: float, s_in: torch.Tensor, s_out: torch.Tensor, unit: float) -> bool:
-        """Early stop: the targets are learnt (CE below early_stop_loss, or every target token the
-        greedy prediction by early_stop_lead nats) and all three margins are met."""
+    def _targets_learnt(self, ce: float, leads: torch.Tensor, need: torch.Tensor) -> bool:
+        """The target cross-entropy is below early_stop_loss, or every row's target tokens are the
+        greedy prediction by the lead that row needs (`need`: early_stop_lead for the edit's own
+        rows; a replayed edit's must stay the greedy prediction)."""
+        return ce < self.config.early_stop_loss or bool((leads >= need).all())
+
+    def _margins_met(self, s_in: torch.Tensor, s_out: torch.Tensor, unit: float) -> bool:
+        """All three activation margins hold, within margin_tolerance (in-scope above beta,
+        unrelated below alpha, and apart by gamma)."""
         cfg = self.config
-        if not (ce < cfg.early_stop_loss or lead >= cfg.early_stop_lead):
-            return False
-        lo, hi = float(s_in.min()), float(s_out.max())
-        return lo >= cfg.beta * unit and lo - hi >= cfg.gamma * unit and hi <= cfg.alpha * unit
+        lo, hi, tol = float(s_in.min()), float(s_out.max()), cfg.margin_tolerance
+        return lo >= (cfg.beta - tol) * unit and lo - hi >= (cfg.gamma - tol) * unit and hi <= (cfg.alpha + tol) * unit
 
     @staticmethod
     def _flat(trajectory: list[float]) -> bool:
@@ -124,17 +153,17 @@ class Training:
         """Mean over the violated entries of a hinge (EasyEdit's margin loss); 0 when none is."""
         return hinge.sum() / (hinge > 0).sum().clamp(min=1)
 
-    def _fast_steps(self, specs, out_specs, keep_specs=()):
+    def _fast_steps(self, specs, drawn, out_specs, keep_specs=()):
         """Step function on cached layer inputs: only the blocks above the edited one run.
-        `keep_specs` count in the in-scope activation scores only (no cross-entropy), so they
-        cost nothing above the edited layer."""
+        Out of scope: the unrelated pool's prompts `drawn`, then `out_specs`. `keep_specs` count
+        in the in-scope activation scores only (no cross-entropy), so they cost nothing above
+        the edited layer."""
         dev = self.loaded.device
         rows = make_rows(self.tokenizer, specs).to(dev)
-        out_rows = make_rows(self.tokenizer, out_specs).to(dev)
         prompt_only = make_rows(self.tokenizer, specs, score_target=False).score.to(dev)
         cap = self._capture(rows, block_out=True)
         x_in, h_in = self._project(cap["x"].to(torch.float32)), cap["h"]
-        x_out = self._project(self._capture(out_rows, block_out=False)["x"].to(torch.float32))
+        x_out, out_attn = self._out_inputs(drawn, out_specs)
         keep = None
         if keep_specs:
             keep_rows = make_rows(self.tokenizer, list(keep_specs)).to(dev)
@@ -146,18 +175,23 @@ class Training:
         targets = gold[r, c]
         how = self.config.score_reduce
 
-        def step(param):
+        def step(param, run_targets=True):
+            """(cross-entropy, each row's smallest target lead, in-scope scores, unrelated scores);
+            without run_targets the layers above are skipped: cross-entropy 0 and leads None."""
             d_in = F.linear(x_in, param)
-            hidden = self.adapter.run_blocks(h_in + d_in.to(h_in.dtype), self.layer + 1, attention_mask=rows.attn)
-            logits = self.adapter.unembed(hidden[r, c]).float()
-            ce = F.cross_entropy(logits, targets)
+            if run_targets:
+                hidden = self.adapter.run_blocks(h_in + d_in.to(h_in.dtype), self.layer + 1, attention_mask=rows.attn)
+                logits = self.adapter.unembed(hidden[r, c]).float()
+                ce, lead = F.cross_entropy(logits, targets), row_leads(logits.detach(), targets, r, len(specs))
+            else:
+                ce, lead = d_in.new_zeros(()), None
             norms = d_in.norm(dim=-1)  # in scope: scored on prompt + target and on the prompt alone
             s_in = [reduce_scores(norms, rows.score, how), reduce_scores(norms, prompt_only, how)]
             if keep is not None:
                 k_norms = F.linear(keep[0], param).norm(dim=-1)
                 s_in += [reduce_scores(k_norms, keep[1], how), reduce_scores(k_norms, keep[2], how)]
-            s_out = reduce_scores(F.linear(x_out, param).norm(dim=-1), out_rows.attn, how)
-            return ce, target_lead(logits.detach(), targets), torch.cat(s_in), s_out
+            s_out = reduce_scores(F.linear(x_out, param).norm(dim=-1), out_attn, how)
+            return ce, lead, torch.cat(s_in), s_out
 
         return step
 
@@ -171,7 +205,7 @@ class Training:
         prompt_only = make_rows(self.tokenizer, scored + out_specs, score_target=False).score[:n_in].to(dev)
         how = self.config.score_reduce
 
-        def step(param):
+        def step(param, run_targets=True):  # the full-model ablation always runs the targets
             self._train_delta = param
             try:
                 logits = self.model(input_ids=rows.ids, attention_mask=rows.attn, use_cache=False).logits
@@ -189,6 +223,7 @@ class Training:
                               reduce_scores(norms[n_ce:n_in], rows.score[n_ce:n_in], how),
                               reduce_scores(norms[n_ce:n_in], prompt_only[n_ce:], how)])
             s_out = reduce_scores(norms[n_in:], rows.attn[n_in:], how)
-            return ce, target_lead(flat[keep].detach(), gold[keep]), s_in, s_out
+            row = torch.arange(gold.numel(), device=gold.device) // (logits.shape[1] - 1)  # (B, T - 1) flattened
+            return ce, row_leads(flat[keep].detach(), gold[keep], row[keep], n_ce), s_in, s_out
 
         return step
