@@ -133,7 +133,8 @@ class Training:
     def _targets_learnt(self, ce: float, leads: torch.Tensor, need: torch.Tensor) -> bool:
         """The target cross-entropy is below early_stop_loss, or every row's target tokens are the
         greedy prediction by the lead that row needs (`need`: early_stop_lead for the edit's own
-        rows; a replayed edit's must stay the greedy prediction)."""
+        rows; a replayed edit's must stay the greedy prediction, or no worse than at the first
+        step)."""
         return ce < self.config.early_stop_loss or bool((leads >= need).all())
 
     def _margins_met(self, s_in: torch.Tensor, s_out: torch.Tensor, unit: float) -> bool:
