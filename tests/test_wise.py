@@ -62,7 +62,7 @@ def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_fam
     # activation replay: retrieve mode with shards of 2, so the third edit keeps its shard-mate
     # above the in-scope margin and pushes the first memory's edits below the unrelated one
     extra = {} if replay == "train" else {"mode": "retrieve", "shard_size": 2, "replay": 2,
-                                          "replay_mode": "activation"}
+                                          "replay_mode": "activation", "stream_negatives": 2}
     runs = []
     for fast in (True, False):
         editor = WISEEditor(loaded, {**TINY, "steps": 6, "early_stop": False, "fast_path": fast,
@@ -274,7 +274,7 @@ def test_activation_replay_scores_earlier_edits_without_training_them(tiny_loade
     activation scores and other memories' edits are out of scope; no earlier edit is trained."""
     loaded = tiny_loaded["llama"]
     editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 2, "replay": 4,
-                                 "replay_mode": "activation"})
+                                 "replay_mode": "activation", "stream_negatives": 4})
     editor.attach()
     seen = []
     real = editor._fast_steps
@@ -296,6 +296,32 @@ def test_activation_replay_scores_earlier_edits_without_training_them(tiny_loade
     trained, out, kept = seen[1]  # second edit: its shard-mate kept in scope, nothing trained again
     assert kept == [prompts[0]] and all(p.endswith(prompts[1]) for p in trained)
     assert not set(prompts) & set(out)
+
+
+def test_stream_negatives_are_other_memories_edits_out_of_scope(tiny_loaded, monkeypatch):
+    """With replay by training, stream_negatives puts at most n earlier edits of other memories
+    out of scope of the memory being trained; never the memory's own edits."""
+    loaded = tiny_loaded["gpt2"]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 2, "replay": 4, "stream_negatives": 2})
+    editor.attach()
+    seen = []
+    real = editor._fast_steps
+
+    def spy(specs, drawn, out_specs, keep_specs=()):
+        seen.append(([s[0] for s in specs], [s[0] for s in out_specs]))
+        return real(specs, drawn, out_specs, keep_specs)
+
+    monkeypatch.setattr(editor, "_fast_steps", spy)
+    prompts = [f"{EDIT.prompt} {i}" for i in range(6)]
+    try:
+        for i, prompt in enumerate(prompts):
+            seeded_apply(editor, EditRequest(prompt=prompt, target_new="Rome"), seed=i)
+    finally:
+        editor.detach()
+    assert seen[1][1] == [] and prompts[0] in seen[1][0]  # a shard-mate is replayed, nothing is out of scope
+    assert sorted(seen[2][1]) == prompts[:2]  # memory 1's first edit: memory 0's edits out of scope
+    trained, out = seen[5]  # memory 2's second edit: two of memories 0 and 1's four edits
+    assert len(out) == 2 and set(out) <= set(prompts[:4]) and prompts[4] in trained
 
 
 def test_subject_negatives_are_the_prompt_about_other_subjects(tiny_loaded, monkeypatch):

@@ -50,7 +50,8 @@ class WISEConfig(BaseModel):
     unrelated_prompts: list[str] | None = Field(None, description="Pool of unrelated prompt texts (prompt plus answer); None uses the built-in pool.")
     subject_negatives: int = Field(0, ge=0, le=64, description="Out-of-scope prompts made from the edit's own prompt with its subject swapped for other entities (a built-in list), pushed below the unrelated margin like the unrelated prompts: CounterFact's neighbourhood prompts share the edit's relation with another subject. Needs the request's subject in its prompt; 0 = off (measured, docs/wise.md: CounterFact Loc 0.74 -> 0.96 at 8, but zsRE Rel 0.95 -> 0.86).")
     replay: int = Field(8, ge=0, le=64, description="Earlier edits (at most this many of each kind, drawn at random) replayed with each new edit; 0 = off.")
-    replay_mode: Literal["train", "activation"] = Field("train", description="'train': the memory's earlier edits are trained again (cross-entropy and in-scope margins). 'activation' (paper appendix B.3): no cross-entropy; the memory's earlier edits are kept above the in-scope margin and, in retrieve mode, other memories' edits are pushed below the unrelated one, so top-1 routing tells memories apart.")
+    replay_mode: Literal["train", "activation"] = Field("train", description="'train': the memory's earlier edits are trained again (cross-entropy and in-scope margins). 'activation' (paper appendix B.3): no cross-entropy; the memory's earlier edits are only kept above the in-scope margin.")
+    stream_negatives: int = Field(0, ge=0, le=64, description="WISE-Retrieve: earlier edits of other memories (at most this many, drawn at random) pushed below the unrelated margin in the memory being trained, so top-1 routing tells memories apart (the paper's appendix B.3 replay does this; 0 = off).")
 
     # knowledge sharding
     mask_ratio: float = Field(0.2, gt=0, le=1, description="Fraction of side-memory entries each shard may change (rho); a fresh random mask per shard.")
@@ -104,5 +105,5 @@ PAPER_PRESET = {"lr": 1.0, "beta": 20.0, "margin_unit": 1.0, "protect_energy": 0
 # into one retrievable memory per merge_freq (1,000), activation-only replay (appendix B.3; the
 # paper gives no count: 8 of each kind here), top-1 by activation score over every memory.
 PAPER_RETRIEVE_PRESET = {**PAPER_PRESET, "mode": "retrieve", "retrieve_merge_every": 2, "replay": 8,
-                         "replay_mode": "activation", "faiss_min_memories": None}
+                         "replay_mode": "activation", "stream_negatives": 8, "faiss_min_memories": None}
 PRESETS = {"paper": PAPER_PRESET, "paper-retrieve": PAPER_RETRIEVE_PRESET}

@@ -98,7 +98,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         n_prompt = len(self.tokenizer(request.prompt, add_special_tokens=False).input_ids)
         specs = [(request.prompt, request.target_new, None)]
         specs += [(f"{c}. {request.prompt}", request.target_new, n_prompt) for c in contexts]
-        earlier = self._replayed([e for e in self.edits if e["memory"] == g])
+        earlier = self._drawn([e for e in self.edits if e["memory"] == g], cfg.replay)
         keep_specs = self._specs(earlier) if cfg.replay_mode == "activation" else []
         own = len(specs)  # the edit's own rows; replayed edits follow
         if cfg.replay_mode == "train":
@@ -111,8 +111,8 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         pool = self._pool()
         drawn = torch.randint(len(pool), (cfg.unrelated_per_edit,)).tolist()
         out_specs = []  # out of scope besides the drawn unrelated prompts
-        if cfg.replay_mode == "activation" and cfg.mode == "retrieve":  # other memories' edits must not fire here
-            out_specs += self._specs(self._replayed([e for e in self.edits if e["memory"] != g]))
+        if cfg.mode == "retrieve":  # other memories' edits must not fire here (top-1 tells memories apart)
+            out_specs += self._specs(self._drawn([e for e in self.edits if e["memory"] != g], cfg.stream_negatives))
         out_specs += [(p, None, None) for p in self._other_subjects(request)]
 
         if cfg.fast_path:
@@ -195,11 +195,12 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         pick = torch.randperm(len(others))[:n].tolist()
         return [request.prompt.replace(subject, others[i]) for i in pick]
 
-    def _replayed(self, edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """At most config.replay of `edits`, drawn at random, in stream order."""
-        if not self.config.replay or not edits:
+    @staticmethod
+    def _drawn(edits: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+        """At most n of `edits`, drawn at random, in stream order."""
+        if not n or not edits:
             return []
-        pick = torch.randperm(len(edits))[: self.config.replay].tolist()
+        pick = torch.randperm(len(edits))[:n].tolist()
         return [edits[i] for i in sorted(pick)]
 
     @staticmethod
