@@ -378,6 +378,42 @@ def test_retrieve_memories_are_merged_every_n_shards(tiny_loaded, tmp_path):
         assert generate(loaded, texts + [OTHER], max_new_tokens=4) == together
 
 
+def test_new_memories_do_not_copy_the_earlier_ones(tiny_loaded):
+    """Memories, keys and thresholds grow into buffers with spare rows: appending keeps every
+    earlier row, copies them only when the buffer doubles, and a retrieve merge rewrites rows
+    in place with the same result as rebuilding the tensors."""
+    editor = WISEEditor(tiny_loaded["llama"], {**TINY, "mode": "retrieve"})
+    editor.attach()
+    try:
+        torch.manual_seed(0)
+        rows = [torch.randn(editor.shape)]
+        editor.memories[0] = rows[0]
+        ptrs = set()
+        for i in range(1, 20):
+            for name, fill in (("memories", 0.0), ("keys", 0.0), ("thresholds", float("inf"))):
+                editor._append_row(name, fill)
+            assert torch.equal(editor.memories[i], torch.zeros(editor.shape)) and torch.isinf(editor.thresholds[i])
+            rows.append(torch.randn(editor.shape))
+            editor.memories[i] = rows[i]
+            editor.keys[i] = float(i)
+            editor.thresholds[i] = float(i)
+            ptrs.add(editor.memories.data_ptr())
+        assert len(ptrs) == 3  # buffers of 8, 16 and 32 rows
+        assert all(torch.equal(editor.memories[i], r) for i, r in enumerate(rows))
+        memories, keys, thresholds = editor.memories.clone(), editor.keys.clone(), editor.thresholds.clone()
+        editor.edits = [{"prompt": "p", "target": "t", "memory": g} for g in range(20)]
+        editor._merge_memories(3)  # rows 16-18 into one; row 19 (the fresh memory) moves to 17
+        merged = editor._ties(list(memories[16:19]), torch.zeros(editor.shape))
+        assert torch.equal(editor.memories, torch.cat([memories[:16], merged[None], memories[19:]]))
+        assert torch.equal(editor.keys, torch.cat([keys[:16], keys[16:19].sum(0, keepdim=True), keys[19:]]))
+        assert torch.equal(editor.thresholds, torch.cat([thresholds[:17], thresholds[19:]]))
+        assert [e["memory"] for e in editor.edits] == list(range(16)) + [16, 16, 16, 17]
+        editor._append_row("memories", 0.0)  # the freed rows are reused, zeroed
+        assert editor.memories.data_ptr() in ptrs and torch.equal(editor.memories[18], torch.zeros(editor.shape))
+    finally:
+        editor.detach()
+
+
 @pytest.mark.parametrize("values, field", [({"mask_ratio": 1.5}, "mask_ratio"), ({"mode": "both"}, "mode"),
                                            ({"context_lengths": []}, "context_lengths"),
                                            ({"margin_unit": -1}, "margin_unit"), ({"bogus": 1}, "bogus")])
