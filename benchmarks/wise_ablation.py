@@ -38,10 +38,12 @@ VARIANTS = {
     "lr=1": ({"lr": 1.0}, "paper: lr 1.0"),
     "unrelated_per_edit=1": ({"unrelated_per_edit": 1}, "paper: one unrelated prompt per edit"),
     "replay=0": ({"replay": 0}, "no replay (EasyEdit's hparams)"),
-    "replay_mode=activation": ({"replay_mode": "activation"}, "paper: activation-only replay"),
+    "replay_mode=activation": ({"replay_mode": "activation", "stream_negatives": 8},
+                               "paper: activation-only replay (own memory's edits kept in scope, 8 of other memories' out)"),
     "margin_mean=violated": ({"margin_mean": "violated"}, "EasyEdit: margins over violated pairs"),
     "early_stop_flat": ({"early_stop_flat": True}, "EasyEdit's early-stop meter"),
     "subject_negatives=8": ({"subject_negatives": 8}, "editkit: the prompt about 8 other subjects out of scope"),
+    "stream_negatives=8": ({"stream_negatives": 8}, "paper B.3's half: 8 of other memories' edits out of scope"),
     "preset=paper": ({"preset": "paper"}, "WISE-Merge, the paper's settings"),
     "preset=paper-retrieve": ({"preset": "paper-retrieve"}, "WISE-Retrieve as the paper defines it"),
 }
