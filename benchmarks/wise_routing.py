@@ -7,7 +7,8 @@ a writer if one is still editing it) and routes, both ways, the in-scope prompts
 edit's prompt and rephrasings) and the out-of-scope ones (its locality prompts and the built-in
 unrelated pool), on their prompt alone as generation sees them. Reported per kind: the share
 where both ways make the same decision (same memory, or neither routes), where both route, and
-where both route to the same memory.
+where both route to the same memory; and the milliseconds per prompt each way spends in the
+routing decision alone (the exact scan's cost grows with the number of memories).
 
     .venv/bin/python benchmarks/wise_routing.py --workspace editkit-eval/methods/wise/workspace
 
@@ -31,33 +32,37 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
-def decisions(editor, prompts: list[str], exact: bool, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(routed (N,), memory (N,)) of each prompt, with the faiss prefilter or the exact scan."""
+def decisions(editor, prompts: list[str], exact: bool, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(routed (N,), memory (N,), seconds in the routing decision alone) of each prompt, with
+    the faiss prefilter or the exact scan."""
     saved = editor.config
     if exact:
         editor.config = saved.model_copy(update={"faiss_min_memories": None})
     try:
-        routed, memory = [], []
+        routed, memory, seconds = [], [], 0.0
         for i in range(0, len(prompts), batch):
             rows = make_rows(editor.tokenizer, [(p, None, None) for p in prompts[i:i + batch]])
             rows = rows.to(editor.loaded.device)
             x = editor._project(editor._capture(rows, block_out=False)["x"].to(torch.float32))
+            started = time.perf_counter()
             route, idx, _ = editor._decide(x, rows.attn.to(torch.float32))
+            seconds += time.perf_counter() - started
             routed.append(route.cpu())
             memory.append(idx.cpu())
     finally:
         editor.config = saved
-    return torch.cat(routed), torch.cat(memory)
+    return torch.cat(routed), torch.cat(memory), seconds
 
 
 def agreement(editor, prompts: list[str]) -> dict:
-    r_f, m_f = decisions(editor, prompts, exact=False)
-    r_e, m_e = decisions(editor, prompts, exact=True)
+    r_f, m_f, s_f = decisions(editor, prompts, exact=False)
+    r_e, m_e, s_e = decisions(editor, prompts, exact=True)
     same = (r_f == r_e) & (~r_e | (m_f == m_e))
     both = r_f & r_e
     return {"prompts": len(prompts), "same_decision": float(same.float().mean()),
             "routed_exact": float(r_e.float().mean()), "routed_prefilter": float(r_f.float().mean()),
-            "same_memory_where_both_route": float((m_f == m_e)[both].float().mean()) if both.any() else None}
+            "same_memory_where_both_route": float((m_f == m_e)[both].float().mean()) if both.any() else None,
+            "ms_per_prompt_prefilter": 1000 * s_f / len(prompts), "ms_per_prompt_exact": 1000 * s_e / len(prompts)}
 
 
 def main() -> None:
@@ -89,13 +94,15 @@ def markdown(r: dict) -> str:
     lines = ["# WISE-Retrieve routing: faiss prefilter against the exact scan",
              "", f"{r['edits']} edits, {r['memories']} memories; prefilter from {r['faiss_min_memories']} memories on, "
              f"{r['faiss_candidates']} candidates", "",
-             "| prompts | n | same decision | routed (exact) | routed (prefilter) | same memory where both route |",
-             "|---|---|---|---|---|---|"]
+             "| prompts | n | same decision | routed (exact) | routed (prefilter) | same memory where both route "
+             "| ms per prompt (prefilter / exact) |",
+             "|---|---|---|---|---|---|---|"]
     for kind in ("in_scope", "out_of_scope"):
         a = r[kind]
         both = "-" if a["same_memory_where_both_route"] is None else f"{a['same_memory_where_both_route']:.3f}"
         lines.append(f"| {kind.replace('_', ' ')} | {a['prompts']} | {a['same_decision']:.3f} | "
-                     f"{a['routed_exact']:.3f} | {a['routed_prefilter']:.3f} | {both} |")
+                     f"{a['routed_exact']:.3f} | {a['routed_prefilter']:.3f} | {both} | "
+                     f"{a['ms_per_prompt_prefilter']:.2f} / {a['ms_per_prompt_exact']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -104,6 +104,47 @@ def _check_storage(session) -> None:
     assert used == {r[0] for r in journal.db.execute("SELECT id FROM states")}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_mostly_zero_blocks_are_stored_packed(tmp_path, dtype):
+    """A side memory trained under a 20% gradient mask is ~80% zero words: its blocks are
+    stored packed (named by the raw bytes' digest all the same), dense ones as they are,
+    and both read back bit-exactly; a damaged packed file fails its checksum."""
+    store = ChunkStore(tmp_path)
+    torch.manual_seed(0)
+    sparse = torch.where(torch.rand(300, 257) < 0.2, torch.randn(300, 257) * 100, 0.0).to(dtype)  # 4.7 blocks
+    dense = torch.randint(2 ** 33, 2 ** 62, (70_000,)) if dtype == torch.int64 else torch.randn(70_000).to(dtype)
+    manifest = store.write({"c": ({"sparse": sparse, "dense": dense}, {"format": 1})})
+    (back, _), = store.read(manifest).values()
+    assert torch.equal(back["sparse"], sparse) and torch.equal(back["dense"], dense)
+    files = {p.name: p for p in (tmp_path / "chunks").rglob("*") if p.is_file()}
+    packed = [p for p in files.values() if p.read_bytes().startswith(chunks_module.PACKED)]
+    spec = manifest["components"]["c"]["tensors"]
+    sparse_blocks = store._blocks(spec["sparse"]["index"])
+    assert {p.name for p in packed} == set(sparse_blocks) - {sparse_blocks[-1]} or \
+        {p.name for p in packed} == set(sparse_blocks)  # the short last block may be too small to pack
+    on_disk = sum(files[d].stat().st_size for d in set(sparse_blocks))
+    assert on_disk < 0.45 * sparse.numel() * sparse.element_size()
+    assert not set(store._blocks(spec["dense"]["index"])) & {p.name for p in packed}
+    assert store.write({"c": ({"sparse": sparse, "dense": dense}, {"format": 1})}) == manifest
+    data = bytearray(packed[0].read_bytes())
+    data[-5] ^= 1
+    packed[0].write_bytes(bytes(data))
+    from editkit.errors import WorkspaceError
+
+    with pytest.raises(WorkspaceError, match="fails its checksum"):
+        ChunkStore(tmp_path).read(manifest)
+    packed[0].write_bytes(bytes(data[:40]))  # cut short
+    with pytest.raises(WorkspaceError, match="fails its checksum"):
+        ChunkStore(tmp_path).read(manifest)
+
+
+def test_a_raw_chunk_that_looks_packed_is_read_as_it_is(tmp_path):
+    store = ChunkStore(tmp_path)
+    t = torch.frombuffer(bytearray(chunks_module.PACKED + bytes(100)), dtype=torch.uint8)
+    manifest = store.write({"c": ({"t": t}, {"format": 1})})
+    assert torch.equal(ChunkStore(tmp_path).read(manifest)["c"][0]["t"], t)
+
+
 @pytest.mark.parametrize("method", ["append-test", "grace"])
 def test_tracked_changes_write_what_hashing_everything_writes(tmp_path, tiny_loaded, small_blocks, method):
     """A component that tracks its changes must produce, edit after edit, exactly the
