@@ -3,7 +3,8 @@
 From this many memories on (`faiss_min_memories`, 16 by default) a faiss index over the
 memories' keys proposes `faiss_candidates` memories per sequence and exact activation scores
 pick among them; the paper scores every memory. This opens a WISE workspace read-only (beside
-a writer if one is still editing it) and routes, both ways, the in-scope prompts (each active
+a writer if one is still editing it) and routes, with the exact scan and with the prefilter at
+each of `--candidates`, the in-scope prompts (each active
 edit's prompt and rephrasings) and the out-of-scope ones (its locality prompts and the built-in
 unrelated pool), on their prompt alone as generation sees them. Reported per kind: the share
 where both ways make the same decision (same memory, or neither routes), where both route, and
@@ -11,6 +12,11 @@ where both route to the same memory; and the milliseconds per prompt each way sp
 routing decision alone (the exact scan's cost grows with the number of memories).
 
     .venv/bin/python benchmarks/wise_routing.py --workspace editkit-eval/methods/wise/workspace
+    .venv/bin/python benchmarks/wise_routing.py --run editkit-eval   # also Rel/Gen/Loc each way
+
+With --run (an `editkit eval --method wise` run directory, `--sample` or not) the records the
+run measured at its last point are measured again with the exact scan and with the prefilter at
+each of --candidates: what the routing choice does to reliability, generalization and locality.
 
 Writes benchmarks/results/wise-routing-<time>.json and .md beside it.
 """
@@ -24,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from editkit.schemas import EditRequest
+from editkit.scoring import ItemBaseline, measure_items, summarise
 from editkit.session import Session
 from editkit.unrelated import UNRELATED
 from editkit.plugins.wise.rows import make_rows
@@ -32,12 +40,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
-def decisions(editor, prompts: list[str], exact: bool, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor, float]:
+def decisions(editor, prompts: list[str], candidates: int | None, batch: int = 32
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(routed (N,), memory (N,), seconds in the routing decision alone) of each prompt, with
-    the faiss prefilter or the exact scan."""
+    the faiss prefilter proposing `candidates` memories, or (None) the exact scan."""
     saved = editor.config
-    if exact:
-        editor.config = saved.model_copy(update={"faiss_min_memories": None})
+    editor.config = saved.model_copy(update={"faiss_min_memories": None} if candidates is None else
+                                     {"faiss_min_memories": 1,
+                                      "faiss_candidates": candidates})
     try:
         routed, memory, seconds = [], [], 0.0
         for i in range(0, len(prompts), batch):
@@ -54,35 +64,69 @@ def decisions(editor, prompts: list[str], exact: bool, batch: int = 32) -> tuple
     return torch.cat(routed), torch.cat(memory), seconds
 
 
-def agreement(editor, prompts: list[str]) -> dict:
-    r_f, m_f, s_f = decisions(editor, prompts, exact=False)
-    r_e, m_e, s_e = decisions(editor, prompts, exact=True)
-    same = (r_f == r_e) & (~r_e | (m_f == m_e))
-    both = r_f & r_e
-    return {"prompts": len(prompts), "same_decision": float(same.float().mean()),
-            "routed_exact": float(r_e.float().mean()), "routed_prefilter": float(r_f.float().mean()),
+def agreement(editor, prompts: list[str], candidates: list[int]) -> dict:
+    r_e, m_e, s_e = decisions(editor, prompts, None)
+    out = {"prompts": len(prompts), "routed_exact": float(r_e.float().mean()),
+           "ms_per_prompt_exact": 1000 * s_e / len(prompts), "prefilter": {}}
+    for c in candidates:
+        r_f, m_f, s_f = decisions(editor, prompts, c)
+        same = (r_f == r_e) & (~r_e | (m_f == m_e))
+        both = r_f & r_e
+        out["prefilter"][str(c)] = {
+            "same_decision": float(same.float().mean()), "routed": float(r_f.float().mean()),
             "same_memory_where_both_route": float((m_f == m_e)[both].float().mean()) if both.any() else None,
-            "ms_per_prompt_prefilter": 1000 * s_f / len(prompts), "ms_per_prompt_exact": 1000 * s_e / len(prompts)}
+            "ms_per_prompt": 1000 * s_f / len(prompts)}
+    return out
+
+
+def quality(editor, run: Path, applied: int, candidates: list[int]) -> dict:
+    """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing."""
+    plan = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    base = json.loads((run / "baseline.json").read_text(encoding="utf-8"))["items"]
+    sampled = plan.get("sampled")
+    indices = [i for i in (sampled if sampled is not None else range(len(plan["cases"]))) if i < applied]
+    requests = [EditRequest(**plan["cases"][i]["request"]) for i in indices]
+    baselines = [ItemBaseline.from_dict(base[i]["baseline"]) for i in indices]
+    saved = editor.config
+    out = {"records": len(indices)}
+    try:
+        for name, update in [("exact", {"faiss_min_memories": None})] + [
+                (f"prefilter {c}", {"faiss_min_memories": 1, "faiss_candidates": c}) for c in candidates]:
+            editor.config = saved.model_copy(update=update)
+            out[name] = summarise(measure_items(editor.loaded, requests, baselines))
+    finally:
+        editor.config = saved
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workspace", required=True, help="a WISE workspace (e.g. an eval run's methods/wise/workspace)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workspace", help="a WISE workspace (e.g. an eval run's methods/wise/workspace)")
+    where.add_argument("--run", help="an `editkit eval --method wise` run directory: its workspace, and its "
+                                     "measured records again under each routing")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--candidates", default="4,8,16",
+                        help="comma-separated faiss_candidates values to compare with the exact scan")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with Session.open(args.workspace, follow=True) as session:
+    candidates = [int(c) for c in args.candidates.split(",")]
+    workspace = args.workspace or str(Path(args.run) / "methods" / "wise" / "workspace")
+    with Session.open(workspace, follow=True) as session:
         editor = session.editor
         if editor.name != "wise" or editor.config.mode != "retrieve":
             raise SystemExit(f"{args.workspace}: not a WISE-Retrieve workspace")
         requests = [r.request for r in session.history(active_only=True)]
         in_scope = [p for r in requests for p in [r["prompt"], *r.get("rephrases", [])]]
         out = [probe["prompt"] for r in requests for probe in r.get("locality", [])] + list(UNRELATED)
-        result = {"workspace": str(args.workspace), "edits": len(requests),
+        result = {"workspace": workspace, "edits": len(requests),
                   "memories": int(editor.memories.shape[0]),
                   "faiss_min_memories": editor.config.faiss_min_memories,
                   "faiss_candidates": editor.config.faiss_candidates,
-                  "in_scope": agreement(editor, in_scope), "out_of_scope": agreement(editor, out)}
+                  "in_scope": agreement(editor, in_scope, candidates),
+                  "out_of_scope": agreement(editor, out, candidates)}
+        if args.run:
+            result["quality"] = quality(editor, Path(args.run), len(requests), candidates)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"wise-routing-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -92,17 +136,26 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lines = ["# WISE-Retrieve routing: faiss prefilter against the exact scan",
-             "", f"{r['edits']} edits, {r['memories']} memories; prefilter from {r['faiss_min_memories']} memories on, "
-             f"{r['faiss_candidates']} candidates", "",
-             "| prompts | n | same decision | routed (exact) | routed (prefilter) | same memory where both route "
-             "| ms per prompt (prefilter / exact) |",
-             "|---|---|---|---|---|---|---|"]
+             "", f"{r['edits']} edits, {r['memories']} memories; the workspace's config: prefilter from "
+             f"{r['faiss_min_memories']} memories on, {r['faiss_candidates']} candidates", "",
+             "| prompts | n | candidates | same decision | routed (exact) | routed (prefilter) "
+             "| same memory where both route | ms per prompt (prefilter / exact) |",
+             "|---|---|---|---|---|---|---|---|"]
     for kind in ("in_scope", "out_of_scope"):
         a = r[kind]
-        both = "-" if a["same_memory_where_both_route"] is None else f"{a['same_memory_where_both_route']:.3f}"
-        lines.append(f"| {kind.replace('_', ' ')} | {a['prompts']} | {a['same_decision']:.3f} | "
-                     f"{a['routed_exact']:.3f} | {a['routed_prefilter']:.3f} | {both} | "
-                     f"{a['ms_per_prompt_prefilter']:.2f} / {a['ms_per_prompt_exact']:.2f} |")
+        for c, p in a["prefilter"].items():
+            both = "-" if p["same_memory_where_both_route"] is None else f"{p['same_memory_where_both_route']:.3f}"
+            lines.append(f"| {kind.replace('_', ' ')} | {a['prompts']} | {c} | {p['same_decision']:.3f} | "
+                         f"{a['routed_exact']:.3f} | {p['routed']:.3f} | {both} | "
+                         f"{p['ms_per_prompt']:.2f} / {a['ms_per_prompt_exact']:.2f} |")
+    q = r.get("quality")
+    if q:
+        lines += ["", f"Quality of the run's {q['records']} measured records under each routing (TF / EM):", "",
+                  "| routing | Rel | Gen | Loc unchanged |", "|---|---|---|---|"]
+        for name, m in q.items():
+            if name != "records":
+                lines.append(f"| {name} | {m['rel_tf']:.3f} / {m['rel_em']:.3f} | {m['gen_tf']:.3f} / "
+                             f"{m['gen_em']:.3f} | {m['loc_tf']:.3f} / {m['loc_em']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
