@@ -258,6 +258,15 @@ def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded):
         together = generate(loaded, texts, max_new_tokens=4)
         assert editor._index is not None  # the faiss path picked the candidates
         assert together == [generate(loaded, [t], max_new_tokens=4)[0] for t in texts]
+        rows = make_rows(editor.tokenizer, [(t, None, None) for t in texts + [EDIT2.prompt + " x"]])
+        x = editor._project(editor._capture(rows, block_out=False)["x"].float())
+        saved = editor.config
+        decided = []
+        for update in ({"faiss_candidates": 4}, {"faiss_min_memories": None}):  # every memory a candidate / exact
+            editor.config = saved.model_copy(update=update)
+            decided.append(editor._decide(x, rows.attn.float()))
+        editor.config = saved
+        assert all(torch.allclose(a.float(), b.float()) for a, b in zip(*decided))
         tensors, meta = editor.state_dict()
         other = WISEEditor(loaded, editor.config)
         editor.detach()

@@ -82,13 +82,19 @@ class Routing:
         best = torch.full((b,), -1.0, device=xf.device)
         idx = cand[:, 0].clone()
         d_best = torch.zeros(xf.shape[:2] + (self.shape[0],), device=xf.device)
-        for j in range(cand.shape[1]):
-            d = torch.einsum("bti,bhi->bth", xf, self.memories[cand[:, j]])
-            s = reduce_scores(d.norm(dim=-1), valid, how)
-            better = s > best
-            best = torch.where(better, s, best)
-            idx = torch.where(better, cand[:, j], idx)
-            d_best = torch.where(better[:, None, None], d, d_best)
+        # memory by memory over the rows that proposed it (gathering a copy of each row's
+        # candidates cost more than scanning every memory); ties go to the earlier candidate
+        rank = torch.full((b,), cand.shape[1], device=xf.device)
+        for m in torch.unique(cand).tolist():
+            hit = cand == m
+            sel = hit.any(1).nonzero().squeeze(1)
+            d = F.linear(xf[sel], self.memories[m])
+            s = reduce_scores(d.norm(dim=-1), valid[sel], how)
+            r = hit[sel].float().argmax(1)  # this memory's place in each row's candidate list
+            better = (s > best[sel]) | ((s == best[sel]) & (r < rank[sel]))
+            rows_b = sel[better]
+            best[rows_b], idx[rows_b], rank[rows_b] = s[better], m, r[better]
+            d_best[rows_b] = d[better]
         return best > self.thresholds[idx], idx, d_best
 
     def _candidates(self, xf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
