@@ -242,7 +242,7 @@ def test_merge_mode_ties_merges_shards(tiny_loaded):
     assert merged.tolist() == [[1.0, 0.0], [0.5, 3.0]]  # (0, 1): no elected sign
 
 
-def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded):
+def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded, monkeypatch):
     loaded = tiny_loaded["gpt_neox"]
     editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "faiss_min_memories": 3,
                                  "faiss_candidates": 2})
@@ -265,8 +265,11 @@ def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded):
         for update in ({"faiss_candidates": 4}, {"faiss_min_memories": None}):  # every memory a candidate / exact
             editor.config = saved.model_copy(update=update)
             decided.append(editor._decide(x, rows.attn.float()))
+        monkeypatch.setattr("editkit.plugins.wise.routing.SCAN_CHUNK", 3)  # the exact scan in two chunks
+        decided.append(editor._decide(x, rows.attn.float()))
         editor.config = saved
-        assert all(torch.allclose(a.float(), b.float()) for a, b in zip(*decided))
+        assert all(torch.allclose(a.float(), b.float()) for a, b in zip(*decided[:2]))
+        assert all(torch.allclose(a.float(), b.float()) for a, b in zip(*decided[1:]))
         tensors, meta = editor.state_dict()
         other = WISEEditor(loaded, editor.config)
         editor.detach()

@@ -10,6 +10,9 @@ from editkit.forward import call_context
 from editkit.search import faiss
 
 
+SCAN_CHUNK = 16  # memories scored together by the exact scan
+
+
 def reduce_scores(token_norms: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T) per-token distances and 0/1 weights -> (B,) sequence scores."""
     weight = weight.to(token_norms.dtype)
@@ -58,13 +61,21 @@ class Routing:
         route, idx = self._route
         if self.memories.shape[0] == 1:
             return route, F.linear(xf, self.memories[0])
-        return route, torch.einsum("bti,bhi->bth", xf, self.memories[idx])
+        return route, self._memory_outputs(xf, idx)
+
+    def _memory_outputs(self, xf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T, out): each row through its own memory idx[row], memory by memory over the rows
+        that use it (a gathered copy of every row's memory cost 3.5 MB per row and step here)."""
+        out = xf.new_zeros(xf.shape[:2] + (self.shape[0],))
+        for m in torch.unique(idx).tolist():
+            sel = (idx == m).nonzero().squeeze(1)
+            out[sel] = F.linear(xf[sel], self.memories[m])
+        return out
 
     def _decide(self, xf: torch.Tensor, valid: torch.Tensor):
         how = self.config.score_reduce
         g = self.memories.shape[0]
         b = xf.shape[0]
-        rows = torch.arange(b, device=xf.device)
         if g == 1:
             d = F.linear(xf, self.memories[0])
             score = reduce_scores(d.norm(dim=-1), valid, how)
@@ -72,10 +83,12 @@ class Routing:
             return score > self.thresholds[0], idx, d
         prefilter = self.config.faiss_min_memories
         if prefilter is None or g < prefilter or faiss() is None:  # top-1 over every memory, scored exactly
-            d_all = torch.einsum("bti,ghi->gbth", xf, self.memories)
-            scores = reduce_scores(d_all.norm(dim=-1).flatten(0, 1), valid.repeat(g, 1), how).view(g, b)
+            scores = torch.cat([  # SCAN_CHUNK memories at a time: the (memories, B, T, out) outputs stay small
+                reduce_scores(torch.einsum("bti,ghi->gbth", xf, chunk).norm(dim=-1).flatten(0, 1),
+                              valid.repeat(chunk.shape[0], 1), how).view(chunk.shape[0], b)
+                for chunk in self.memories.split(SCAN_CHUNK)])
             best, idx = scores.max(dim=0)
-            return best > self.thresholds[idx], idx, d_all[idx, rows]
+            return best > self.thresholds[idx], idx, self._memory_outputs(xf, idx)
         # Many memories: a faiss index over the memories' keys proposes candidates (this reads
         # the query on the host), exact activation scores pick among them.
         cand = self._candidates(xf, valid)  # (B, c)
