@@ -97,7 +97,7 @@ class Routing:
         d_best = torch.zeros(xf.shape[:2] + (self.shape[0],), device=xf.device)
         # memory by memory over the rows that proposed it (gathering a copy of each row's
         # candidates cost more than scanning every memory); ties go to the earlier candidate
-        rank = torch.full((b,), cand.shape[1], device=xf.device)
+        rank = torch.full((b,), cand.shape[1], dtype=torch.long, device=xf.device)
         for m in torch.unique(cand).tolist():
             hit = cand == m
             sel = hit.any(1).nonzero().squeeze(1)
