@@ -115,7 +115,7 @@ def main() -> None:
     with Session.open(workspace, follow=True) as session:
         editor = session.editor
         if editor.name != "wise" or editor.config.mode != "retrieve":
-            raise SystemExit(f"{args.workspace}: not a WISE-Retrieve workspace")
+            raise SystemExit(f"{workspace}: not a WISE-Retrieve workspace")
         requests = [r.request for r in session.history(active_only=True)]
         in_scope = [p for r in requests for p in [r["prompt"], *r.get("rephrases", [])]]
         out = [probe["prompt"] for r in requests for probe in r.get("locality", [])] + list(UNRELATED)
