@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,16 +40,25 @@ from editkit.plugins.wise.rows import make_rows
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+@contextmanager
+def routing(editor, candidates: int | None):
+    """The editor routes with the exact scan (None) or with the faiss prefilter proposing
+    `candidates` memories, until the block ends."""
+    saved = editor.config
+    editor.config = saved.model_copy(update={"faiss_min_memories": None} if candidates is None else
+                                     {"faiss_min_memories": 1, "faiss_candidates": candidates})
+    try:
+        yield
+    finally:
+        editor.config = saved
+
+
 @torch.no_grad()
 def decisions(editor, prompts: list[str], candidates: int | None, batch: int = 32
               ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(routed (N,), memory (N,), seconds in the routing decision alone) of each prompt, with
     the faiss prefilter proposing `candidates` memories, or (None) the exact scan."""
-    saved = editor.config
-    editor.config = saved.model_copy(update={"faiss_min_memories": None} if candidates is None else
-                                     {"faiss_min_memories": 1,
-                                      "faiss_candidates": candidates})
-    try:
+    with routing(editor, candidates):
         routed, memory, seconds = [], [], 0.0
         for i in range(0, len(prompts), batch):
             rows = make_rows(editor.tokenizer, [(p, None, None) for p in prompts[i:i + batch]])
@@ -59,8 +69,6 @@ def decisions(editor, prompts: list[str], candidates: int | None, batch: int = 3
             seconds += time.perf_counter() - started
             routed.append(route.cpu())
             memory.append(idx.cpu())
-    finally:
-        editor.config = saved
     return torch.cat(routed), torch.cat(memory), seconds
 
 
@@ -87,15 +95,10 @@ def quality(editor, run: Path, applied: int, candidates: list[int]) -> dict:
     indices = [i for i in (sampled if sampled is not None else range(len(plan["cases"]))) if i < applied]
     requests = [EditRequest(**plan["cases"][i]["request"]) for i in indices]
     baselines = [ItemBaseline.from_dict(base[i]["baseline"]) for i in indices]
-    saved = editor.config
     out = {"records": len(indices)}
-    try:
-        for name, update in [("exact", {"faiss_min_memories": None})] + [
-                (f"prefilter {c}", {"faiss_min_memories": 1, "faiss_candidates": c}) for c in candidates]:
-            editor.config = saved.model_copy(update=update)
+    for name, c in [("exact", None)] + [(f"prefilter {c}", c) for c in candidates]:
+        with routing(editor, c):
             out[name] = summarise(measure_items(editor.loaded, requests, baselines))
-    finally:
-        editor.config = saved
     return out
 
 
