@@ -91,7 +91,7 @@ def _measured(editor, loaded, reqs, before_loc, times, steps) -> dict:
     tensors, meta = editor.state_dict()
     result.update(s_per_edit=sum(times) / len(times), s_first_edit=times[0],
                   s_per_edit_after_first=(sum(times[1:]) / (len(times) - 1)) if len(times) > 1 else None,
-                  mean_steps=sum(steps) / len(steps), memories=int(editor.memories.shape[0]),
+                  mean_steps=sum(steps) / len(steps), memories=len(editor.memories),
                   state_bytes=sum(v.numel() * v.element_size() for v in tensors.values()),
                   meta_bytes=len(json.dumps(meta)))
     return result
@@ -162,16 +162,19 @@ def main() -> None:
     # stream's own memories. Merge: the same shards TIES-merged into one memory (what merge
     # mode serves: one memory whatever the number of edits).
     tensors, meta = last.state_dict()
+    stack = last.memories.dense()
     report["generation"] = {"batch": len(prompts), "new_tokens": 24, "after_edits": max(ts),
-                            "retrieve_memories": int(tensors["memories"].shape[0])}
+                            "retrieve_memories": len(last.memories)}
     plain = float("inf")
     for mode in ("retrieve", "merge"):
         if mode == "merge":
             last.detach()
             last = WISEEditor(loaded, {"mode": "merge"})
             last.attach()
-            merged = ties_merge(list(tensors["memories"]), last.config.ties_density)[None]
-            last.load_state_dict({**tensors, "memories": merged, "thresholds": tensors["thresholds"].min()[None],
+            merged = ties_merge(list(stack), last.config.ties_density)
+            last.load_state_dict({**tensors, "memory": merged, "packed_bits": tensors["packed_bits"][:0],
+                                  "packed_values": tensors["packed_values"][:0], "packed_offsets": torch.zeros(1, dtype=torch.int64),
+                                  "thresholds": tensors["thresholds"].min()[None],
                                   "keys": tensors["keys"].sum(0, keepdim=True)},
                                  {**meta, "mode": "merge", "edits": [{**e, "memory": 0} for e in meta["edits"]]})
         with_wise = float("inf")
@@ -185,9 +188,9 @@ def main() -> None:
     g = report["generation"]
     g["plain_s"] = plain
     g["retrieve_overhead"], g["merge_overhead"] = g["retrieve_s"] / plain - 1, g["merge_s"] / plain - 1
-    out_f, in_f = tensors["memories"].shape[1:]
+    out_f, in_f = stack.shape[1:]
     report["memory"] = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        "bytes_per_memory": out_f * in_f * 4,
+                        "bytes_per_dense_memory": out_f * in_f * 4,
                         "state_bytes_after_max_T": sum(v.numel() * v.element_size() for v in tensors.values()),
                         "bytes_per_edit_meta": len(json.dumps(meta)) / max(1, len(meta["edits"]))}
     report["load_average_end"] = list(__import__("os").getloadavg())

@@ -96,11 +96,11 @@ def probe_routing(workspace: Path, args, report: dict) -> dict:
         with torch.no_grad():
             x = ed._project(ed._capture(rows, block_out=False)["x"].float())
             scores = torch.stack([reduce_scores(F.linear(x, m).norm(dim=-1), rows.attn, ed.config.score_reduce)
-                                  for m in ed.memories])
+                                  for m in (ed.memories[g] for g in range(len(ed.memories)))])
         best, idx = scores.max(0)
         routed = (best > ed.thresholds[idx]).tolist()
         own = sum(r and int(i) == m for r, i, (_, m) in zip(routed, idx.tolist(), probes))
-        return {"memories": int(ed.memories.shape[0]), "probes": len(probes),
+        return {"memories": len(ed.memories), "probes": len(probes),
                 "probes_routed": sum(routed) / max(len(probes), 1),
                 "routed_to_own_memory": own / max(sum(routed), 1)}
 

@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--candidates", default="4,8,16",
                         help="comma-separated faiss_candidates values to compare with the exact scan")
+    parser.add_argument("--packed-dtype", choices=["float32", "float16"],
+                        help="repack the finished memories in this dtype first (what packed_dtype changes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     candidates = [int(c) for c in args.candidates.split(",")]
@@ -119,11 +121,17 @@ def main() -> None:
         editor = session.editor
         if editor.name != "wise" or editor.config.mode != "retrieve":
             raise SystemExit(f"{workspace}: not a WISE-Retrieve workspace")
+        if args.packed_dtype:  # a fresh bank in that dtype takes the state (values converted)
+            tensors, meta = editor.state_dict()
+            tensors = {k: v.clone() for k, v in tensors.items()}
+            editor.config = editor.config.model_copy(update={"packed_dtype": args.packed_dtype})
+            editor.load_state_dict(tensors, meta)
         requests = [r.request for r in session.history(active_only=True)]
         in_scope = [p for r in requests for p in [r["prompt"], *r.get("rephrases", [])]]
         out = [probe["prompt"] for r in requests for probe in r.get("locality", [])] + list(UNRELATED)
         result = {"workspace": workspace, "edits": len(requests),
-                  "memories": int(editor.memories.shape[0]),
+                  "memories": len(editor.memories), "memory_bytes": editor.memories.nbytes(),
+                  "packed_dtype": editor.config.packed_dtype,
                   "faiss_min_memories": editor.config.faiss_min_memories,
                   "faiss_candidates": editor.config.faiss_candidates,
                   "in_scope": agreement(editor, in_scope, candidates),
@@ -139,7 +147,8 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lines = ["# WISE-Retrieve routing: faiss prefilter against the exact scan",
-             "", f"{r['edits']} edits, {r['memories']} memories; the workspace's config: prefilter from "
+             "", f"{r['edits']} edits, {r['memories']} memories ({r['memory_bytes'] / 2**20:.1f} MiB, "
+             f"finished ones packed in {r['packed_dtype']}); the workspace's config: prefilter from "
              f"{r['faiss_min_memories']} memories on, {r['faiss_candidates']} candidates", "",
              "| prompts | n | candidates | same decision | routed (exact) | routed (prefilter) "
              "| same memory where both route | ms per prompt (prefilter / exact) |",

@@ -73,7 +73,7 @@ def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_fam
             if replay == "activation":
                 seeded_apply(editor, EDIT2, seed=2)
                 seeded_apply(editor, EDIT, seed=3)
-            runs.append((seeded_apply(editor, EDIT2, seed=1)["trajectory"], editor.memories.clone()))
+            runs.append((seeded_apply(editor, EDIT2, seed=1)["trajectory"], editor.memories.dense()))
         finally:
             editor.detach()
     (fast_traj, fast_mem), (slow_traj, slow_mem) = runs
@@ -204,7 +204,7 @@ def test_saves_of_only_what_changed_reopen_to_the_same_state(tiny_loaded, tmp_pa
         tensors, meta = session.editor.state_dict()
         tensors = {k: v.clone() for k, v in tensors.items()}
     assert meta["shards"] == 3 and ("pending" in tensors) == (mode == "merge")  # merge: shard 3 waits
-    assert tensors["memories"].shape[0] == (4 if mode == "retrieve" else 1)
+    assert tensors["packed_bits"].shape[0] == (3 if mode == "retrieve" else 0)  # finished memories, packed
     with Session.open(tmp_path / "ws", loaded=loaded) as session:
         again, meta2 = session.editor.state_dict()
     assert meta2 == meta and again.keys() == tensors.keys()
@@ -216,10 +216,10 @@ def test_rollback_replays_to_the_same_state(tiny_loaded, tmp_path):
     with Session.open(tmp_path / "a", loaded=loaded, method="wise", method_config=TINY) as session:
         first, _ = session.edit([EDIT, EDIT2], measure=False)
         session.rollback(first.id)
-        rolled = session.editor.state_dict()[0]["memories"].clone()
+        rolled = session.editor.memories.dense()
     with Session.open(tmp_path / "b", loaded=loaded, method="wise", method_config=TINY) as session:
         session.edit(EDIT2, measure=False)
-        direct = session.editor.state_dict()[0]["memories"]
+        direct = session.editor.memories.dense()
     assert torch.equal(rolled, direct)
 
 
@@ -231,7 +231,7 @@ def test_merge_mode_ties_merges_shards(tiny_loaded):
         for i, req in enumerate([EDIT, EDIT2, EDIT]):
             seeded_apply(editor, req, seed=i)
         # shards 1 and 2 were merged; shard 3 waits for its partner
-        assert editor.shards == 3 and len(editor.pending) == 1 and editor.memories.shape[0] == 1
+        assert editor.shards == 3 and len(editor.pending) == 1 and len(editor.memories) == 1
         assert torch.allclose(editor.memories[0], editor.merge_base + editor.pending[0])
         assert torch.isfinite(editor.thresholds).all()
     finally:
@@ -250,7 +250,7 @@ def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded, monkeypa
     try:
         for i, req in enumerate([EDIT, EDIT2, EDIT]):
             seeded_apply(editor, req, seed=i)
-        assert editor.memories.shape[0] == 4  # three shards plus the empty one that takes the next edit
+        assert len(editor.memories) == 4  # three shards plus the empty one that takes the next edit
         assert torch.isfinite(editor.thresholds[:3]).all() and torch.isinf(editor.thresholds[3])
         from editkit.generation import generate
 
@@ -370,10 +370,10 @@ def test_retrieve_memories_are_merged_every_n_shards(tiny_loaded, tmp_path):
         session.edit(EditRequest(prompt=texts[0], target_new="Rome"), measure=False)
         shard = editor.memories[0].clone()
         session.edit(EditRequest(prompt=texts[1], target_new="Rome"), measure=False)
-        assert editor.memories.shape[0] == 2  # [shards 1+2 merged, the fresh one]
+        assert len(editor.memories) == 2  # [shards 1+2 merged, the fresh one]
         for t in texts[2:]:
             session.edit(EditRequest(prompt=t, target_new="Rome"), measure=False)
-        assert editor.memories.shape[0] == 4  # [1+2, 3+4, 5, fresh]
+        assert len(editor.memories) == 4  # [1+2, 3+4, 5, fresh]
         assert [e["memory"] for e in editor.edits] == [0, 0, 1, 1, 2]
         assert not torch.equal(editor.memories[0], shard)  # the merge replaced the first shard
         assert torch.isfinite(editor.thresholds[:3]).all() and torch.isinf(editor.thresholds[3])
@@ -390,38 +390,82 @@ def test_retrieve_memories_are_merged_every_n_shards(tiny_loaded, tmp_path):
         assert generate(loaded, texts + [OTHER], max_new_tokens=4) == together
 
 
-def test_new_memories_do_not_copy_the_earlier_ones(tiny_loaded):
-    """Memories, keys and thresholds grow into buffers with spare rows: appending keeps every
-    earlier row, copies them only when the buffer doubles, and a retrieve merge rewrites rows
-    in place with the same result as rebuilding the tensors."""
+def sparse_delta(shape, density=0.2) -> torch.Tensor:
+    """A random side-memory change under a random gradient mask, as a shard leaves it."""
+    return torch.randn(shape) * (torch.rand(shape) < density)
+
+
+def test_finished_memories_are_packed_and_appended_without_copying_the_earlier_ones(tiny_loaded):
+    """Finished memories keep only a bitmap and their nonzero values, in buffers with spare
+    rows: finishing one copies the earlier ones only when a buffer doubles; each reads back
+    exactly (float32); a retrieve merge replaces the last k with their TIES merge, and keys and
+    thresholds move with them."""
     editor = WISEEditor(tiny_loaded["llama"], {**TINY, "mode": "retrieve"})
     editor.attach()
     try:
         torch.manual_seed(0)
-        rows = [torch.randn(editor.shape)]
-        editor.memories[0] = rows[0]
-        ptrs = set()
-        for i in range(1, 20):
-            for name, fill in (("memories", 0.0), ("keys", 0.0), ("thresholds", float("inf"))):
-                editor._append_row(name, fill)
-            assert torch.equal(editor.memories[i], torch.zeros(editor.shape)) and torch.isinf(editor.thresholds[i])
-            rows.append(torch.randn(editor.shape))
-            editor.memories[i] = rows[i]
-            editor.keys[i] = float(i)
-            editor.thresholds[i] = float(i)
-            ptrs.add(editor.memories.data_ptr())
-        assert len(ptrs) == 3  # buffers of 8, 16 and 32 rows
-        assert all(torch.equal(editor.memories[i], r) for i, r in enumerate(rows))
-        memories, keys, thresholds = editor.memories.clone(), editor.keys.clone(), editor.thresholds.clone()
+        bank, rows, ptrs = editor.memories, [], set()
+        for i in range(20):
+            rows.append(sparse_delta(editor.shape))
+            bank.set_current(rows[-1])
+            bank.finish()
+            for name, fill in (("keys", float(i)), ("thresholds", float(i))):
+                getattr(editor, name)[-1] = fill
+                editor._append_row(name, float("inf") if name == "thresholds" else 0.0)
+            ptrs.add(bank.bits.data_ptr())
+            assert torch.equal(bank[-1], torch.zeros(editor.shape))  # the fresh memory
+        assert len(ptrs) == 3 and len(bank) == 21  # buffers of 8, 16 and 32 rows
+        assert all(torch.equal(bank[i], r) for i, r in enumerate(rows))
+        dense_bytes = 21 * rows[0].numel() * 4
+        assert bank.nbytes() < 0.35 * dense_bytes  # 20% of values plus 1 bit per entry, and the dense fresh one
+        keys, thresholds = editor.keys.clone(), editor.thresholds.clone()
         editor.edits = [{"prompt": "p", "target": "t", "memory": g} for g in range(20)]
-        editor._merge_memories(3)  # rows 16-18 into one; row 19 (the fresh memory) moves to 17
-        merged = editor._ties(list(memories[16:19]), torch.zeros(editor.shape))
-        assert torch.equal(editor.memories, torch.cat([memories[:16], merged[None], memories[19:]]))
-        assert torch.equal(editor.keys, torch.cat([keys[:16], keys[16:19].sum(0, keepdim=True), keys[19:]]))
-        assert torch.equal(editor.thresholds, torch.cat([thresholds[:17], thresholds[19:]]))
-        assert [e["memory"] for e in editor.edits] == list(range(16)) + [16, 16, 16, 17]
-        editor._append_row("memories", 0.0)  # the freed rows are reused, zeroed
-        assert editor.memories.data_ptr() in ptrs and torch.equal(editor.memories[18], torch.zeros(editor.shape))
+        editor._merge_memories(3)  # memories 17-19 into one; the fresh memory (20) moves to 18
+        merged = editor._ties(rows[17:20], torch.zeros(editor.shape))
+        assert torch.equal(bank.dense(), torch.stack(rows[:17] + [merged, torch.zeros(editor.shape)]))
+        assert torch.equal(editor.keys, torch.cat([keys[:17], keys[17:20].sum(0, keepdim=True), keys[20:]]))
+        assert torch.equal(editor.thresholds, torch.cat([thresholds[:18], thresholds[20:]]))
+        assert [e["memory"] for e in editor.edits] == list(range(17)) + [17, 17, 17]
+    finally:
+        editor.detach()
+
+
+def test_float16_packing_rounds_finished_memories_only(tiny_loaded):
+    editor = WISEEditor(tiny_loaded["gpt2"], {**TINY, "mode": "retrieve", "packed_dtype": "float16"})
+    editor.attach()
+    try:
+        torch.manual_seed(0)
+        delta = sparse_delta(editor.shape)
+        editor.memories.set_current(delta)
+        assert torch.equal(editor.memories[0], delta)  # the memory being trained stays float32
+        editor.memories.finish()
+        assert torch.equal(editor.memories[0], delta.half().float())
+        assert editor.memories.values.dtype == torch.float16
+    finally:
+        editor.detach()
+
+
+def test_a_dense_state_of_format_1_still_loads(tiny_loaded):
+    """Workspaces saved before memories were packed (state format 1: one dense stack) reopen
+    to the same memories and routing."""
+    loaded = tiny_loaded["gpt_neox"]
+    config = {**TINY, "mode": "retrieve", "shard_size": 1}
+    editor = WISEEditor(loaded, config)
+    editor.attach()
+    try:
+        for i, req in enumerate([EDIT, EDIT2]):
+            seeded_apply(editor, req, seed=i)
+        tensors, meta = editor.state_dict()
+        stack = editor.memories.dense()
+        old = {k: v for k, v in tensors.items() if not k.startswith("packed_") and k != "memory"}
+        from editkit.generation import generate
+
+        before = generate(loaded, [EDIT.prompt, EDIT2.prompt, OTHER], max_new_tokens=4)
+        editor.load_state_dict({**old, "memories": stack}, {**meta, "format": 1})
+        assert torch.equal(editor.memories.dense(), stack) and len(editor.memories) == 3
+        assert generate(loaded, [EDIT.prompt, EDIT2.prompt, OTHER], max_new_tokens=4) == before
+        again, _ = editor.state_dict()
+        assert all(torch.equal(again[k], v) for k, v in tensors.items())
     finally:
         editor.detach()
 
@@ -475,7 +519,12 @@ def test_state_that_does_not_fit_is_refused(tiny_loaded):
     try:
         tensors, meta = editor.state_dict()
         with pytest.raises(WorkspaceError):
-            editor.load_state_dict({**tensors, "memories": torch.zeros(1, 3, 3)}, meta)
+            editor.load_state_dict({**tensors, "memory": torch.zeros(3, 3)}, meta)
+        bits = torch.zeros((1,) + tuple(tensors["packed_bits"].shape[1:]), dtype=torch.uint8)
+        bits[0, 0] = 3  # two nonzero entries, but the offsets say five values
+        with pytest.raises(WorkspaceError, match="offsets"):
+            editor.load_state_dict({**tensors, "packed_bits": bits, "packed_values": torch.zeros(5),
+                                    "packed_offsets": torch.tensor([0, 5])}, meta)
         with pytest.raises(WorkspaceError):
             editor.load_state_dict(tensors, {**meta, "layer": meta["layer"] - 1})
     finally:

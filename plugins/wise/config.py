@@ -63,6 +63,7 @@ class WISEConfig(BaseModel):
     faiss_candidates: int = Field(4, ge=1, description="WISE-Retrieve: candidate memories the faiss index returns per sequence.")
 
     # implementation
+    packed_dtype: Literal["float32", "float16"] = Field("float32", description="WISE-Retrieve: finished memories are kept packed (a bitmap of their nonzero entries plus those entries' values) in this dtype; float32 is exact, float16 halves the values' bytes (docs/wise.md measures what it changes).")
     fast_path: bool = Field(True, description="Cache the edited layer's inputs per edit and run only the layers above it at each step (False: whole model every step).")
     seed: int = Field(0, description="Seed of the context-prefix generation (edits themselves use the session's per-request seed).")
 

@@ -24,6 +24,7 @@ from editkit.sites import Site
 from editkit.tokens import encode_pair
 from editkit.unrelated import SUBJECTS
 
+from .bank import MemoryBank, appended
 from .config import WISEConfig
 from .merge import ties_merge
 from .routing import Routing, reduce_scores
@@ -35,8 +36,8 @@ from .train import Training
 class WISEEditor(Routing, Training, StateIO, Editor):
     name = "wise"
     Config = WISEConfig
-    # An edit changes one memory (its row of `memories`, `keys`, `thresholds`); saving rewrites
-    # only that, so the cost of an edit does not grow with the memories before it.
+    # An edit changes the memory being trained (and its rows of `keys`, `thresholds`); finished
+    # memories are only appended, so saving an edit does not grow with the memories before it.
     tracks_changes = True
     description = "WISE: routed side memory of one MLP down-projection with knowledge sharding"
     export_refusal = ("WISE routes each sequence through a side memory only when its activation score clears "
@@ -60,7 +61,8 @@ class WISEEditor(Routing, Training, StateIO, Editor):
     def _reset(self) -> None:
         out_f, in_f = self.shape
         z = dict(dtype=torch.float32, device=self.device)
-        self.memories = torch.zeros((1, out_f, in_f), **z)  # side minus main, one per memory
+        self.memories = MemoryBank(self.shape, self.device, getattr(torch, self.config.packed_dtype),
+                                   lambda *rows: self.changes.mark(*rows))  # side minus main, one per memory
         self.thresholds = torch.full((1,), float("inf"), **z)
         self.keys = torch.zeros((1, in_f), **z)  # retrieve: mean normalised input of each memory's edits
         self.mask: torch.Tensor | None = None  # current shard's gradient mask
@@ -85,7 +87,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
 
     # ---- editing -------------------------------------------------------------------------
     def _current(self) -> int:
-        return self.memories.shape[0] - 1
+        return len(self.memories) - 1
 
     def apply(self, request: EditRequest) -> dict[str, Any]:
         cfg = self.config
@@ -166,8 +168,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
                     param.grad = None
                 param.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
         with torch.no_grad():  # in place: copying every memory per edit would grow with the stream
-            self.memories[g] = param.detach()
-        self.changes.mark("memories", g, g + 1)
+            self.memories.set_current(param.detach())
         self._route = None
 
         self.edits.append({"prompt": request.prompt, "target": request.target_new, "memory": g})
@@ -181,7 +182,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             self._xcache = {i: v for i, v in self._xcache.items() if self.edits[i]["memory"] != g}
         return {"loss": trajectory[-1], "ce": ce_v, "margin": margin_v, "lead": lead_v, "steps": steps,
                 "target_steps": len(checked),
-                "memory": g, "memories": int(self.memories.shape[0]),
+                "memory": g, "memories": len(self.memories),
                 "in_scope_min": float(s_in.detach().min()) / unit, "unrelated_max": float(s_out.detach().max()) / unit,
                 "threshold": float(self.thresholds[g]) / unit if g < len(self.thresholds) else None,
                 "trajectory": trajectory}
@@ -254,7 +255,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.shard_edits = 0
         self.mask = None  # the next edit draws a fresh mask
         if cfg.mode == "retrieve":
-            self._append_row("memories", 0.0)
+            self.memories.finish()
             self._append_row("keys", 0.0)
             self._append_row("thresholds", float("inf"))
             self._index = None
@@ -265,50 +266,43 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.pending.append(current - self.shard_base)
         if len(self.pending) >= cfg.merge_every:
             merged = self._ties(self.pending, self.merge_base)
-            self.memories = merged[None].clone()
+            self.memories.set_current(merged)
             self.merge_base = merged.clone()
             self.pending = []
-            self.changes.mark("memories")
             self.changes.mark("merge_base")
         self.shard_base = self.memories[0].clone()
         self.changes.mark("shard_base")
 
     def _append_row(self, name: str, fill: float) -> None:
-        """Append one row, filled with `fill`, to tensor attribute `name`. The rows live in a
-        buffer with spare capacity (doubled when full), so a new memory costs the same however
-        many came before it; a torch.cat per shard copied every memory (2.7 s at 125 here)."""
+        """Append one row, filled with `fill`, to tensor attribute `name` (keys, thresholds),
+        into spare capacity: a new memory costs the same however many came before it."""
         t = getattr(self, name)
-        n = t.shape[0]
-        buf = self._buffers.get(name)
-        if buf is None or buf.data_ptr() != t.data_ptr() or buf.shape[0] <= n:  # none yet, replaced, or full
-            buf = t.new_empty((max(8, 2 * n),) + tuple(t.shape[1:]))  # pages are committed as rows are used
-            buf[:n] = t
-            self._buffers[name] = buf
-        buf[n].fill_(fill)
-        setattr(self, name, buf[: n + 1])
+        row = t.new_full((1,) + tuple(t.shape[1:]), fill)
+        grown, self._buffers[name] = appended(t, self._buffers.get(name), row)
+        setattr(self, name, grown)
 
     def _merge_memories(self, k: int) -> None:
         """WISE-Retrieve: TIES-merge the last k finished memories (one per shard, each a change
         from the main memory) into one retrievable memory; its edits move to it and its threshold
         is recomputed from the merged weights on all of them (the paper keeps the shards' lowest) by
         apply(), whose edit ended the last of those shards."""
-        cur = self.memories.shape[0] - 1  # the fresh memory the next edit trains
+        cur = len(self.memories) - 1  # the fresh memory the next edit trains
         lo = cur - k
-        merged = self._ties(list(self.memories[lo:cur]), torch.zeros_like(self.memories[0]))
+        merged = self._ties([self.memories[m] for m in range(lo, cur)], torch.zeros(self.shape, device=self.device))
+        self.memories.replace_last(k, merged)
         key = self.keys[lo:cur].sum(0)
         # in place, then drop the k - 1 freed rows at the end: the rows before lo are not copied
-        for name, row in (("memories", merged), ("keys", key), ("thresholds", self.thresholds[lo].clone())):
+        for name, row in (("keys", key), ("thresholds", self.thresholds[lo].clone())):
             t = getattr(self, name)
             t[lo] = row
             t[lo + 1] = t[cur]
             setattr(self, name, t[: lo + 2])
+            self.changes.mark(name, lo)
         first = None
         for i, e in enumerate(self.edits):
             if e["memory"] >= lo + 1:
                 e["memory"] = lo if e["memory"] < cur else e["memory"] - (k - 1)
                 first = i if first is None else first
-        for name in ("memories", "keys", "thresholds"):
-            self.changes.mark(name, lo)
         if first is not None:
             self.changes.mark("edits", first)
         self._index = None

@@ -59,7 +59,7 @@ class Routing:
             self._route = (route, idx)
             return route, delta_out
         route, idx = self._route
-        if self.memories.shape[0] == 1:
+        if len(self.memories) == 1:
             return route, F.linear(xf, self.memories[0])
         return route, self._memory_outputs(xf, idx)
 
@@ -74,7 +74,7 @@ class Routing:
 
     def _decide(self, xf: torch.Tensor, valid: torch.Tensor):
         how = self.config.score_reduce
-        g = self.memories.shape[0]
+        g = len(self.memories)
         b = xf.shape[0]
         if g == 1:
             d = F.linear(xf, self.memories[0])
@@ -86,7 +86,7 @@ class Routing:
             scores = torch.cat([  # SCAN_CHUNK memories at a time: the (memories, B, T, out) outputs stay small
                 reduce_scores(torch.einsum("bti,ghi->gbth", xf, chunk).norm(dim=-1).flatten(0, 1),
                               valid.repeat(chunk.shape[0], 1), how).view(chunk.shape[0], b)
-                for chunk in self.memories.split(SCAN_CHUNK)])
+                for chunk in self.memories.chunks(SCAN_CHUNK)])
             best, idx = scores.max(dim=0)
             return best > self.thresholds[idx], idx, self._memory_outputs(xf, idx)
         # Many memories: a faiss index over the memories' keys proposes candidates (this reads
@@ -117,7 +117,7 @@ class Routing:
             self._index.add(keys)
         q = (xf * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
         q = F.normalize(q, dim=-1).cpu().numpy()
-        k = min(self.config.faiss_candidates, self.memories.shape[0])
+        k = min(self.config.faiss_candidates, len(self.memories))
         _, found = self._index.search(q, k)
         return torch.as_tensor(found, dtype=torch.long, device=xf.device).clamp(min=0)
 

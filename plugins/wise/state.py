@@ -8,14 +8,14 @@ import torch
 
 from editkit.errors import WorkspaceError
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: finished memories packed (MemoryBank); 1 (a dense stack, `memories`) is still read
 
 
 class StateIO:
     """The WISEEditor's state_dict / load_state_dict (a mixin: the state lives on the editor)."""
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"memories": self.memories, "thresholds": self.thresholds, "keys": self.keys,
+        tensors = {**self.memories.tensors(), "thresholds": self.thresholds, "keys": self.keys,
                    "shard_base": self.shard_base, "merge_base": self.merge_base}
         if self.mask is not None:
             tensors["mask"] = self.mask
@@ -32,17 +32,25 @@ class StateIO:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         out_f, in_f = self.shape
         problems = []
-        if meta.get("format") != STATE_FORMAT:
-            problems.append(f"format {meta.get('format')}")
+        fmt = meta.get("format")
+        if fmt not in (1, STATE_FORMAT):
+            problems.append(f"format {fmt}")
         if meta.get("layer") != self.layer or list(meta.get("shape", [])) != [out_f, in_f]:
             problems.append(f"layer {meta.get('layer')} shape {meta.get('shape')}")
         if meta.get("mode") != self.config.mode:
             problems.append(f"mode {meta.get('mode')}")
-        mem = tensors.get("memories")
-        if mem is None or mem.dim() != 3 or tuple(mem.shape[1:]) != (out_f, in_f):
-            problems.append(f"memories {None if mem is None else tuple(mem.shape)}")
-        else:
-            g = mem.shape[0]
+        g = None  # the number of memories, once their tensors fit
+        if fmt == 1:
+            mem = tensors.get("memories")
+            if mem is None or mem.dim() != 3 or tuple(mem.shape[1:]) != (out_f, in_f):
+                problems.append(f"memories {None if mem is None else tuple(mem.shape)}")
+            else:
+                g = mem.shape[0]
+        elif fmt == STATE_FORMAT:
+            found = self.memories.problems(tensors)
+            problems += found
+            g = None if found else tensors["packed_bits"].shape[0] + 1
+        if g is not None:
             for name, shape in (("thresholds", (g,)), ("keys", (g, in_f)), ("shard_base", (out_f, in_f)),
                                 ("merge_base", (out_f, in_f))):
                 if name not in tensors or tuple(tensors[name].shape) != shape:
@@ -59,7 +67,10 @@ class StateIO:
             raise WorkspaceError("wise state does not fit this model/config: " + ", ".join(problems))
         self._reset()
         put = dict(device=self.device, dtype=torch.float32)
-        self.memories = tensors["memories"].to(**put).clone()
+        if fmt == 1:
+            self.memories.load_dense(tensors["memories"])
+        else:
+            self.memories.load(tensors)
         self.thresholds = tensors["thresholds"].to(**put).clone()
         self.keys = tensors["keys"].to(**put).clone()
         self.shard_base = tensors["shard_base"].to(**put).clone()
