@@ -268,8 +268,9 @@ def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded, monkeypa
         monkeypatch.setattr("editkit.plugins.wise.routing.SCAN_CHUNK", 3)  # the exact scan in two chunks
         decided.append(editor._decide(x, rows.attn.float()))
         editor.config = saved
-        assert all(torch.allclose(a.float(), b.float()) for a, b in zip(*decided[:2]))
-        assert all(torch.allclose(a.float(), b.float()) for a, b in zip(*decided[1:]))
+        for (route, idx, out), (route2, idx2, out2) in zip(decided, decided[1:]):
+            assert torch.equal(route, route2) and torch.equal(idx, idx2) and route.any()
+            assert torch.allclose(out[route], out2[route])  # the side output counts for routed rows only
         tensors, meta = editor.state_dict()
         other = WISEEditor(loaded, editor.config)
         editor.detach()
@@ -441,6 +442,35 @@ def test_float16_packing_rounds_finished_memories_only(tiny_loaded):
         editor.memories.finish()
         assert torch.equal(editor.memories[0], delta.half().float())
         assert editor.memories.values.dtype == torch.float16
+    finally:
+        editor.detach()
+
+
+def test_decoding_does_not_unpack_the_routed_memories_again(tiny_loaded, monkeypatch):
+    """A batch routed to more distinct memories than the bank caches keeps them unpacked for
+    its decoding steps: unpacking does not grow with the number of generated tokens."""
+    from editkit.generation import generate
+    from editkit.plugins.wise import bank
+
+    loaded = tiny_loaded["llama"]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "faiss_min_memories": None})
+    editor.attach()
+    monkeypatch.setattr(bank, "DENSE_CACHE", 1)
+    unpacked = []
+    real = bank._unpack_bits
+    monkeypatch.setattr(bank, "_unpack_bits", lambda *a: unpacked.append(1) or real(*a))
+    texts = [f"{EDIT.prompt} {i}" for i in range(3)]
+    try:
+        for i, t in enumerate(texts):
+            seeded_apply(editor, EditRequest(prompt=t, target_new="Rome"), seed=i)
+        counts = []
+        for tokens in (2, 8):
+            unpacked.clear()
+            generate(loaded, texts, max_new_tokens=tokens)
+            route, idx, _ = editor._route
+            assert len(set(idx[route].tolist())) >= 2  # the batch uses several memories
+            counts.append(len(unpacked))
+        assert counts[0] == counts[1]
     finally:
         editor.detach()
 

@@ -81,7 +81,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self._train_delta: torch.Tensor | None = None
         self._train_x: torch.Tensor | None = None
         self._call: tuple[Any, int] = (None, 0)
-        self._route: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._route: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None = None  # route, memory, held
         self._index = None
         self._buffers: dict[str, torch.Tensor] = {}  # name -> rows with spare capacity (_append_row)
 

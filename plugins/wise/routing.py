@@ -56,20 +56,28 @@ class Routing:
             else:
                 valid = torch.ones((b, t), device=x.device)
             route, idx, delta_out = self._decide(xf, valid)
-            self._route = (route, idx)
+            self._route = (route, idx, {})
             return route, delta_out
-        route, idx = self._route
+        route, idx, held = self._route
         if len(self.memories) == 1:
             return route, F.linear(xf, self.memories[0])
-        return route, self._memory_outputs(xf, idx)
+        return route, self._memory_outputs(xf, idx, route, held)
 
-    def _memory_outputs(self, xf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T, out): each row through its own memory idx[row], memory by memory over the rows
-        that use it (a gathered copy of every row's memory cost 3.5 MB per row and step here)."""
+    def _memory_outputs(self, xf: torch.Tensor, idx: torch.Tensor, route: torch.Tensor,
+                        held: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T, out): each routed row through its own memory idx[row] (zeros for the others),
+        memory by memory over the rows that use it (a gathered copy of every row's memory cost
+        3.5 MB per row and step here). `held` keeps the memories unpacked for the decoding steps
+        of one batch, however many distinct memories it routes to (the bank caches only a few)."""
         out = xf.new_zeros(xf.shape[:2] + (self.shape[0],))
-        for m in torch.unique(idx).tolist():
-            sel = (idx == m).nonzero().squeeze(1)
-            out[sel] = F.linear(xf[sel], self.memories[m])
+        for m in torch.unique(idx[route]).tolist():
+            sel = ((idx == m) & route).nonzero().squeeze(1)
+            weight = held.get(m) if held is not None else None
+            if weight is None:
+                weight = self.memories[m]
+                if held is not None:
+                    held[m] = weight
+            out[sel] = F.linear(xf[sel], weight)
         return out
 
     def _decide(self, xf: torch.Tensor, valid: torch.Tensor):
@@ -88,7 +96,8 @@ class Routing:
                               valid.repeat(chunk.shape[0], 1), how).view(chunk.shape[0], b)
                 for chunk in self.memories.chunks(SCAN_CHUNK)])
             best, idx = scores.max(dim=0)
-            return best > self.thresholds[idx], idx, self._memory_outputs(xf, idx)
+            route = best > self.thresholds[idx]
+            return route, idx, self._memory_outputs(xf, idx, route)
         # Many memories: a faiss index over the memories' keys proposes candidates (this reads
         # the query on the host), exact activation scores pick among them.
         cand = self._candidates(xf, valid)  # (B, c)
