@@ -41,7 +41,8 @@ def build_report(out: str | Path) -> dict[str, Any]:
         raise InvalidRequest(f"{out} is not an evaluation run directory ({exc})") from None
     cases, protocol = plan["cases"], plan["protocol"]
     n = len(cases)
-    base_rows = [item["metrics"] for item in base["items"]]
+    base_rows = [item["metrics"] if item else None for item in base["items"]]  # None: a record no point measures
+    measured_base = [row for row in base_rows if row is not None]
     report: dict[str, Any] = {
         "format": REPORT_FORMAT, "created_at": time.time(),
         "suite": plan["suite"], "data": plan["data"], "model": plan["model"], "fingerprint": base["fingerprint"],
@@ -50,7 +51,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         "seed": plan["seed"], "select": plan["select"], "records_read": plan["records_read"],
         "at": plan.get("at"), "turn_size": plan.get("turn_size", 1), "sample": plan.get("sample"),
         "skipped": plan["skipped"],
-        "baseline": {"summary": summarise(base_rows), "per_edit": base_rows},
+        "baseline": {"summary": summarise(measured_base), "per_edit": base_rows, "records": len(measured_base)},
         "methods": {},
     }
     for method, config in plan["methods"].items():
@@ -134,7 +135,8 @@ def markdown(report: dict) -> str:
         proto += f"; edits applied in turns of {report['turn_size']}"
     if report.get("sample"):
         proto += f"; each measurement point measures a fixed random sample of {report['sample']} edits (seed " \
-                 f"{report['seed']}) among those made so far"
+                 f"{report['seed']}) among those made so far; the unedited row, the " \
+                 f"{report['baseline'].get('records', report['edits'])} records some point measures"
     lines += [proto + ".", "",
               f"Model `{report['model']}` (fingerprint {report['fingerprint']}); {report['edits']} edits from "
               f"`{report['data'] or report['suite']}` ({report['select']} selection, seed {report['seed']}).", ""]

@@ -15,14 +15,15 @@ Protocols (when figures are taken):
 Layout of OUT (everything needed to resume and to re-render the report)::
 
     run.json                     the plan: suite, data, protocol, seed, the selected cases
-    baseline.json                the unedited model on every case (pre-edit predictions)
+    baseline.json                the unedited model on every measured case (pre-edit predictions)
     methods/<name>/workspace/    the session workspace (journal + state); groups/gNNNN/ for groups
     methods/<name>/measurements.jsonl   one line per measurement point
     report.json, report.md, *.png       written by evaluation.report
 
-Cost at scale: the unedited model is measured once per record (baseline.json); ``sample``
-limits every measurement point to a fixed random sample of the edits made so far, so a
-long stream's retention points cost the sample, not the stream. ``turn_size`` hands edits
+Cost at scale: the unedited model is measured once per record that a measurement point
+reads (baseline.json); ``sample`` limits every measurement point to a fixed random sample of
+the edits made so far, so a long stream's measurements, the unedited one included, cost the
+sample, not the stream. ``turn_size`` hands edits
 to the session in calls of that many (one turn for editors that edit in turns), cut at
 measurement points.
 
@@ -172,19 +173,31 @@ class EvalRun:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(self.plan, indent=1, sort_keys=True))
 
-    def _baselines(self, loaded: LoadedModel) -> list[ItemBaseline]:
+    def _baselines(self, loaded: LoadedModel) -> list[ItemBaseline | None]:
+        """The unedited model on each record some measurement reads (None for the others:
+        with --sample, a 1,000-edit stream measured on 100 records measures 100 unedited)."""
+        needed = self._measured()
         path = self.out / "baseline.json"
+        items: list[dict | None] = [None] * len(self.cases)
         if path.exists():
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("fingerprint") == loaded.fingerprint and len(data.get("items", [])) == len(self.cases):
-                return [ItemBaseline.from_dict(item["baseline"]) for item in data["items"]]
-        items = []
-        for case in self.cases:
-            base = item_baseline(loaded, case.request)
-            items.append({"baseline": base.to_dict(),
-                          "metrics": measure_item(loaded, case.request, base, list(case.portability))})
-        atomic_write_text(path, json.dumps({"fingerprint": loaded.fingerprint, "items": items}, sort_keys=True))
-        return [ItemBaseline.from_dict(item["baseline"]) for item in items]
+                items = data["items"]
+        if any(items[i] is None for i in needed):
+            for i in needed:
+                if items[i] is None:
+                    case = self.cases[i]
+                    base = item_baseline(loaded, case.request)
+                    items[i] = {"baseline": base.to_dict(),
+                                "metrics": measure_item(loaded, case.request, base, list(case.portability))}
+            atomic_write_text(path, json.dumps({"fingerprint": loaded.fingerprint, "items": items}, sort_keys=True))
+        return [None if item is None else ItemBaseline.from_dict(item["baseline"]) for item in items]
+
+    def _measured(self) -> list[int]:
+        """Indices of the records that some measurement point reads."""
+        if self.plan["protocol"] == "groups":
+            return list(range(len(self.cases)))
+        return sorted(set().union(*self._points().values()))
 
     # ---- running ------------------------------------------------------------------------
     def describe(self, methods: list[str], configs: dict[str, dict] | None = None) -> dict[str, Any]:

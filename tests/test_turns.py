@@ -83,6 +83,10 @@ def test_at_points_equal_shorter_runs_and_sample_limits_measurement(tmp_path, ti
     assert len(chosen) == 2
     for cp in points:
         assert sorted(int(i) for i in cp["items"]) == [i for i in chosen if i < cp["step"]]
+    base = json.loads((tmp_path / "sampled" / "baseline.json").read_text())["items"]
+    assert [i for i, item in enumerate(base) if item] == sorted(chosen)  # the unedited model: only what is measured
+    assert sampled["baseline"]["records"] == 2 and "the 2 records some point measures" in \
+        (tmp_path / "sampled" / "report.md").read_text()
     from editkit.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="--at"):
