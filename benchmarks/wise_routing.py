@@ -16,7 +16,9 @@ routing decision alone (the exact scan's cost grows with the number of memories)
 
 With --run (an `editkit eval --method wise` run directory, `--sample` or not) the records the
 run measured at its last point are measured again with the exact scan and with the prefilter at
-each of --candidates: what the routing choice does to reliability, generalization and locality.
+each of --candidates: what the routing choice does to reliability, generalization and locality;
+with --act-ratios, also under thresholds set at other act_ratio values (no edit is retrained:
+a threshold is act_ratio times the lowest score of its memory's own edits).
 
 Writes benchmarks/results/wise-routing-<time>.json and .md beside it.
 """
@@ -87,8 +89,23 @@ def agreement(editor, prompts: list[str], candidates: list[int]) -> dict:
     return out
 
 
-def quality(editor, run: Path, applied: int, candidates: list[int]) -> dict:
-    """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing."""
+@contextmanager
+def act_ratio(editor, ratio: float):
+    """Every memory's routing threshold as if it had been set with `ratio` (thresholds are
+    act_ratio times the lowest score of the memory's own edits), until the block ends."""
+    saved = editor.thresholds
+    editor.thresholds = saved * (ratio / editor.config.act_ratio)
+    editor._route = None
+    try:
+        yield
+    finally:
+        editor.thresholds = saved
+        editor._route = None
+
+
+def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list[float] = ()) -> dict:
+    """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing, and under
+    the workspace's own routing with each act_ratio of `ratios`."""
     plan = json.loads((run / "run.json").read_text(encoding="utf-8"))
     base = json.loads((run / "baseline.json").read_text(encoding="utf-8"))["items"]
     sampled = plan.get("sampled")
@@ -99,6 +116,9 @@ def quality(editor, run: Path, applied: int, candidates: list[int]) -> dict:
     for name, c in [("exact", None)] + [(f"prefilter {c}", c) for c in candidates]:
         with routing(editor, c):
             out[name] = summarise(measure_items(editor.loaded, requests, baselines))
+    for r in ratios:
+        with act_ratio(editor, r):
+            out[f"act_ratio {r} (the workspace's routing)"] = summarise(measure_items(editor.loaded, requests, baselines))
     return out
 
 
@@ -113,11 +133,14 @@ def main() -> None:
                         help="comma-separated faiss_candidates values to compare with the exact scan")
     parser.add_argument("--quality-only", action="store_true",
                         help="with --run: skip the agreement pass over every edit's prompts (the exact scan of all of them)")
+    parser.add_argument("--act-ratios", default="",
+                        help="with --run: also measure the records with thresholds set at these act_ratio values "
+                             "(comma-separated; the workspace's routing)")
     parser.add_argument("--packed-dtype", choices=["float32", "float16"],
                         help="repack the finished memories in this dtype first (what packed_dtype changes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    candidates = [int(c) for c in args.candidates.split(",")]
+    candidates = [int(c) for c in args.candidates.split(",") if c]
     workspace = args.workspace or str(Path(args.run) / "methods" / "wise" / "workspace")
     with Session.open(workspace, follow=True) as session:
         editor = session.editor
@@ -139,7 +162,8 @@ def main() -> None:
         if not (args.quality_only and args.run):
             result.update(in_scope=agreement(editor, in_scope, candidates), out_of_scope=agreement(editor, out, candidates))
         if args.run:
-            result["quality"] = quality(editor, Path(args.run), len(requests), candidates)
+            ratios = [float(r) for r in args.act_ratios.split(",") if r]
+            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"wise-routing-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
