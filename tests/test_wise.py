@@ -401,7 +401,7 @@ def test_finished_memories_are_packed_and_appended_without_copying_the_earlier_o
     rows: finishing one copies the earlier ones only when a buffer doubles; each reads back
     exactly (float32); a retrieve merge replaces the last k with their TIES merge, and keys and
     thresholds move with them."""
-    editor = WISEEditor(tiny_loaded["llama"], {**TINY, "mode": "retrieve"})
+    editor = WISEEditor(tiny_loaded["llama"], {**TINY, "mode": "retrieve", "packed_dtype": "float32"})
     editor.attach()
     try:
         torch.manual_seed(0)
@@ -432,7 +432,7 @@ def test_finished_memories_are_packed_and_appended_without_copying_the_earlier_o
 
 
 def test_float16_packing_rounds_finished_memories_only(tiny_loaded):
-    editor = WISEEditor(tiny_loaded["gpt2"], {**TINY, "mode": "retrieve", "packed_dtype": "float16"})
+    editor = WISEEditor(tiny_loaded["gpt2"], {**TINY, "mode": "retrieve"})  # float16: the default
     editor.attach()
     try:
         torch.manual_seed(0)
