@@ -162,7 +162,7 @@ def main() -> None:
     # stream's own memories. Merge: the same shards TIES-merged into one memory (what merge
     # mode serves: one memory whatever the number of edits).
     tensors, meta = last.state_dict()
-    stack = last.memories.dense()
+    stack, side_bytes = last.memories.dense(), last.memories.nbytes()
     report["generation"] = {"batch": len(prompts), "new_tokens": 24, "after_edits": max(ts),
                             "retrieve_memories": len(last.memories)}
     plain = float("inf")
@@ -190,7 +190,7 @@ def main() -> None:
     g["retrieve_overhead"], g["merge_overhead"] = g["retrieve_s"] / plain - 1, g["merge_s"] / plain - 1
     out_f, in_f = stack.shape[1:]
     report["memory"] = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        "bytes_per_dense_memory": out_f * in_f * 4,
+                        "bytes_per_dense_memory": out_f * in_f * 4, "side_memory_bytes_after_max_T": side_bytes,
                         "state_bytes_after_max_T": sum(v.numel() * v.element_size() for v in tensors.values()),
                         "bytes_per_edit_meta": len(json.dumps(meta)) / max(1, len(meta["edits"]))}
     report["load_average_end"] = list(__import__("os").getloadavg())
@@ -215,7 +215,9 @@ def main() -> None:
     lines += ["", f"generation ({gq['batch']} prompts x {gq['new_tokens']} tokens, after {gq['after_edits']} edits): plain {gq['plain_s']:.2f}s, "
               f"merge {gq['merge_s']:.2f}s ({100 * gq['merge_overhead']:+.1f}%), retrieve/{gq['retrieve_memories']} memories "
               f"{gq['retrieve_s']:.2f}s ({100 * gq['retrieve_overhead']:+.1f}%)",
-              f"memory: peak RSS {report['memory']['peak_rss_mib']:.0f} MiB, {report['memory']['bytes_per_memory']} bytes per side memory, "
+              f"memory: peak RSS {report['memory']['peak_rss_mib']:.0f} MiB, {report['memory']['bytes_per_dense_memory']} bytes per "
+              f"dense side memory, {report['memory']['side_memory_bytes_after_max_T']} bytes of side memories after the "
+              f"largest T (finished ones packed), "
               f"{report['memory']['bytes_per_edit_meta']:.0f} bytes of JSON per edit"]
     (RESULTS / f"wise-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
