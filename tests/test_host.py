@@ -257,12 +257,12 @@ def test_every_editor_runs_on_a_plugin_architecture(phi_loaded, tmp_path, method
     """The editors reach the model only through the adapter (sites, capture, run_blocks,
     unembed), so an architecture a plugin adds is edited like a built-in one."""
     loaded, host = phi_loaded
-    pristine = _logits(loaded)
+    pristine = _logits(loaded, EDIT.prompt)
     with Session.open(tmp_path / "ws", method=method, method_config=config, loaded=loaded, host=host) as s:
         (record,) = s.edit(EDIT, measure=False)
         assert record.status == "applied"
-        assert not torch.equal(_logits(loaded), pristine)
-    assert torch.equal(_logits(loaded), pristine)  # detached bit-identically
+        assert not torch.equal(_logits(loaded, EDIT.prompt), pristine)  # the edit's own prompt changes
+    assert torch.equal(_logits(loaded, EDIT.prompt), pristine)  # detached bit-identically
 
 
 def test_interventions_run_on_a_plugin_architecture(phi_loaded):
