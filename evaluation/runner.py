@@ -183,13 +183,13 @@ class EvalRun:
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("fingerprint") == loaded.fingerprint and len(data.get("items", [])) == len(self.cases):
                 items = data["items"]
-        if any(items[i] is None for i in needed):
-            for i in needed:
-                if items[i] is None:
-                    case = self.cases[i]
-                    base = item_baseline(loaded, case.request)
-                    items[i] = {"baseline": base.to_dict(),
-                                "metrics": measure_item(loaded, case.request, base, list(case.portability))}
+        missing = [i for i in needed if items[i] is None]
+        for i in missing:
+            case = self.cases[i]
+            base = item_baseline(loaded, case.request)
+            items[i] = {"baseline": base.to_dict(),
+                        "metrics": measure_item(loaded, case.request, base, list(case.portability))}
+        if missing:
             atomic_write_text(path, json.dumps({"fingerprint": loaded.fingerprint, "items": items}, sort_keys=True))
         return [None if item is None else ItemBaseline.from_dict(item["baseline"]) for item in items]
 
