@@ -82,6 +82,31 @@ def test_fast_and_slow_paths_give_the_same_loss_trajectory(tiny_loaded, tiny_fam
     assert torch.allclose(fast_mem, slow_mem, rtol=1e-3, atol=1e-4)
 
 
+def test_each_row_reaches_the_edited_layer_once(tiny_loaded, monkeypatch):
+    """The model below the edited layer runs once per session for the unrelated pool and once
+    per edit for the edit's own rows: replayed shard-mates, the key and the threshold reuse the
+    inputs captured when their edit was made (a replay costs nothing below the edited layer)."""
+    loaded = tiny_loaded["llama"]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 4, "replay": 4})
+    editor.attach()
+    captured = []
+    real = editor._capture
+
+    def spy(rows, block_out):
+        captured.append(rows.ids.shape[0])
+        return real(rows, block_out)
+
+    monkeypatch.setattr(editor, "_capture", spy)
+    try:
+        for i in range(4):
+            seeded_apply(editor, EditRequest(prompt=f"{EDIT.prompt} {i}", target_new="Rome"), seed=i)
+        assert len(editor._xcache) == 0  # the memory is finished: its edits are never replayed again
+    finally:
+        editor.detach()
+    own = 1 + TINY["n_contexts"]
+    assert captured == [len(editor._pool())] + [own] * 4
+
+
 @pytest.mark.parametrize("every, target_steps", [(4, 3), (1, 9)])
 def test_learnt_targets_are_checked_every_n_steps_and_margins_train_between(tiny_loaded, monkeypatch, every,
                                                                             target_steps):
@@ -292,9 +317,10 @@ def test_activation_replay_scores_earlier_edits_without_training_them(tiny_loade
     seen = []
     real = editor._fast_steps
 
-    def spy(specs, drawn, out_specs, keep_specs=()):
-        seen.append(([s[0] for s in specs], [s[0] for s in out_specs], [s[0] for s in keep_specs]))
-        return real(specs, drawn, out_specs, keep_specs)
+    def spy(specs, drawn, out_specs, replayed=(), kept=()):
+        prompt_of = {id(v): editor.edits[i]["prompt"] for i, v in editor._xcache.items()}
+        seen.append(([s[0] for s in specs], [s[0] for s in out_specs], [prompt_of[id(e)] for e in kept]))
+        return real(specs, drawn, out_specs, replayed, kept)
 
     monkeypatch.setattr(editor, "_fast_steps", spy)
     prompts = [f"{EDIT.prompt} {i}" for i in range(3)]
@@ -320,9 +346,9 @@ def test_stream_negatives_are_other_memories_edits_out_of_scope(tiny_loaded, mon
     seen = []
     real = editor._fast_steps
 
-    def spy(specs, drawn, out_specs, keep_specs=()):
+    def spy(specs, drawn, out_specs, replayed=(), kept=()):
         seen.append(([s[0] for s in specs], [s[0] for s in out_specs]))
-        return real(specs, drawn, out_specs, keep_specs)
+        return real(specs, drawn, out_specs, replayed, kept)
 
     monkeypatch.setattr(editor, "_fast_steps", spy)
     prompts = [f"{EDIT.prompt} {i}" for i in range(6)]
@@ -344,9 +370,9 @@ def test_subject_negatives_are_the_prompt_about_other_subjects(tiny_loaded, monk
     seen = []
     real = editor._fast_steps
 
-    def spy(specs, drawn, out_specs, keep_specs=()):
+    def spy(specs, drawn, out_specs, replayed=(), kept=()):
         seen.append([s[0] for s in out_specs])
-        return real(specs, drawn, out_specs, keep_specs)
+        return real(specs, drawn, out_specs, replayed, kept)
 
     monkeypatch.setattr(editor, "_fast_steps", spy)
     try:

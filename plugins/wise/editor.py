@@ -30,7 +30,7 @@ from .merge import ties_merge
 from .routing import Routing, reduce_scores
 from .rows import make_rows
 from .state import StateIO
-from .train import Training
+from .train import EditInputs, Training
 
 
 class WISEEditor(Routing, Training, StateIO, Editor):
@@ -75,8 +75,9 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.unit: float | None = None
         self.basis: torch.Tensor | None = None  # (in, k): unrelated activations' principal directions
         self.contexts: list[str] | None = None
-        self._xcache: dict[int, tuple[torch.Tensor, int, int]] = {}
+        self._xcache: dict[int, EditInputs] = {}  # edit index -> its inputs at the edited layer
         self._pool_x: tuple[torch.Tensor, torch.Tensor] | None = None  # the unrelated pool's inputs, once per session
+        self._pool_raw: tuple[torch.Tensor, torch.Tensor] | None = None  # the pool's capture, until projected
         self._bypass = False
         self._train_delta: torch.Tensor | None = None
         self._train_x: torch.Tensor | None = None
@@ -101,7 +102,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         n_prompt = len(self.tokenizer(request.prompt, add_special_tokens=False).input_ids)
         specs = [(request.prompt, request.target_new, None)]
         specs += [(f"{c}. {request.prompt}", request.target_new, n_prompt) for c in contexts]
-        earlier = self._drawn([e for e in self.edits if e["memory"] == g], cfg.replay)
+        earlier = self._drawn([i for i, e in enumerate(self.edits) if e["memory"] == g], cfg.replay)
         keep_specs = self._specs(earlier) if cfg.replay_mode == "activation" else []
         own = len(specs)  # the edit's own rows; replayed edits follow
         if cfg.replay_mode == "train":
@@ -114,12 +115,18 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         pool = self._pool()
         drawn = torch.randint(len(pool), (cfg.unrelated_per_edit,)).tolist()
         out_specs = []  # out of scope besides the drawn unrelated prompts
-        if cfg.mode == "retrieve":  # other memories' edits must not fire here (top-1 tells memories apart)
-            out_specs += self._specs(self._drawn([e for e in self.edits if e["memory"] != g], cfg.stream_negatives))
+        if cfg.mode == "retrieve" and cfg.stream_negatives:  # other memories' edits must not fire here (top-1 tells them apart)
+            others = [i for i, e in enumerate(self.edits) if e["memory"] != g]
+            out_specs += self._specs(self._drawn(others, cfg.stream_negatives))
         out_specs += [(p, None, None) for p in self._other_subjects(request)]
 
+        inputs = None  # the edit's own EditInputs, when the fast path captured them
         if cfg.fast_path:
-            step_fn = self._fast_steps(specs, drawn, out_specs, keep_specs)
+            self._edit_inputs(earlier)  # captured once per edit, kept while its memory trains
+            replayed = [self._xcache[i] for i in earlier]
+            trained = replayed if cfg.replay_mode == "train" else []
+            kept = replayed if cfg.replay_mode == "activation" else []
+            step_fn, inputs = self._fast_steps(specs, drawn, out_specs, trained, kept)
         else:
             step_fn = self._slow_steps(specs, [(pool[i], None, None) for i in drawn] + out_specs, keep_specs)
         param = self.memories[g].clone().requires_grad_(True)
@@ -172,6 +179,8 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self._route = None
 
         self.edits.append({"prompt": request.prompt, "target": request.target_new, "memory": g})
+        if inputs is not None:
+            self._xcache[len(self.edits) - 1] = inputs
         self._update_key(len(self.edits) - 1)
         self.shard_edits += 1
         if self.shard_edits >= cfg.shard_size:
@@ -198,32 +207,33 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         return [request.prompt.replace(subject, others[i]) for i in pick]
 
     @staticmethod
-    def _drawn(edits: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-        """At most n of `edits`, drawn at random, in stream order."""
-        if not n or not edits:
+    def _drawn(indices: list[int], n: int) -> list[int]:
+        """At most n of the edit `indices`, drawn at random, in stream order."""
+        if not n or not indices:
             return []
-        pick = torch.randperm(len(edits))[:n].tolist()
-        return [edits[i] for i in sorted(pick)]
+        pick = torch.randperm(len(indices))[:n].tolist()
+        return [indices[i] for i in sorted(pick)]
 
-    @staticmethod
-    def _specs(edits: list[dict[str, Any]]) -> list[tuple[str, str, None]]:
-        return [(e["prompt"], e["target"], None) for e in edits]
+    def _specs(self, indices: list[int]) -> list[tuple[str, str, None]]:
+        return [(self.edits[i]["prompt"], self.edits[i]["target"], None) for i in indices]
 
     # ---- thresholds, keys, shards -----------------------------------------------------------
     def _edit_inputs(self, indices: list[int]) -> None:
+        """Capture into the cache the EditInputs of the edits in `indices` that it lacks."""
         missing = [i for i in indices if i not in self._xcache]
         if not missing:
             return
-        specs = [(self.edits[i]["prompt"], self.edits[i]["target"], None) for i in missing]
-        rows = make_rows(self.tokenizer, specs).to(self.loaded.device)
-        x = self._project(self._capture(rows, block_out=False)["x"].to(torch.float32))
+        rows = make_rows(self.tokenizer, self._specs(missing)).to(self.loaded.device)
+        cap = self._capture(rows, block_out=True)
+        x = self._project(cap["x"].to(torch.float32))
         for j, i in enumerate(missing):
             p, t = encode_pair(self.tokenizer, self.edits[i]["prompt"], self.edits[i]["target"])
-            self._xcache[i] = (x[j, : len(p) + len(t)].clone(), len(p), len(t))
+            n = len(p) + len(t)
+            self._xcache[i] = EditInputs(x[j, :n].clone(), cap["h"][j, :n].clone(), len(p), len(t))
 
     def _update_key(self, i: int) -> None:
         self._edit_inputs([i])
-        x, p, _ = self._xcache[i]
+        x, _, p, _ = self._xcache[i]
         g = self.edits[i]["memory"]
         self.keys[g] += F.normalize(x[:p].mean(0), dim=-1)
         self.changes.mark("keys", g, g + 1)
@@ -239,7 +249,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         lowest = float("inf")
         self._edit_inputs(own)
         for i in own:
-            x, p, t = self._xcache[i]
+            x, _, p, t = self._xcache[i]
             norms = F.linear(x, self.memories[g]).norm(dim=-1)[None]
             for span in (p, p + t):
                 w = torch.zeros_like(norms)

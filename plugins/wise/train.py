@@ -4,6 +4,8 @@ edited one; slow: the whole model, as EasyEdit trains)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,22 @@ from .routing import reduce_scores
 from .rows import Rows, make_rows
 
 _SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+
+class EditInputs(NamedTuple):
+    """One edit's prompt + target row at the edited layer, unpadded: the projected
+    down-projection input `x` (float32) and the edited block's output `h` (main memory only).
+    The main model is frozen, so they never change while the edit's memory trains."""
+
+    x: torch.Tensor  # (prompt_len + target_len, in)
+    h: torch.Tensor  # (prompt_len + target_len, hidden)
+    prompt_len: int
+    target_len: int
+
+
+def _padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, d) or (B, n, d) right-padded with zeros to `width` positions."""
+    return F.pad(t, (0, 0, 0, width - t.shape[-2]))
 
 
 def row_leads(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -57,8 +75,8 @@ class Training:
         principal directions the side memory is kept blind to."""
         if self.unit is not None and self.basis is not None:
             return
-        rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
-        x = self._capture(rows, block_out=False)["x"].to(torch.float32)[rows.attn.bool()]  # (N, in)
+        x, attn = self._pool_raw = self._pool_capture()  # _pool_inputs projects it once the basis is known
+        x = x[attn.bool()]  # (N, in)
         main = F.linear(x, self.adapter.weight_values(self.site).to(x.device, torch.float32))
         self.unit = float(main.norm(dim=-1).median()) / 100.0
         energy = self.config.protect_energy
@@ -70,29 +88,37 @@ class Training:
         k = int((share < energy).sum()) + 1
         self.basis = vh[:k].T.contiguous()
 
+    def _pool_capture(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unrelated pool's down-projection inputs (N, T, in; float32) and valid-token mask
+        (N, T), in one fixed batch (so a replayed stream sees the same values)."""
+        rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
+        return self._capture(rows, block_out=False)["x"].to(torch.float32), rows.attn
+
     @torch.no_grad()
     def _pool_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The unrelated pool's projected down-projection inputs (N, T, in) and valid-token mask
         (N, T): they depend on the main model alone and every edit draws from them, so they are
-        captured once per session, in one fixed batch (so a replayed stream sees the same values)."""
+        captured once per session (the capture _pool_statistics made, when it ran)."""
         if self._pool_x is None:
-            rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
-            x = self._project(self._capture(rows, block_out=False)["x"].to(torch.float32))
-            self._pool_x = (x, rows.attn)
+            x, attn = self._pool_raw if self._pool_raw is not None else self._pool_capture()
+            self._pool_raw = None
+            self._pool_x = (self._project(x), attn)
         return self._pool_x
 
-    def _out_inputs(self, drawn: list[int], out_specs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and valid-token mask of the out-of-scope rows: the drawn pool prompts (cached),
-        then `out_specs` (captured now), right-padded to one width."""
+    def _out_inputs(self, drawn: list[int], out_specs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The out-of-scope rows: the drawn pool prompts (cached), then `out_specs` (captured
+        now). Returns their valid tokens' inputs (N, in), those tokens' (row, position) and the
+        rows' valid-token mask (B, T): padding is never multiplied by the side memory."""
         pool_x, pool_attn = self._pool_inputs()
         parts = [(pool_x[drawn], pool_attn[drawn])]
         if out_specs:
             rows = make_rows(self.tokenizer, out_specs).to(self.loaded.device)
             parts.append((self._project(self._capture(rows, block_out=False)["x"].to(torch.float32)), rows.attn))
-        width = max(x.shape[1] for x, _ in parts)
-        xs = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x, _ in parts]
-        masks = [F.pad(m, (0, width - m.shape[1])) for _, m in parts]
-        return torch.cat(xs), torch.cat(masks)
+        width = max(int(m.sum(1).max()) for _, m in parts)
+        xs = [F.pad(x[:, :width], (0, 0, 0, max(0, width - x.shape[1]))) for x, _ in parts]
+        masks = torch.cat([F.pad(m[:, :width], (0, max(0, width - m.shape[1]))) for _, m in parts])
+        where = masks.bool().nonzero(as_tuple=True)
+        return torch.cat(xs)[where], where, masks
 
     def _margin_unit(self) -> float:
         self._pool_statistics()
@@ -154,26 +180,45 @@ class Training:
         """Mean over the violated entries of a hinge (EasyEdit's margin loss); 0 when none is."""
         return hinge.sum() / (hinge > 0).sum().clamp(min=1)
 
-    def _fast_steps(self, specs, drawn, out_specs, keep_specs=()):
+    def _fast_steps(self, specs, drawn, out_specs, replayed=(), kept=()):
         """Step function on cached layer inputs: only the blocks above the edited one run.
-        Out of scope: the unrelated pool's prompts `drawn`, then `out_specs`. `keep_specs` count
-        in the in-scope activation scores only (no cross-entropy), so they cost nothing above
-        the edited layer."""
+        `specs` are the edit's own rows (captured now; the first is its prompt + target) followed
+        by replayed edits' rows, whose inputs `replayed` (EditInputs) were captured when they
+        were made. Out of scope: the unrelated pool's prompts `drawn`, then `out_specs`. `kept`
+        (EditInputs) count in the in-scope activation scores only (no cross-entropy), so they
+        cost nothing above the edited layer. Returns the step function and the edit's own
+        EditInputs (for the cache, once the edit is made)."""
         dev = self.loaded.device
         rows = make_rows(self.tokenizer, specs).to(dev)
         prompt_only = make_rows(self.tokenizer, specs, score_target=False).score.to(dev)
-        cap = self._capture(rows, block_out=True)
-        x_in, h_in = self._project(cap["x"].to(torch.float32)), cap["h"]
-        x_out, out_attn = self._out_inputs(drawn, out_specs)
+        width, new = rows.ids.shape[1], len(specs) - len(replayed)
+        own_width = int(rows.attn[:new].sum(1).max())
+        cap = self._capture(Rows(rows.ids[:new, :own_width], rows.attn[:new, :own_width],
+                                 rows.labels[:new, :own_width], rows.score[:new, :own_width]), block_out=True)
+        x_new, h_new = self._project(cap["x"].to(torch.float32)), cap["h"]
+        x_in = torch.cat([_padded(x_new, width)] + [_padded(e.x, width)[None] for e in replayed])
+        h_in = torch.cat([_padded(h_new, width)] + [_padded(e.h.to(h_new.dtype), width)[None] for e in replayed])
+        length = int(rows.attn[0].sum())
+        target_len = int((rows.labels[0] != IGNORE).sum())
+        own = EditInputs(x_new[0, :length].clone(), h_new[0, :length].clone(), length - target_len, target_len)
+        x_out, out_at, out_attn = self._out_inputs(drawn, out_specs)
         keep = None
-        if keep_specs:
-            keep_rows = make_rows(self.tokenizer, list(keep_specs)).to(dev)
-            keep_prompt = make_rows(self.tokenizer, list(keep_specs), score_target=False).score.to(dev)
-            keep = (self._project(self._capture(keep_rows, block_out=False)["x"].to(torch.float32)),
-                    keep_rows.score, keep_prompt)
+        if kept:
+            k_width = max(e.x.shape[0] for e in kept)
+            k_x = torch.stack([_padded(e.x, k_width) for e in kept])
+            k_score = torch.zeros(k_x.shape[:2], device=k_x.device)
+            k_prompt = torch.zeros_like(k_score)
+            for j, e in enumerate(kept):
+                k_score[j, : e.prompt_len + e.target_len] = 1.0
+                k_prompt[j, : e.prompt_len] = 1.0
+            keep = (k_x, k_score, k_prompt)
         gold = rows.labels[:, 1:]
-        r, c = (gold != IGNORE).nonzero(as_tuple=True)  # loss positions: t predicts t + 1
+        r, c = (gold != IGNORE).nonzero(as_tuple=True)  # loss positions: t predicts t + 1, row-major
         targets = gold[r, c]
+        # the blocks above run the edit's rows and the (shorter) replayed rows as two batches,
+        # each only as wide as its longest row: padding is work the layers above would waste
+        groups = [(lo, hi, int(rows.attn[lo:hi].sum(1).max())) for lo, hi in ((0, new), (new, len(specs))) if hi > lo]
+        at = [(r[(r >= lo) & (r < hi)] - lo, c[(r >= lo) & (r < hi)]) for lo, hi, _ in groups]
         how = self.config.score_reduce
 
         def step(param, run_targets=True):
@@ -181,8 +226,10 @@ class Training:
             without run_targets the layers above are skipped: cross-entropy 0 and leads None."""
             d_in = F.linear(x_in, param)
             if run_targets:
-                hidden = self.adapter.run_blocks(h_in + d_in.to(h_in.dtype), self.layer + 1, attention_mask=rows.attn)
-                logits = self.adapter.unembed(hidden[r, c]).float()
+                h = h_in + d_in.to(h_in.dtype)
+                picked = [self.adapter.run_blocks(h[lo:hi, :w], self.layer + 1, attention_mask=rows.attn[lo:hi, :w])[gr, gc]
+                          for (lo, hi, w), (gr, gc) in zip(groups, at)]
+                logits = self.adapter.unembed(torch.cat(picked)).float()
                 ce, lead = F.cross_entropy(logits, targets), row_leads(logits.detach(), targets, r, len(specs))
             else:
                 ce, lead = d_in.new_zeros(()), None
@@ -191,10 +238,11 @@ class Training:
             if keep is not None:
                 k_norms = F.linear(keep[0], param).norm(dim=-1)
                 s_in += [reduce_scores(k_norms, keep[1], how), reduce_scores(k_norms, keep[2], how)]
-            s_out = reduce_scores(F.linear(x_out, param).norm(dim=-1), out_attn, how)
+            out_norms = out_attn.new_zeros(out_attn.shape, dtype=d_in.dtype).index_put(out_at, F.linear(x_out, param).norm(dim=-1))
+            s_out = reduce_scores(out_norms, out_attn, how)
             return ce, lead, torch.cat(s_in), s_out
 
-        return step
+        return step, own
 
     def _slow_steps(self, specs, out_specs, keep_specs=()):
         """Step function of the full-model path: the whole model, every row, every position
