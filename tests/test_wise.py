@@ -386,6 +386,28 @@ def test_subject_negatives_are_the_prompt_about_other_subjects(tiny_loaded, monk
     assert not any(p.endswith(" plays the") for out in seen[1:] for p in out)  # none without a usable subject
 
 
+def test_subject_negatives_below_edit_need_only_stay_gamma_under_the_edit(tiny_loaded, monkeypatch):
+    """subject_negatives_below="edit": the subject-swapped prompts (last among the unrelated
+    scores) count in the gap to the edit's scores but not in the margin below alpha."""
+    loaded = tiny_loaded["llama"]
+    editor = WISEEditor(loaded, {**TINY, "subject_negatives": 2, "subject_negatives_below": "edit",
+                                 "alpha": 5.0, "beta": 30.0, "gamma": 10.0, "margin_tolerance": 0.0})
+    s_in, s_out = torch.tensor([40.0]), torch.tensor([1.0, 25.0])
+    assert editor._margins_met(s_in, s_out, 1.0, far=1)  # 25 is 15 under the edit: near enough
+    assert not editor._margins_met(s_in, s_out, 1.0)  # every unrelated score below alpha
+    assert not editor._margins_met(s_in, torch.tensor([1.0, 35.0]), 1.0, far=1)  # within gamma of the edit
+    editor.attach()
+    fars = []
+    real = editor._margins_met
+    monkeypatch.setattr(editor, "_margins_met", lambda s_in, s_out, unit, far=None: fars.append((far, len(s_out)))
+                        or real(s_in, s_out, unit, far))
+    try:
+        seeded_apply(editor, EditRequest(prompt="Toko Yasuda plays the", target_new="piano", subject="Toko Yasuda"))
+    finally:
+        editor.detach()
+    assert fars and all(far == n - 2 == TINY["unrelated_per_edit"] for far, n in fars)
+
+
 def test_retrieve_memories_are_merged_every_n_shards(tiny_loaded, tmp_path):
     """Paper WISE-Retrieve: shards TIES-merged into one retrievable memory on a schedule, so
     memories grow as T / (shard_size x n); routing and reopening still agree."""

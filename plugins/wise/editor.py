@@ -118,7 +118,11 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         if cfg.mode == "retrieve" and cfg.stream_negatives:  # other memories' edits must not fire here (top-1 tells them apart)
             others = [i for i, e in enumerate(self.edits) if e["memory"] != g]
             out_specs += self._specs(self._drawn(others, cfg.stream_negatives))
-        out_specs += [(p, None, None) for p in self._other_subjects(request)]
+        near = self._other_subjects(request)
+        out_specs += [(p, None, None) for p in near]
+        # out-of-scope rows held below alpha (the rest, the subject-swapped prompts, last in
+        # s_out, only gamma below the edit's scores when subject_negatives_below is "edit")
+        far = cfg.unrelated_per_edit + len(out_specs) - (len(near) if cfg.subject_negatives_below == "edit" else 0)
 
         inputs = None  # the edit's own EditInputs, when the fast path captured them
         if cfg.fast_path:
@@ -146,13 +150,13 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             run_targets = not learnt or verify or since_check + 1 >= cfg.target_check_every
             ce, leads, s_in, s_out = step_fn(param, run_targets)
             gap = mean(F.relu(s_out[None, :] - s_in[:, None] + cfg.gamma * unit))
-            low = mean(F.relu(s_out - cfg.alpha * unit))
+            low = mean(F.relu(s_out[:far] - cfg.alpha * unit))
             high = mean(F.relu(cfg.beta * unit - s_in))
             margin = gap + low + high  # in activation units, as in the paper
             loss = ce + cfg.margin_weight * margin
             trajectory.append(float(loss.detach()))
             margin_v = float(margin.detach())
-            met = self._margins_met(s_in.detach(), s_out.detach(), unit)
+            met = self._margins_met(s_in.detach(), s_out.detach(), unit, far)
             if leads is None:
                 since_check += 1
                 verify = met

@@ -163,12 +163,15 @@ class Training:
         step)."""
         return ce < self.config.early_stop_loss or bool((leads >= need).all())
 
-    def _margins_met(self, s_in: torch.Tensor, s_out: torch.Tensor, unit: float) -> bool:
+    def _margins_met(self, s_in: torch.Tensor, s_out: torch.Tensor, unit: float, far: int | None = None) -> bool:
         """All three activation margins hold, within margin_tolerance (in-scope above beta,
-        unrelated below alpha, and apart by gamma)."""
+        unrelated below alpha, and apart by gamma); only the first `far` unrelated scores need
+        to be below alpha (all of them by default)."""
         cfg = self.config
         lo, hi, tol = float(s_in.min()), float(s_out.max()), cfg.margin_tolerance
-        return lo >= (cfg.beta - tol) * unit and lo - hi >= (cfg.gamma - tol) * unit and hi <= (cfg.alpha + tol) * unit
+        far = s_out.numel() if far is None else far
+        below_alpha = far == 0 or float(s_out[:far].max()) <= (cfg.alpha + tol) * unit
+        return lo >= (cfg.beta - tol) * unit and lo - hi >= (cfg.gamma - tol) * unit and below_alpha
 
     @staticmethod
     def _flat(trajectory: list[float]) -> bool:
