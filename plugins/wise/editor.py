@@ -103,7 +103,6 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         specs = [(request.prompt, request.target_new, None)]
         specs += [(f"{c}. {request.prompt}", request.target_new, n_prompt) for c in contexts]
         earlier = self._drawn([i for i, e in enumerate(self.edits) if e["memory"] == g], cfg.replay)
-        keep_specs = self._specs(earlier) if cfg.replay_mode == "activation" else []
         own = len(specs)  # the edit's own rows; replayed edits follow
         if cfg.replay_mode == "train":
             specs += self._specs(earlier)
@@ -132,6 +131,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             kept = replayed if cfg.replay_mode == "activation" else []
             step_fn, inputs = self._fast_steps(specs, drawn, out_specs, trained, kept)
         else:
+            keep_specs = self._specs(earlier) if cfg.replay_mode == "activation" else []
             step_fn = self._slow_steps(specs, [(pool[i], None, None) for i in drawn] + out_specs, keep_specs)
         param = self.memories[g].clone().requires_grad_(True)
         mask = self.mask.to(param.dtype)
