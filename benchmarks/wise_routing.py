@@ -18,7 +18,8 @@ With --run (an `editkit eval --method wise` run directory, `--sample` or not) th
 run measured at its last point are measured again with the exact scan and with the prefilter at
 each of --candidates: what the routing choice does to reliability, generalization and locality;
 with --act-ratios, also under thresholds set at other act_ratio values (no edit is retrained:
-a threshold is act_ratio times the lowest score of its memory's own edits).
+a threshold is act_ratio times the lowest score of its memory's own edits); with --key-gates,
+under each key_gate value ("off": activation scores alone, the workspace's prefilter).
 
 Writes benchmarks/results/wise-routing-<time>.json and .md beside it.
 """
@@ -44,11 +45,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @contextmanager
 def routing(editor, candidates: int | None):
-    """The editor routes with the exact scan (None) or with the faiss prefilter proposing
-    `candidates` memories, until the block ends."""
+    """The editor routes by activation scores alone (no key_gate), with the exact scan (None) or
+    with the faiss prefilter proposing `candidates` memories, until the block ends."""
     saved = editor.config
-    editor.config = saved.model_copy(update={"faiss_min_memories": None} if candidates is None else
-                                     {"faiss_min_memories": 1, "faiss_candidates": candidates})
+    scan = {"faiss_min_memories": None} if candidates is None else {"faiss_min_memories": 1, "faiss_candidates": candidates}
+    editor.config = saved.model_copy(update={"key_gate": None, **scan})
     try:
         yield
     finally:
@@ -103,9 +104,23 @@ def act_ratio(editor, ratio: float):
         editor._route = None
 
 
-def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list[float] = ()) -> dict:
-    """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing, and under
-    the workspace's own routing with each act_ratio of `ratios`."""
+@contextmanager
+def key_gate(editor, gate: float | None):
+    """The editor routes under config.key_gate = `gate` until the block ends."""
+    saved = editor.config
+    editor.config = saved.model_copy(update={"key_gate": gate})
+    editor._route = None
+    try:
+        yield
+    finally:
+        editor.config = saved
+        editor._route = None
+
+
+def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list[float] = (),
+            gates: list[float | None] = ()) -> dict:
+    """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing, under the
+    workspace's own routing with each act_ratio of `ratios`, and under each key_gate of `gates`."""
     plan = json.loads((run / "run.json").read_text(encoding="utf-8"))
     base = json.loads((run / "baseline.json").read_text(encoding="utf-8"))["items"]
     sampled = plan.get("sampled")
@@ -119,6 +134,9 @@ def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list
     for r in ratios:
         with act_ratio(editor, r):
             out[f"act_ratio {r} (the workspace's routing)"] = summarise(measure_items(editor.loaded, requests, baselines))
+    for g in gates:
+        with key_gate(editor, g):
+            out[f"key_gate {'off' if g is None else g}"] = summarise(measure_items(editor.loaded, requests, baselines))
     return out
 
 
@@ -136,6 +154,9 @@ def main() -> None:
     parser.add_argument("--act-ratios", default="",
                         help="with --run: also measure the records with thresholds set at these act_ratio values "
                              "(comma-separated; the workspace's routing)")
+    parser.add_argument("--key-gates", default="",
+                        help="with --run: also measure the records under these key_gate values (comma-separated; "
+                             "'off' = activation scores alone)")
     parser.add_argument("--packed-dtype", choices=["float32", "float16"],
                         help="repack the finished memories in this dtype first (what packed_dtype changes)")
     args = parser.parse_args()
@@ -163,7 +184,8 @@ def main() -> None:
             result.update(in_scope=agreement(editor, in_scope, candidates), out_of_scope=agreement(editor, out, candidates))
         if args.run:
             ratios = [float(r) for r in args.act_ratios.split(",") if r]
-            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios)
+            gates = [None if g == "off" else float(g) for g in args.key_gates.split(",") if g]
+            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios, gates)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"wise-routing-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

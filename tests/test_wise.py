@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from editkit.errors import InvalidRequest
+from editkit.errors import InvalidRequest, WorkspaceError
 from editkit.plugins.wise import WISEEditor
 from editkit.plugins.wise.merge import ties_merge
 from editkit.plugins.wise.routing import reduce_scores
@@ -270,7 +270,7 @@ def test_merge_mode_ties_merges_shards(tiny_loaded):
 def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded, monkeypatch):
     loaded = tiny_loaded["gpt_neox"]
     editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "faiss_min_memories": 3,
-                                 "faiss_candidates": 2})
+                                 "faiss_candidates": 2, "key_gate": None})  # activation scores alone
     editor.attach()
     try:
         for i, req in enumerate([EDIT, EDIT2, EDIT]):
@@ -302,6 +302,47 @@ def test_retrieve_mode_uses_one_memory_per_shard_and_faiss(tiny_loaded, monkeypa
         other.attach()
         other.load_state_dict(tensors, meta)
         assert generate(loaded, texts, max_new_tokens=4) == together
+        other.detach()
+    finally:
+        editor.detach()
+
+
+def test_key_gate_admits_only_memories_holding_an_edit_worded_like_the_sequence(tiny_loaded, tiny_family):
+    """key_gate: a memory is a routing candidate only for sequences whose key is near one of its
+    edits' prompt keys; the keys persist, and a state saved before edits had keys gets the same
+    keys back from the edits' prompts."""
+    loaded = tiny_loaded[tiny_family]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "key_gate": 0.999})  # only the edits themselves
+    editor.attach()
+    try:
+        for i, req in enumerate([EDIT, EDIT2]):
+            seeded_apply(editor, req, seed=i)
+        keys = editor._edit_keys_of(editor.edits)  # as a state saved without them gets them
+        assert editor.edit_keys.shape == keys.shape and torch.allclose(editor.edit_keys, keys, atol=1e-5)
+        rows = make_rows(editor.tokenizer, [(t, None, None) for t in [EDIT.prompt, EDIT2.prompt, OTHER]])
+        x = editor._project(editor._capture(rows, block_out=False)["x"].float())
+        attn = rows.attn.float()
+        assert editor._near_memories(x, attn).tolist() == [[0, -1, -1], [1, -1, -1], [-1, -1, -1]]  # 3 memories: the 3rd is empty
+        route, idx, _ = editor._decide(x, attn)
+        assert route.tolist() == [True, True, False] and idx[:2].tolist() == [0, 1]
+        rows = make_rows(editor.tokenizer, [(EDIT2.prompt, EDIT2.target_new, None)])  # teacher-forced: its second key
+        x2 = editor._project(editor._capture(rows, block_out=False)["x"].float())
+        assert editor._near_memories(x2, rows.attn.float())[0, 0] == 1
+        editor.config = editor.config.model_copy(update={"key_gate": -1.0})  # every memory with an edit
+        assert sorted(editor._near_memories(x, attn)[2].tolist()) == [-1, 0, 1]
+
+        tensors, meta = editor.state_dict()
+        assert torch.equal(tensors["edit_keys"], editor.edit_keys)
+        other = WISEEditor(loaded, editor.config)
+        editor.detach()
+        other.attach()
+        other.load_state_dict({k: v for k, v in tensors.items() if k != "edit_keys"}, meta)
+        assert torch.allclose(other.edit_keys, keys, atol=1e-5)
+        other.load_state_dict(tensors, meta)
+        assert torch.equal(other.edit_keys, tensors["edit_keys"])
+        with pytest.raises(WorkspaceError, match="edit_keys"):
+            other.load_state_dict({**tensors, "edit_keys": tensors["edit_keys"][:1]}, meta)
+        assert torch.equal(other.edit_keys, tensors["edit_keys"])  # the refused state changed nothing
         other.detach()
     finally:
         editor.detach()

@@ -36,6 +36,7 @@ from .train import EditInputs, Training
 class WISEEditor(Routing, Training, StateIO, Editor):
     name = "wise"
     Config = WISEConfig
+    reads_whole_input = True  # a sequence is routed by all of its tokens
     # An edit changes the memory being trained (and its rows of `keys`, `thresholds`); finished
     # memories are only appended, so saving an edit does not grow with the memories before it.
     tracks_changes = True
@@ -65,6 +66,9 @@ class WISEEditor(Routing, Training, StateIO, Editor):
                                    lambda *rows: self.changes.mark(*rows))  # side minus main, one per memory
         self.thresholds = torch.full((1,), float("inf"), **z)
         self.keys = torch.zeros((1, in_f), **z)  # retrieve: mean normalised input of each memory's edits
+        # key_gate: each edit's keys, unit length: its prompt's mean input, and its prompt's and
+        # target's (a teacher-forced or continued sequence holds the target too)
+        self.edit_keys = torch.zeros((0, 2, in_f), **z)
         self.mask: torch.Tensor | None = None  # current shard's gradient mask
         self.shard_base = torch.zeros((out_f, in_f), **z)  # merge: side memory when the shard began
         self.merge_base = torch.zeros((out_f, in_f), **z)  # merge: side memory after the last merge
@@ -84,6 +88,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self._call: tuple[Any, int] = (None, 0)
         self._route: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None = None  # route, memory, held
         self._index = None
+        self._edit_memory: torch.Tensor | None = None  # (edits,) memory of each edit, for key_gate
         self._buffers: dict[str, torch.Tensor] = {}  # name -> rows with spare capacity (_append_row)
 
     # ---- editing -------------------------------------------------------------------------
@@ -237,11 +242,26 @@ class WISEEditor(Routing, Training, StateIO, Editor):
 
     def _update_key(self, i: int) -> None:
         self._edit_inputs([i])
-        x, _, p, _ = self._xcache[i]
+        x, _, p, t = self._xcache[i]
         g = self.edits[i]["memory"]
-        self.keys[g] += F.normalize(x[:p].mean(0), dim=-1)
+        key = F.normalize(x[:p].mean(0), dim=-1)
+        self.keys[g] += key
         self.changes.mark("keys", g, g + 1)
+        self._append_row("edit_keys", torch.stack([key, F.normalize(x[:p + t].mean(0), dim=-1)])[None])
         self._index = None
+        self._edit_memory = None
+
+    @torch.no_grad()
+    def _edit_keys_of(self, edits: list[dict[str, Any]], batch: int = 32) -> torch.Tensor:
+        """(len(edits), 2, in): the keys _update_key gives each edit (its prompt's mean input at the
+        edited layer, and its prompt's and target's), captured `batch` edits at a time."""
+        keys = []
+        for i in range(0, len(edits), batch):
+            specs = [(e["prompt"], e["target"], None) for e in edits[i:i + batch]]
+            rows = make_rows(self.tokenizer, specs, score_target=False).to(self.loaded.device)
+            x = self._project(self._capture(rows, block_out=False)["x"].to(torch.float32))
+            keys.append(torch.stack([self._query(x, rows.score.to(x)), self._query(x, rows.attn.to(x))], dim=1))
+        return torch.cat(keys)
 
     @torch.no_grad()
     def _refresh_threshold(self, g: int) -> None:
@@ -287,11 +307,12 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.shard_base = self.memories[0].clone()
         self.changes.mark("shard_base")
 
-    def _append_row(self, name: str, fill: float) -> None:
-        """Append one row, filled with `fill`, to tensor attribute `name` (keys, thresholds),
-        into spare capacity: a new memory costs the same however many came before it."""
+    def _append_row(self, name: str, fill: float | torch.Tensor) -> None:
+        """Append one row, filled with `fill` (a number, or the row itself), to tensor attribute
+        `name` (keys, thresholds, edit_keys), into spare capacity: a new memory or edit costs the
+        same however many came before it."""
         t = getattr(self, name)
-        row = t.new_full((1,) + tuple(t.shape[1:]), fill)
+        row = fill.to(t) if torch.is_tensor(fill) else t.new_full((1,) + tuple(t.shape[1:]), fill)
         grown, self._buffers[name] = appended(t, self._buffers.get(name), row)
         setattr(self, name, grown)
 
@@ -320,6 +341,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         if first is not None:
             self.changes.mark("edits", first)
         self._index = None
+        self._edit_memory = None
 
     def _ties(self, deltas: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         """`base` plus the TIES merge of shard changes, within the norm constraint."""

@@ -84,6 +84,8 @@ class Routing:
         how = self.config.score_reduce
         g = len(self.memories)
         b = xf.shape[0]
+        if self.config.key_gate is not None:  # only memories holding an edit near the sequence
+            return self._pick(xf, valid, self._near_memories(xf, valid))
         if g == 1:
             d = F.linear(xf, self.memories[0])
             score = reduce_scores(d.norm(dim=-1), valid, how)
@@ -100,35 +102,64 @@ class Routing:
             return route, idx, self._memory_outputs(xf, idx, route)
         # Many memories: a faiss index over the memories' keys proposes candidates (this reads
         # the query on the host), exact activation scores pick among them.
-        cand = self._candidates(xf, valid)  # (B, c)
+        return self._pick(xf, valid, self._candidates(xf, valid))
+
+    def _pick(self, xf: torch.Tensor, valid: torch.Tensor, cand: torch.Tensor):
+        """Route each row to the best-scoring of its candidate memories (B, c), -1 = no candidate;
+        a row routes where that score clears the memory's threshold."""
+        b = xf.shape[0]
         best = torch.full((b,), -1.0, device=xf.device)
-        idx = cand[:, 0].clone()
+        idx = cand[:, 0].clamp(min=0)
         d_best = torch.zeros(xf.shape[:2] + (self.shape[0],), device=xf.device)
         # memory by memory over the rows that proposed it (gathering a copy of each row's
         # candidates cost more than scanning every memory); ties go to the earlier candidate
         rank = torch.full((b,), cand.shape[1], dtype=torch.long, device=xf.device)
         for m in torch.unique(cand).tolist():
+            if m < 0:
+                continue
             hit = cand == m
             sel = hit.any(1).nonzero().squeeze(1)
             d = F.linear(xf[sel], self.memories[m])
-            s = reduce_scores(d.norm(dim=-1), valid[sel], how)
+            s = reduce_scores(d.norm(dim=-1), valid[sel], self.config.score_reduce)
             r = hit[sel].float().argmax(1)  # this memory's place in each row's candidate list
             better = (s > best[sel]) | ((s == best[sel]) & (r < rank[sel]))
             rows_b = sel[better]
             best[rows_b], idx[rows_b], rank[rows_b] = s[better], m, r[better]
             d_best[rows_b] = d[better]
-        return best > self.thresholds[idx], idx, d_best
+        return (best >= 0) & (best > self.thresholds[idx]), idx, d_best
+
+    @staticmethod
+    def _query(xf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, in): each sequence's mean input over its valid tokens, unit length (the key a
+        memory and an edit are compared by)."""
+        q = (xf * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+        return F.normalize(q, dim=-1)
 
     def _candidates(self, xf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         if self._index is None:
             keys = F.normalize(self.keys, dim=-1).cpu().numpy()
             self._index = faiss().IndexFlatIP(keys.shape[1])
             self._index.add(keys)
-        q = (xf * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
-        q = F.normalize(q, dim=-1).cpu().numpy()
+        q = self._query(xf, valid).cpu().numpy()
         k = min(self.config.faiss_candidates, len(self.memories))
         _, found = self._index.search(q, k)
         return torch.as_tensor(found, dtype=torch.long, device=xf.device).clamp(min=0)
+
+    def _near_memories(self, xf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, c) candidates under config.key_gate: the memories holding an edit one of whose keys
+        (its prompt's, its prompt's and target's) has cosine >= key_gate with the sequence's,
+        nearest first, at most faiss_candidates of them, -1 where fewer. A memory answers only
+        what is worded like one of its own edits."""
+        b, g = xf.shape[0], len(self.memories)
+        c = min(self.config.faiss_candidates, g)
+        if not self.edits:
+            return torch.full((b, c), -1, dtype=torch.long, device=xf.device)
+        sims = torch.einsum("bi,nki->bnk", self._query(xf, valid), self.edit_keys).amax(2)  # (B, edits)
+        if self._edit_memory is None:
+            self._edit_memory = torch.tensor([e["memory"] for e in self.edits], device=xf.device)
+        per = sims.new_full((b, g), -2.0).scatter_reduce(1, self._edit_memory.expand(b, -1), sims, "amax")
+        near, found = per.topk(c, dim=1)
+        return torch.where(near >= self.config.key_gate, found, torch.full_like(found, -1))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The part of the down-projection input the side memory sees: without the directions

@@ -16,7 +16,7 @@ class StateIO:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {**self.memories.tensors(), "thresholds": self.thresholds, "keys": self.keys,
-                   "shard_base": self.shard_base, "merge_base": self.merge_base}
+                   "edit_keys": self.edit_keys, "shard_base": self.shard_base, "merge_base": self.merge_base}
         if self.mask is not None:
             tensors["mask"] = self.mask
         if self.pending:
@@ -61,6 +61,8 @@ class StateIO:
                 problems.append("basis shape")
             if "pending" in tensors and tuple(tensors["pending"].shape[1:]) != (out_f, in_f):
                 problems.append("pending shape")
+            if "edit_keys" in tensors and tuple(tensors["edit_keys"].shape) != (len(meta.get("edits", [])), 2, in_f):
+                problems.append("edit_keys shape")
             if any(not 0 <= e.get("memory", -1) < g for e in meta.get("edits", [])):
                 problems.append("edit memory index")
         if problems:
@@ -83,3 +85,7 @@ class StateIO:
         self.unit = meta.get("unit")
         self.basis = tensors["basis"].to(**put).clone() if "basis" in tensors else None
         self.contexts = meta.get("contexts")
+        if "edit_keys" in tensors:
+            self.edit_keys = tensors["edit_keys"].to(**put).clone()
+        elif self.edits:  # saved before edits had keys: the same keys, from their prompts
+            self.edit_keys = self._edit_keys_of(self.edits)
