@@ -39,6 +39,11 @@ class Component:
     # writes and hashes only that (see editkit.chunks.StateChanges). False: every save
     # reads its whole state (correct for any component; the cost grows with the state).
     tracks_changes: ClassVar[bool] = False
+    # True: a hook decides what it does to a sequence from all of its tokens (WISE routes a
+    # sequence by its mean activation), so a position's output depends on later tokens and a
+    # teacher-forced pass over prompt + target is not what greedy decoding from the prompt
+    # computes; scoring then decodes exact match for real (editkit.scoring.greedy_generations).
+    reads_whole_input: ClassVar[bool] = False
     # Why folded_weights() refuses (what a plain checkpoint would lose), for components that do.
     export_refusal: ClassVar[str] = "it changes the model's behaviour through hooks at inference, which a " \
                                     "checkpoint does not carry"
@@ -77,6 +82,8 @@ class Component:
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         handle = register(fn, with_kwargs=with_kwargs)
         self.__dict__.setdefault("_handles", []).append(handle)
+        if self.reads_whole_input:
+            self.loaded.whole_input_readers.add(id(self))
         return handle
 
     def remove_hooks(self) -> None:
@@ -84,6 +91,7 @@ class Component:
         for handle in self.__dict__.get("_handles", []):
             handle.remove()
         self._handles = []
+        self.loaded.whole_input_readers.discard(id(self))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-serialisable metadata) describing everything learned so far. The

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,10 @@ class LoadedModel:
     adapter: Any
     name: str  # what the user asked for (an id, a path, or the default's name)
     fingerprint: str
+    # ids of the attached components whose hooks read the whole input before any position's
+    # output (Component.reads_whole_input): while any is attached, a teacher-forced pass is not
+    # what greedy decoding computes, and scoring decodes exact match for real
+    whole_input_readers: set[int] = field(default_factory=set)
 
     @property
     def device(self) -> torch.device:

@@ -193,10 +193,16 @@ def greedy_generations(loaded: LoadedModel, prompt_ids: list[list[int]], target_
     While greedy decoding follows the target its prefix is the teacher-forced one, so its
     tokens are the teacher-forced argmaxes up to and including the first miss; only a row that
     leaves its target before the last token is decoded further, from where it left (one
-    left-padded generate call for all such rows)."""
+    left-padded generate call for all such rows). That holds for a causal model only: while a
+    component that reads the whole input is attached (WISE's routing), every row is decoded
+    from its prompt."""
     eos = loaded.tokenizer.eos_token_id
     gens: list[list[int]] = []
     todo: list[tuple[int, int]] = []  # (row, tokens still to generate)
+    if loaded.whole_input_readers:  # the teacher-forced pass saw the target: decode every row for real
+        gens = [[] for _ in target_ids]
+        todo = [(i, len(t)) for i, t in enumerate(target_ids) if t]
+        preds = []
     for i, (target, pred) in enumerate(zip(target_ids, preds)):
         miss = next((j for j, (a, b) in enumerate(zip(pred, target)) if a != b), None)
         gen = list(target) if miss is None else list(target[:miss]) + [pred[miss]]

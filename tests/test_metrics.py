@@ -10,8 +10,9 @@ from editkit.evaluation.builtin_edits import BUILTIN_EDITS
 from editkit.scoring import (METRICS, ItemBaseline, agreement, exact_match, greedy_token_ids,
                                         item_baseline, item_baselines, mean, measure_item, measure_items,
                                         normalise, summarise, token_hits, token_predictions)
+from editkit.components import Intervention
 from editkit.schemas import EditRequest, LocalityProbe
-from editkit.tokens import IGNORE, teacher_forced_batch
+from editkit.tokens import IGNORE, encode_pair, teacher_forced_batch
 
 
 def one_hot_logits(rows: list[list[int]], vocab: int = 10) -> torch.Tensor:
@@ -173,3 +174,49 @@ def test_batched_measurement_matches_item_by_item(tiny_loaded, tiny_family):
         assert {k: row[k] for k in ref} == ref
     # Editing-like changes (a different baseline) are detected the same way batched.
     assert [r["loc_tf"] for r in batched if r["loc_tf"] is not None] == [1.0] * sum(bool(r.locality) for r in requests)
+
+
+class _Lookahead(Intervention):
+    """Pushes token `token` at every position of a forward pass whose input holds it anywhere: a
+    teacher-forced pass over prompt + target sees the target's token, decoding from the prompt
+    does not. (One probe per batch here: the push is for the whole pass.)"""
+
+    name = "lookahead-test"
+    token = 0
+
+    def attach(self) -> None:
+        self.hook(self.model, self._ids, pre=True, with_kwargs=True)
+        self.hook(self.model.get_output_embeddings(), self._push)
+        self.attached = True
+
+    def _ids(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._holds = bool((ids == self.token).any())
+
+    def _push(self, module, inputs, output):
+        if not self._holds:
+            return None
+        return output + 100.0 * torch.nn.functional.one_hot(torch.tensor(self.token), output.shape[-1]).to(output)
+
+
+@pytest.mark.parametrize("reads_whole_input", [True, False])
+def test_exact_match_is_decoded_for_real_while_a_component_reads_the_whole_input(gpt2, reads_whole_input):
+    """EM read off the teacher-forced pass equals greedy decoding only for a causal model; with
+    a component that looks ahead (WISE's routing) attached, scoring decodes from the prompt."""
+    req = EditRequest(prompt="The capital of France is", target_new="Rome")
+    target = encode_pair(gpt2.tokenizer, req.prompt, req.target_new)[1]
+    req = EditRequest(prompt=req.prompt, target_new=gpt2.tokenizer.decode(target[:1]))  # one token
+    assert encode_pair(gpt2.tokenizer, req.prompt, req.target_new)[1] == target[:1]
+    base = item_baseline(gpt2, req)
+    probe = type("Probe", (_Lookahead,), {"token": target[0], "reads_whole_input": reads_whole_input})(gpt2)
+    probe.attach()
+    try:
+        assert bool(gpt2.whole_input_readers) == reads_whole_input
+        scores = measure_item(gpt2, req, base)
+    finally:
+        probe.detach()
+    assert not gpt2.whole_input_readers
+    assert scores["rel_tf"] == 1.0  # the teacher-forced pass holds the target: it is pushed
+    # decoded from the prompt, nothing is pushed and EM fails; read off the teacher-forced pass
+    # (right for a causal model only) it would count the pushed token as generated
+    assert scores["rel_em"] == (0.0 if reads_whole_input else 1.0)
