@@ -684,10 +684,9 @@ def test_counterfact_neighbours_keep_their_answers_on_the_default_model(default_
     activation router alone sends some of them through a side memory (records 100-107 of the
     training split; neither the gate nor these thresholds were chosen on them)."""
     from editkit.scoring import answer_predictions, agreement, teacher_forced_accuracy
-    records = json.loads(shared_path("counterfact-train").read_text())[100:108]
-    requests = [EditRequest(prompt=r["prompt"], target_new=r["target_new"], subject=r["subject"],
-                            locality=[{"prompt": r["locality_prompt"], "answer": r["locality_ground_truth"]}])
-                for r in records]
+    from editkit.evaluation.suites import CounterFactSuite
+
+    requests = CounterFactSuite().load(str(shared_path("counterfact-train")), limit=108)[100:]
     loaded = default_model
     loc_prompts = [r.locality[0].prompt for r in requests]
     loc_answers = [r.locality[0].answer for r in requests]
