@@ -220,3 +220,47 @@ def test_exact_match_is_decoded_for_real_while_a_component_reads_the_whole_input
     # decoded from the prompt, nothing is pushed and EM fails; read off the teacher-forced pass
     # (right for a causal model only) it would count the pushed token as generated
     assert scores["rel_em"] == (0.0 if reads_whole_input else 1.0)
+
+
+# Editors that change the model at run time by hooks (not by their weights) and claim to be
+# causal, so scoring keeps reading exact match off the teacher-forced pass while they are
+# attached. GRACE replaces a position's state by what that position alone matches; NMC reads
+# running means up to each position. Tiny-model settings as in their own tests.
+CAUSAL_EDITORS = {"grace": {}, "nmc": {"fast_steps": 0, "slow_steps": 200, "slow_lr": 0.5, "threshold": 0.9,
+                                       "gate_width": 0.05, "margin": 0.2}}
+
+
+@pytest.mark.parametrize("method", sorted(CAUSAL_EDITORS))
+def test_exact_match_read_off_the_teacher_forced_pass_equals_decoding_for_hooked_editors(tiny_loaded, tiny_family,
+                                                                                        method):
+    from editkit.host import get_host
+    from editkit.scoring import greedy_generations, teacher_forced_predictions
+
+    loaded = tiny_loaded[tiny_family]
+    edit = EditRequest(prompt="The capital of Germany is", target_new="Paris")
+    # three-token targets that the rows leave early, so the shortcut's decoding from a
+    # teacher-forced prefix and plain decoding from the prompt both do real work
+    probes = [(edit.prompt, " Paris and Rome"), ("Yesterday I read that the capital of Germany is", " Paris and Rome"),
+              ("The quick brown fox jumps over", " the lazy dog"), (edit.prompt, " Berlin in spring")]
+    assert not loaded.whole_input_readers
+    editor = get_host().editor(method)(loaded, CAUSAL_EDITORS[method])
+    editor.attach()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            editor.apply(edit)
+        assert not loaded.whole_input_readers  # it declares itself causal
+        for prompt, target in probes:  # one row per call: no padding between the two ways
+            ids, gold = encode_pair(loaded.tokenizer, prompt, target)
+            preds = teacher_forced_predictions(loaded, [prompt], [target])
+            read_off = greedy_generations(loaded, [ids], [gold], preds)
+            loaded.whole_input_readers.add(-1)  # as if a look-ahead component were attached
+            try:
+                decoded = greedy_generations(loaded, [ids], [gold], preds)
+            finally:
+                loaded.whole_input_readers.discard(-1)
+            assert read_off == decoded, (prompt, target)
+        paris = encode_pair(loaded.tokenizer, edit.prompt, edit.target_new)[1]
+        assert teacher_forced_predictions(loaded, [edit.prompt], [edit.target_new]) == [paris]  # the edit is in force
+    finally:
+        editor.detach()
