@@ -9,7 +9,9 @@ edit's prompt and rephrasings) and the out-of-scope ones (its locality prompts a
 unrelated pool), on their prompt alone as generation sees them. Reported per kind: the share
 where both ways make the same decision (same memory, or neither routes), where both route, and
 where both route to the same memory; and the milliseconds per prompt each way spends in the
-routing decision alone (the exact scan's cost grows with the number of memories).
+routing decision alone (the exact scan's cost grows with the number of memories). With
+--key-gates, the same figures under each key_gate (which is meant to route fewer prompts than the
+exact scan: its "routed" share is the figure to read).
 
     .venv/bin/python benchmarks/wise_routing.py --workspace editkit-eval/methods/wise/workspace
     .venv/bin/python benchmarks/wise_routing.py --run editkit-eval   # also Rel/Gen/Loc each way
@@ -57,11 +59,10 @@ def routing(editor, candidates: int | None):
 
 
 @torch.no_grad()
-def decisions(editor, prompts: list[str], candidates: int | None, batch: int = 32
-              ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(routed (N,), memory (N,), seconds in the routing decision alone) of each prompt, with
-    the faiss prefilter proposing `candidates` memories, or (None) the exact scan."""
-    with routing(editor, candidates):
+def decisions(editor, prompts: list[str], way, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(routed (N,), memory (N,), seconds in the routing decision alone) of each prompt, routed
+    the way the context manager `way()` sets up."""
+    with way():
         routed, memory, seconds = [], [], 0.0
         for i in range(0, len(prompts), batch):
             rows = make_rows(editor.tokenizer, [(p, None, None) for p in prompts[i:i + batch]])
@@ -75,15 +76,20 @@ def decisions(editor, prompts: list[str], candidates: int | None, batch: int = 3
     return torch.cat(routed), torch.cat(memory), seconds
 
 
-def agreement(editor, prompts: list[str], candidates: list[int]) -> dict:
-    r_e, m_e, s_e = decisions(editor, prompts, None)
+def agreement(editor, prompts: list[str], candidates: list[int], gates: list[float] = ()) -> dict:
+    """Each routing way against the exact scan: the faiss prefilter at each of `candidates`
+    (meant to decide as the exact scan does) and key_gate at each of `gates` (meant to route
+    fewer prompts: the share routed, and whether both pick the same memory where both route)."""
+    r_e, m_e, s_e = decisions(editor, prompts, lambda: routing(editor, None))
     out = {"prompts": len(prompts), "routed_exact": float(r_e.float().mean()),
-           "ms_per_prompt_exact": 1000 * s_e / len(prompts), "prefilter": {}}
-    for c in candidates:
-        r_f, m_f, s_f = decisions(editor, prompts, c)
+           "ms_per_prompt_exact": 1000 * s_e / len(prompts), "prefilter": {}, "key_gate": {}}
+    ways = [("prefilter", str(c), lambda c=c: routing(editor, c)) for c in candidates]
+    ways += [("key_gate", str(g), lambda g=g: key_gate(editor, g)) for g in gates]
+    for kind, name, way in ways:
+        r_f, m_f, s_f = decisions(editor, prompts, way)
         same = (r_f == r_e) & (~r_e | (m_f == m_e))
         both = r_f & r_e
-        out["prefilter"][str(c)] = {
+        out[kind][name] = {
             "same_decision": float(same.float().mean()), "routed": float(r_f.float().mean()),
             "same_memory_where_both_route": float((m_f == m_e)[both].float().mean()) if both.any() else None,
             "ms_per_prompt": 1000 * s_f / len(prompts)}
@@ -155,8 +161,9 @@ def main() -> None:
                         help="with --run: also measure the records with thresholds set at these act_ratio values "
                              "(comma-separated; the workspace's routing)")
     parser.add_argument("--key-gates", default="",
-                        help="with --run: also measure the records under these key_gate values (comma-separated; "
-                             "'off' = activation scores alone)")
+                        help="also route under these key_gate values (comma-separated): the share routed and ms "
+                             "per routing decision beside the exact scan's; with --run, the records measured under each "
+                             "('off' = activation scores alone)")
     parser.add_argument("--packed-dtype", choices=["float32", "float16"],
                         help="repack the finished memories in this dtype first (what packed_dtype changes)")
     args = parser.parse_args()
@@ -180,11 +187,13 @@ def main() -> None:
                   "packed_dtype": editor.config.packed_dtype,
                   "faiss_min_memories": editor.config.faiss_min_memories,
                   "faiss_candidates": editor.config.faiss_candidates}
+        gates = [None if g == "off" else float(g) for g in args.key_gates.split(",") if g]
         if not (args.quality_only and args.run):
-            result.update(in_scope=agreement(editor, in_scope, candidates), out_of_scope=agreement(editor, out, candidates))
+            on = [g for g in gates if g is not None]
+            result.update(in_scope=agreement(editor, in_scope, candidates, on),
+                          out_of_scope=agreement(editor, out, candidates, on))
         if args.run:
             ratios = [float(r) for r in args.act_ratios.split(",") if r]
-            gates = [None if g == "off" else float(g) for g in args.key_gates.split(",") if g]
             result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios, gates)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"wise-routing-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -194,22 +203,23 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    lines = ["# WISE-Retrieve routing: faiss prefilter against the exact scan",
+    lines = ["# WISE-Retrieve routing: faiss prefilter and key_gate against the exact scan",
              "", f"{r['edits']} edits, {r['memories']} memories ({r['memory_bytes'] / 2**20:.1f} MiB, "
              f"finished ones packed in {r['packed_dtype']}); the workspace's config: prefilter from "
              f"{r['faiss_min_memories']} memories on, {r['faiss_candidates']} candidates", "",
-             "| prompts | n | candidates | same decision | routed (exact) | routed (prefilter) "
-             "| same memory where both route | ms per prompt (prefilter / exact) |",
+             "| prompts | n | routing (faiss candidates, or key_gate) | same decision | routed (exact) "
+             "| routed (this way) | same memory where both route | ms per prompt (this way / exact) |",
              "|---|---|---|---|---|---|---|---|"]
     for kind in ("in_scope", "out_of_scope"):
         a = r.get(kind)
         if a is None:
             continue
-        for c, p in a["prefilter"].items():
-            both = "-" if p["same_memory_where_both_route"] is None else f"{p['same_memory_where_both_route']:.3f}"
-            lines.append(f"| {kind.replace('_', ' ')} | {a['prompts']} | {c} | {p['same_decision']:.3f} | "
-                         f"{a['routed_exact']:.3f} | {p['routed']:.3f} | {both} | "
-                         f"{p['ms_per_prompt']:.2f} / {a['ms_per_prompt_exact']:.2f} |")
+        for way, found in (("", a["prefilter"]), ("key_gate ", a.get("key_gate", {}))):
+            for c, p in found.items():
+                both = "-" if p["same_memory_where_both_route"] is None else f"{p['same_memory_where_both_route']:.3f}"
+                lines.append(f"| {kind.replace('_', ' ')} | {a['prompts']} | {way}{c} | {p['same_decision']:.3f} | "
+                             f"{a['routed_exact']:.3f} | {p['routed']:.3f} | {both} | "
+                             f"{p['ms_per_prompt']:.2f} / {a['ms_per_prompt_exact']:.2f} |")
     q = r.get("quality")
     if q:
         lines += ["", f"Quality of the run's {q['records']} measured records under each routing (TF / EM):", "",
