@@ -111,10 +111,11 @@ def act_ratio(editor, ratio: float):
 
 
 @contextmanager
-def key_gate(editor, gate: float | None):
-    """The editor routes under config.key_gate = `gate` until the block ends."""
+def key_gate(editor, gate: float | None, subject: float | None = None):
+    """The editor routes under config.key_gate = `gate` and subject_gate = `subject` until the
+    block ends."""
     saved = editor.config
-    editor.config = saved.model_copy(update={"key_gate": gate})
+    editor.config = saved.model_copy(update={"key_gate": gate, "subject_gate": subject})
     editor._route = None
     try:
         yield
@@ -124,9 +125,10 @@ def key_gate(editor, gate: float | None):
 
 
 def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list[float] = (),
-            gates: list[float | None] = ()) -> dict:
+            gates: list[float | None] = (), subjects: list[float] = ()) -> dict:
     """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing, under the
-    workspace's own routing with each act_ratio of `ratios`, and under each key_gate of `gates`."""
+    workspace's own routing with each act_ratio of `ratios`, under each key_gate of `gates`, and
+    under the workspace's key_gate (0.6 where it has none) with each subject_gate of `subjects`."""
     plan = json.loads((run / "run.json").read_text(encoding="utf-8"))
     base = json.loads((run / "baseline.json").read_text(encoding="utf-8"))["items"]
     sampled = plan.get("sampled")
@@ -143,7 +145,23 @@ def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list
     for g in gates:
         with key_gate(editor, g):
             out[f"key_gate {'off' if g is None else g}"] = summarise(measure_items(editor.loaded, requests, baselines))
+    gate = editor.config.key_gate if editor.config.key_gate is not None else 0.6
+    for sg in subjects:
+        with key_gate(editor, gate, sg):
+            out[f"key_gate {gate}, subject_gate {sg}"] = summarise(measure_items(editor.loaded, requests, baselines))
     return out
+
+
+def fill_subjects(editor, requests: list[dict]) -> None:
+    """Subject keys for a workspace edited before editkit kept edits' subjects: from the
+    journal's requests (the active ones, in the editor's order)."""
+    if bool(editor.subject_known.any()) or len(requests) != len(editor.edits):
+        return
+    for e, r in zip(editor.edits, requests):
+        if e["prompt"] != r["prompt"]:
+            raise SystemExit("the journal's active requests do not match the editor's edits")
+        e["subject"] = r.get("subject")
+    editor.subject_keys, editor.subject_known = editor._subject_keys_of(editor.edits)
 
 
 def main() -> None:
@@ -164,6 +182,9 @@ def main() -> None:
                         help="also route under these key_gate values (comma-separated): the share routed and ms "
                              "per routing decision beside the exact scan's; with --run, the records measured under each "
                              "('off' = activation scores alone)")
+    parser.add_argument("--subject-gates", default="",
+                        help="with --run: also measure the records under these subject_gate values (comma-separated), "
+                             "with the workspace's key_gate (0.6 where it has none)")
     parser.add_argument("--packed-dtype", choices=["float32", "float16"],
                         help="repack the finished memories in this dtype first (what packed_dtype changes)")
     args = parser.parse_args()
@@ -180,6 +201,7 @@ def main() -> None:
             editor.config = editor.config.model_copy(update={"packed_dtype": args.packed_dtype})
             editor.load_state_dict(tensors, meta)
         requests = [r.request for r in session.history(active_only=True)]
+        fill_subjects(editor, requests)
         in_scope = [p for r in requests for p in [r["prompt"], *r.get("rephrases", [])]]
         out = [probe["prompt"] for r in requests for probe in r.get("locality", [])] + list(UNRELATED)
         result = {"workspace": workspace, "edits": len(requests),
@@ -194,7 +216,8 @@ def main() -> None:
                           out_of_scope=agreement(editor, out, candidates, on))
         if args.run:
             ratios = [float(r) for r in args.act_ratios.split(",") if r]
-            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios, gates)
+            subjects = [float(v) for v in args.subject_gates.split(",") if v]
+            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios, gates, subjects)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"wise-routing-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

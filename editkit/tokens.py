@@ -30,6 +30,19 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[in
     return list(prompt_ids), list(target_ids)
 
 
+def subject_position(tokenizer, prompt: str, subject: str | None) -> int | None:
+    """Index in tokenizer(prompt).input_ids of the last token of `subject`'s first occurrence in
+    `prompt`; None when it does not occur or the prompt's tokens do not break where it ends."""
+    start = prompt.find(subject) if subject else -1
+    if start < 0:
+        return None
+    full = tokenizer(prompt).input_ids
+    head = tokenizer(prompt[:start + len(subject)]).input_ids
+    if not head or list(full[:len(head)]) != list(head):
+        return None
+    return len(head) - 1
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T), right-padded

@@ -348,6 +348,56 @@ def test_key_gate_admits_only_memories_holding_an_edit_worded_like_the_sequence(
         editor.detach()
 
 
+def test_subject_gate_admits_an_edit_only_where_its_subject_occurs(tiny_loaded, tiny_family):
+    """subject_gate: an edit whose subject occurs in its prompt passes the gate only for sequences
+    with a token whose state (block subject_layer) is like its subject's last token; an edit
+    without a subject is gated by its keys alone. Subject keys persist, are rebuilt from the
+    edits' prompts and subjects for a state saved without them, and a subject_layer at or above
+    the edited layer is refused."""
+    loaded = tiny_loaded[tiny_family]
+    edit = EditRequest(prompt="The capital of France is", target_new="Rome", subject="France")
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "key_gate": -1.0, "subject_gate": 0.999})
+    editor.attach()
+    try:
+        for i, req in enumerate([edit, EDIT2]):  # EDIT2 names no subject
+            seeded_apply(editor, req, seed=i)
+        assert editor.subject_known.tolist() == [True, False]
+        keys, known = editor._subject_keys_of(editor.edits)
+        assert torch.allclose(editor.subject_keys, keys, atol=1e-5) and torch.equal(editor.subject_known, known)
+        texts = [edit.prompt, "The capital of Spain is", OTHER]
+        rows = make_rows(editor.tokenizer, [(t, None, None) for t in texts])
+        x = editor._project(editor._capture(rows, block_out=False)["x"].float())
+        attn = rows.attn.float()
+        near = [sorted(m for m in row if m >= 0) for row in editor._near_memories(x, attn).tolist()]
+        assert near == [[0, 1], [1], [1]]  # France's memory only where France is
+        editor.config = editor.config.model_copy(update={"subject_gate": None})
+        assert [sorted(m for m in row if m >= 0) for row in editor._near_memories(x, attn).tolist()] == [[0, 1]] * 3
+        editor.config = editor.config.model_copy(update={"subject_gate": 0.999})
+        route, idx, _ = editor._decide(x, attn)  # (the capture above left its subject states)
+        editor._route = None
+        enc = loaded.tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():  # a plain forward captures the subject states and routes as _decide does
+            loaded.model(**enc)
+        assert editor._route[0].tolist() == route.tolist() and editor._route[1][route].tolist() == idx[route].tolist()
+
+        tensors, meta = editor.state_dict()
+        assert [e["subject"] for e in meta["edits"]] == ["France", None]
+        other = WISEEditor(loaded, editor.config)
+        editor.detach()
+        other.attach()
+        other.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("subject_")}, meta)
+        assert torch.allclose(other.subject_keys, keys, atol=1e-5) and other.subject_known.tolist() == [True, False]
+        other.load_state_dict(tensors, meta)
+        with pytest.raises(WorkspaceError, match="subject_keys"):
+            other.load_state_dict({**tensors, "subject_keys": tensors["subject_keys"][:1]}, meta)
+        assert torch.equal(other.subject_keys, tensors["subject_keys"])  # the refused state changed nothing
+        other.detach()
+    finally:
+        editor.detach()
+    with pytest.raises(InvalidRequest, match="subject_layer"):
+        WISEEditor(loaded, {**TINY, "subject_gate": 0.5, "subject_layer": -1}).attach()
+
+
 def test_activation_replay_scores_earlier_edits_without_training_them(tiny_loaded, monkeypatch):
     """Paper replay (appendix B.3): the memory's earlier edits only count in the in-scope
     activation scores and other memories' edits are out of scope; no earlier edit is trained."""

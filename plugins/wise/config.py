@@ -65,6 +65,8 @@ class WISEConfig(BaseModel):
     retrieve_merge_every: int = Field(0, ge=0, description="WISE-Retrieve: TIES-merge every this many finished shards into one retrievable memory (the paper: merge_freq / save_freq = 2), so memories grow as T / (shard_size x this); 0 = never, one memory per shard.")
     faiss_min_memories: int | None = Field(16, ge=1, description="WISE-Retrieve with key_gate None: from this many memories on, a faiss index over the memories' mean inputs proposes faiss_candidates memories and exact activation scores pick among them; None = top-1 by activation score over every memory (the paper). Measured at 1,000 CounterFact edits (126 memories; docs/wise.md): the prefilter picks another memory than the exact scan for a quarter of in-scope prompts, yet gives better Rel (0.845 vs 0.768) and Loc (0.522 vs 0.468) at 2.7 vs 43 ms per prompt.")
     key_gate: float | None = Field(0.6, ge=-1, le=1, description="A memory may answer a sequence only if it holds an edit one of whose keys (the mean input at the edited layer, protected directions removed, unit length, of its prompt and of its prompt with its target) has at least this cosine with the sequence's; the nearest such memories (at most faiss_candidates) are the candidates exact activation scores pick among, in place of the faiss prefilter. None = activation scores alone (the paper). 0.6 chosen on 100 CounterFact training edits and 30 zsRE dev edits; held out on 100 CounterFact dev edits: Loc unchanged 0.80 -> 0.975 and Rel 0.94 -> 1.00 at equal Gen (docs/wise.md).")
+    subject_gate: float | None = Field(None, ge=-1, le=1, description="With key_gate: an edit whose request names a subject found in its prompt passes the gate only if one of the sequence's tokens has at least this cosine with the edit's subject key (the state of the subject's last token in the edit's prompt at block subject_layer): CounterFact's neighbourhood prompts are worded like the edit about another subject. Edits without a subject are gated by key_gate alone. None = off.")
+    subject_layer: int | float = Field(0.2, description="Block whose output states subject_gate compares (index, negative index or fraction of depth; must lie below the edited layer). Early blocks hold which entity a token belongs to before context blurs it.")
     faiss_candidates: int = Field(4, ge=1, description="WISE-Retrieve: candidate memories the faiss index returns per sequence.")
 
     # implementation
@@ -106,7 +108,8 @@ class WISEConfig(BaseModel):
 # end state, not independently from the main memory.
 PAPER_PRESET = {"lr": 1.0, "beta": 20.0, "margin_unit": 1.0, "protect_energy": 0.0, "unrelated_per_edit": 1,
                 "replay": 0, "n_contexts": 10, "act_ratio": 0.88, "margin_mean": "violated", "early_stop_flat": True, "target_check_every": 1, "margin_tolerance": 0.0, "mode": "merge",
-                "shard_size": 500, "merge_every": 2, "key_gate": None}
+                "shard_size": 500, "merge_every": 2, "key_gate": None,
+                "subject_gate": None}
 # WISE-Retrieve as the paper defines it: a shard per save_freq (500) edits, the shards TIES-merged
 # into one retrievable memory per merge_freq (1,000), activation-only replay (appendix B.3; the
 # paper gives no count: 8 of each kind here), top-1 by activation score over every memory.

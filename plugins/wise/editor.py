@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from editkit.components import Editor
 from editkit.schemas import EditRequest
 from editkit.sites import Site
-from editkit.tokens import encode_pair
+from editkit.errors import InvalidRequest
+from editkit.tokens import encode_pair, subject_position
 from editkit.unrelated import SUBJECTS
 
 from .bank import MemoryBank, appended
@@ -54,8 +55,13 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         in_f, out_f = self.adapter.linear_features(self.site)
         self.shape = (out_f, in_f)
         self.device = self.adapter.device(self.site)
+        self.subject_block = self.adapter.layer_index(cfg.subject_layer)
+        if cfg.subject_gate is not None and self.subject_block >= self.layer:
+            raise InvalidRequest(f"subject_layer resolves to block {self.subject_block}, not below the edited layer {self.layer}")
         self._reset()
         self.hook(self.down, self._down_hook)
+        if self.subject_block < self.layer:  # the states subject_gate compares (kept by reference, not copied)
+            self.hook(self.adapter.module(Site("block", self.subject_block)), self._subject_hook)
         self.hook(self.model, self._model_pre_hook, pre=True, with_kwargs=True)
         self.attached = True
 
@@ -69,6 +75,11 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         # key_gate: each edit's keys, unit length: its prompt's mean input, and its prompt's and
         # target's (a teacher-forced or continued sequence holds the target too)
         self.edit_keys = torch.zeros((0, 2, in_f), **z)
+        # subject_gate: each edit's subject key (unit state of its subject's last token at block
+        # subject_layer), and whether it has one (a subject found in its prompt)
+        self.subject_keys = torch.zeros((0, self.adapter.hidden_size), **z)
+        self.subject_known = torch.zeros((0,), dtype=torch.bool, device=self.device)
+        self._subject_x: torch.Tensor | None = None  # block subject_layer's output in the current pass
         self.mask: torch.Tensor | None = None  # current shard's gradient mask
         self.shard_base = torch.zeros((out_f, in_f), **z)  # merge: side memory when the shard began
         self.merge_base = torch.zeros((out_f, in_f), **z)  # merge: side memory after the last merge
@@ -187,7 +198,8 @@ class WISEEditor(Routing, Training, StateIO, Editor):
             self.memories.set_current(param.detach())
         self._route = None
 
-        self.edits.append({"prompt": request.prompt, "target": request.target_new, "memory": g})
+        self.edits.append({"prompt": request.prompt, "target": request.target_new, "memory": g,
+                           "subject": request.subject})
         if inputs is not None:
             self._xcache[len(self.edits) - 1] = inputs
         self._update_key(len(self.edits) - 1)
@@ -248,8 +260,33 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.keys[g] += key
         self.changes.mark("keys", g, g + 1)
         self._append_row("edit_keys", torch.stack([key, F.normalize(x[:p + t].mean(0), dim=-1)])[None])
+        subject_key, known = self._subject_keys_of([self.edits[i]])
+        self._append_row("subject_keys", subject_key)
+        self._append_row("subject_known", known)
         self._index = None
         self._edit_memory = None
+
+    @torch.no_grad()
+    def _subject_keys_of(self, edits: list[dict[str, Any]], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(edits), hidden) subject keys and (len(edits),) whether each edit has one: the unit
+        output of block subject_layer at the last token of the edit's subject in its prompt."""
+        keys = torch.zeros((len(edits), self.adapter.hidden_size), dtype=torch.float32, device=self.device)
+        known = torch.zeros((len(edits),), dtype=torch.bool, device=self.device)
+        found = [(i, pos) for i, e in enumerate(edits)
+                 if (pos := subject_position(self.tokenizer, e["prompt"], e.get("subject"))) is not None]
+        for start in range(0, len(found), batch):
+            chunk = found[start:start + batch]
+            rows = make_rows(self.tokenizer, [(edits[i]["prompt"], None, None) for i, _ in chunk]).to(self.loaded.device)
+            self._bypass = True
+            try:
+                got, _ = self.adapter.capture({"input_ids": rows.ids, "attention_mask": rows.attn, "use_cache": False},
+                                              {"s": (Site("block", self.subject_block), "out")})
+            finally:
+                self._bypass = False
+            for j, (i, pos) in enumerate(chunk):
+                keys[i] = F.normalize(got["s"][j, pos].to(keys), dim=-1)
+                known[i] = True
+        return keys, known
 
     @torch.no_grad()
     def _edit_keys_of(self, edits: list[dict[str, Any]], batch: int = 32) -> torch.Tensor:

@@ -22,11 +22,22 @@ def reduce_scores(token_norms: torch.Tensor, weight: torch.Tensor, how: str) -> 
 
 
 
+def _masked_cols(sims: torch.Tensor, cols: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
+    """sims with entries (row, cols[j]) set to -2 where miss[row, j]."""
+    out = sims.clone()
+    out[:, cols] = sims[:, cols].masked_fill(miss, -2.0)
+    return out
+
+
 class Routing:
     """The WISEEditor's inference half (a mixin: the state lives on the editor)."""
 
     def _model_pre_hook(self, module, args, kwargs):
         self._call = call_context(args, kwargs)
+        self._subject_x = None
+
+    def _subject_hook(self, module, inputs, output):
+        self._subject_x = output[0] if isinstance(output, tuple) else output
 
     def _down_hook(self, module, inputs, output):
         if self._bypass:
@@ -155,11 +166,28 @@ class Routing:
         if not self.edits:
             return torch.full((b, c), -1, dtype=torch.long, device=xf.device)
         sims = torch.einsum("bi,nki->bnk", self._query(xf, valid), self.edit_keys).amax(2)  # (B, edits)
+        if self.config.subject_gate is not None:
+            sims = self._subject_check(sims, valid)
         if self._edit_memory is None:
             self._edit_memory = torch.tensor([e["memory"] for e in self.edits], device=xf.device)
         per = sims.new_full((b, g), -2.0).scatter_reduce(1, self._edit_memory.expand(b, -1), sims, "amax")
         near, found = per.topk(c, dim=1)
         return torch.where(near >= self.config.key_gate, found, torch.full_like(found, -1))
+
+    def _subject_check(self, sims: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """sims (B, edits) with every edit that has a subject key, none of the sequence's tokens
+        resembling it (cosine < subject_gate at block subject_layer), set below any gate. Only
+        edits that pass key_gate for some row are compared."""
+        cols = ((sims >= self.config.key_gate).any(0) & self.subject_known).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            return sims
+        s = self._subject_x
+        if s is None or s.shape[:2] != valid.shape:
+            raise RuntimeError("the subject states of this pass were not captured")
+        s = F.normalize(s.to(torch.float32), dim=-1)
+        near = torch.einsum("bth,nh->btn", s, self.subject_keys[cols])
+        near = near.masked_fill(valid[..., None] <= 0, -2.0).amax(1)  # (B, cols)
+        return _masked_cols(sims, cols, near < self.config.subject_gate)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The part of the down-projection input the side memory sees: without the directions

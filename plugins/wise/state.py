@@ -16,7 +16,8 @@ class StateIO:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {**self.memories.tensors(), "thresholds": self.thresholds, "keys": self.keys,
-                   "edit_keys": self.edit_keys, "shard_base": self.shard_base, "merge_base": self.merge_base}
+                   "edit_keys": self.edit_keys, "subject_keys": self.subject_keys, "subject_known": self.subject_known,
+                   "shard_base": self.shard_base, "merge_base": self.merge_base}
         if self.mask is not None:
             tensors["mask"] = self.mask
         if self.pending:
@@ -63,6 +64,10 @@ class StateIO:
                 problems.append("pending shape")
             if "edit_keys" in tensors and tuple(tensors["edit_keys"].shape) != (len(meta.get("edits", [])), 2, in_f):
                 problems.append("edit_keys shape")
+            n, hidden = len(meta.get("edits", [])), self.adapter.hidden_size
+            if ("subject_keys" in tensors) != ("subject_known" in tensors) or "subject_keys" in tensors and (
+                    tuple(tensors["subject_keys"].shape) != (n, hidden) or tuple(tensors["subject_known"].shape) != (n,)):
+                problems.append("subject_keys shape")
             if any(not 0 <= e.get("memory", -1) < g for e in meta.get("edits", [])):
                 problems.append("edit memory index")
         if problems:
@@ -89,3 +94,8 @@ class StateIO:
             self.edit_keys = tensors["edit_keys"].to(**put).clone()
         elif self.edits:  # saved before edits had keys: the same keys, from their prompts
             self.edit_keys = self._edit_keys_of(self.edits)
+        if "subject_keys" in tensors:
+            self.subject_keys = tensors["subject_keys"].to(**put).clone()
+            self.subject_known = tensors["subject_known"].to(self.device, torch.bool).clone()
+        elif self.edits:  # saved before subject keys: from the edits' prompts and subjects (none before those were kept)
+            self.subject_keys, self.subject_known = self._subject_keys_of(self.edits)
