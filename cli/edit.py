@@ -175,7 +175,7 @@ def edit(
     loc_answer: Annotated[Texts, typer.Option(
         "--loc-answer", metavar="ANSWER", help="Expected answer of each --loc, in order (all or none).")] = None,
     subject: Annotated[Optional[str], typer.Option(
-        "--subject", metavar="TEXT", help="The entity the fact is about.")] = None,
+        "--subject", metavar="TEXT", help="The entity the fact is about, as written in the prompt (WISE answers the edit only where it occurs).")] = None,
     target_old: Annotated[Optional[str], typer.Option(
         "--target-old", metavar="TEXT", help="The completion before the edit, if known.")] = None,
     file: Annotated[Optional[str], typer.Option(
