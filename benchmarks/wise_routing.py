@@ -78,13 +78,15 @@ def decisions(editor, prompts: list[str], way, batch: int = 32) -> tuple[torch.T
 
 def agreement(editor, prompts: list[str], candidates: list[int], gates: list[float] = ()) -> dict:
     """Each routing way against the exact scan: the faiss prefilter at each of `candidates`
-    (meant to decide as the exact scan does) and key_gate at each of `gates` (meant to route
-    fewer prompts: the share routed, and whether both pick the same memory where both route)."""
+    (meant to decide as the exact scan does) and key_gate at each of `gates`, with the
+    workspace's subject_gate (meant to route fewer prompts: the share routed, and whether both
+    pick the same memory where both route)."""
     r_e, m_e, s_e = decisions(editor, prompts, lambda: routing(editor, None))
     out = {"prompts": len(prompts), "routed_exact": float(r_e.float().mean()),
            "ms_per_prompt_exact": 1000 * s_e / len(prompts), "prefilter": {}, "key_gate": {}}
     ways = [("prefilter", str(c), lambda c=c: routing(editor, c)) for c in candidates]
-    ways += [("key_gate", str(g), lambda g=g: key_gate(editor, g)) for g in gates]
+    subject = editor.config.subject_gate
+    ways += [("key_gate", f"{g} (subject_gate {subject})", lambda g=g: key_gate(editor, g, subject)) for g in gates]
     for kind, name, way in ways:
         r_f, m_f, s_f = decisions(editor, prompts, way)
         same = (r_f == r_e) & (~r_e | (m_f == m_e))
@@ -152,6 +154,12 @@ def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list
     return out
 
 
+def evenly(items: list, n: int) -> list:
+    """At most n of `items`, spread evenly over them."""
+    k = min(n, len(items))
+    return [items[i * len(items) // k] for i in range(k)]
+
+
 def fill_subjects(editor, requests: list[dict]) -> None:
     """Subject keys for a workspace edited before editkit kept edits' subjects: from the
     journal's requests (the active ones, in the editor's order)."""
@@ -182,6 +190,9 @@ def main() -> None:
                         help="also route under these key_gate values (comma-separated): the share routed and ms "
                              "per routing decision beside the exact scan's; with --run, the records measured under each "
                              "('off' = activation scores alone)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="route at most this many prompts of each kind (in scope, out of scope), spread evenly "
+                             "over the stream; 0 = all")
     parser.add_argument("--subject-gates", default="",
                         help="with --run: also measure the records under these subject_gate values (comma-separated), "
                              "with the workspace's key_gate (0.6 where it has none)")
@@ -204,6 +215,8 @@ def main() -> None:
         fill_subjects(editor, requests)
         in_scope = [p for r in requests for p in [r["prompt"], *r.get("rephrases", [])]]
         out = [probe["prompt"] for r in requests for probe in r.get("locality", [])] + list(UNRELATED)
+        if args.limit:
+            in_scope, out = (evenly(p, args.limit) for p in (in_scope, out))
         result = {"workspace": workspace, "edits": len(requests),
                   "memories": len(editor.memories), "memory_bytes": editor.memories.nbytes(),
                   "packed_dtype": editor.config.packed_dtype,
