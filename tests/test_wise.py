@@ -392,6 +392,12 @@ def test_subject_gate_admits_an_edit_only_where_its_subject_occurs(tiny_loaded, 
             other.load_state_dict({**tensors, "subject_keys": tensors["subject_keys"][:1]}, meta)
         assert torch.equal(other.subject_keys, tensors["subject_keys"])  # the refused state changed nothing
         other.detach()
+        moved = WISEEditor(loaded, other.config.model_copy(update={"subject_layer": 0}))  # keys read at another block
+        moved.attach()
+        moved.load_state_dict(tensors, meta)
+        assert torch.allclose(moved.subject_keys, moved._subject_keys_of(moved.edits)[0], atol=1e-5)
+        assert not torch.allclose(moved.subject_keys, tensors["subject_keys"], atol=1e-3)
+        moved.detach()
     finally:
         editor.detach()
     with pytest.raises(InvalidRequest, match="subject_layer"):

@@ -27,7 +27,7 @@ class StateIO:
         meta = {"format": STATE_FORMAT, "layer": self.layer, "shape": list(self.shape),
                 "mode": self.config.mode, "edits": [dict(e) for e in self.edits],
                 "shard_edits": self.shard_edits, "shards": self.shards, "unit": self.unit,
-                "contexts": self.contexts}
+                "contexts": self.contexts, "subject_block": self.subject_block}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -94,8 +94,9 @@ class StateIO:
             self.edit_keys = tensors["edit_keys"].to(**put).clone()
         elif self.edits:  # saved before edits had keys: the same keys, from their prompts
             self.edit_keys = self._edit_keys_of(self.edits)
-        if "subject_keys" in tensors:
+        if "subject_keys" in tensors and meta.get("subject_block") == self.subject_block:
             self.subject_keys = tensors["subject_keys"].to(**put).clone()
             self.subject_known = tensors["subject_known"].to(self.device, torch.bool).clone()
-        elif self.edits:  # saved before subject keys: from the edits' prompts and subjects (none before those were kept)
+        elif self.edits:  # saved before subject keys, or read at another block (subject_layer changed):
+            # from the edits' prompts and subjects (edits saved before subjects were kept have none)
             self.subject_keys, self.subject_known = self._subject_keys_of(self.edits)
