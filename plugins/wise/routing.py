@@ -184,7 +184,7 @@ class Routing:
         s = self._subject_x
         if s is None or s.shape[:2] != valid.shape:
             raise RuntimeError("the subject states of this pass were not captured")
-        s = F.normalize(s.to(torch.float32), dim=-1)
+        s = F.normalize(s.to(self.subject_keys.device, torch.float32), dim=-1)  # that block may sit on another device
         near = torch.einsum("bth,nh->btn", s, self.subject_keys[cols])
         near = near.masked_fill(valid[..., None] <= 0, -2.0).amax(1)  # (B, cols)
         return _masked_cols(sims, cols, near < self.config.subject_gate)
