@@ -43,11 +43,7 @@ def token_states(editor, texts: list[str], blocks: list[int], batch: int = 32) -
     points = {"x": (editor.site, "in")} | {f"block {b}": (Site("block", b), "out") for b in blocks}
     for i in range(0, len(texts), batch):
         rows = make_rows(editor.tokenizer, [(t, None, None) for t in texts[i:i + batch]]).to(editor.loaded.device)
-        editor._bypass = True
-        try:
-            got, _ = editor.adapter.capture({"input_ids": rows.ids, "attention_mask": rows.attn, "use_cache": False}, points)
-        finally:
-            editor._bypass = False
+        got = editor._capture_at(rows, points)
         q = editor._query(editor._project(got["x"].float()), rows.attn.float())
         for b in range(rows.ids.shape[0]):
             valid = rows.attn[b].bool()

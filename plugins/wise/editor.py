@@ -277,12 +277,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         for start in range(0, len(found), batch):
             chunk = found[start:start + batch]
             rows = make_rows(self.tokenizer, [(edits[i]["prompt"], None, None) for i, _ in chunk]).to(self.loaded.device)
-            self._bypass = True
-            try:
-                got, _ = self.adapter.capture({"input_ids": rows.ids, "attention_mask": rows.attn, "use_cache": False},
-                                              {"s": (Site("block", self.subject_block), "out")})
-            finally:
-                self._bypass = False
+            got = self._capture_at(rows, {"s": (Site("block", self.subject_block), "out")})
             for j, (i, pos) in enumerate(chunk):
                 keys[i] = F.normalize(got["s"][j, pos].to(keys), dim=-1)
                 known[i] = True

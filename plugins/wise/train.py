@@ -56,6 +56,11 @@ class Training:
         points = {"x": (self.site, "in")}
         if block_out:
             points["h"] = (Site("block", self.layer), "out")
+        return self._capture_at(rows, points)
+
+    @torch.no_grad()
+    def _capture_at(self, rows: Rows, points: dict[str, tuple[Site, str]]) -> dict[str, torch.Tensor]:
+        """Run the unedited model (no side memory) on `rows` until every point is captured."""
         self._bypass = True
         try:
             got, _ = self.adapter.capture({"input_ids": rows.ids, "attention_mask": rows.attn, "use_cache": False},
