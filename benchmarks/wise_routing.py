@@ -21,7 +21,9 @@ run measured at its last point are measured again with the exact scan and with t
 each of --candidates: what the routing choice does to reliability, generalization and locality;
 with --act-ratios, also under thresholds set at other act_ratio values (no edit is retrained:
 a threshold is act_ratio times the lowest score of its memory's own edits); with --key-gates,
-under each key_gate value ("off": activation scores alone, the workspace's prefilter).
+under each key_gate value ("off": activation scores alone, the workspace's prefilter); with
+--own-memory, through each record's own edit's memory whatever the routing (is Gen lost to
+routing, or to what the memory learnt?).
 
 Writes benchmarks/results/wise-routing-<time>.json and .md beside it.
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -126,11 +128,49 @@ def key_gate(editor, gate: float | None, subject: float | None = None):
         editor._route = None
 
 
+@contextmanager
+def own_memory(editor, m: int):
+    """Every sequence routed to memory m whatever its scores, until the block ends: what an
+    edit's own memory answers when routing is not the question."""
+    def decide(xf, valid):
+        idx = torch.full((xf.shape[0],), m, dtype=torch.long, device=xf.device)
+        route = torch.ones_like(idx, dtype=torch.bool)
+        return route, idx, editor._memory_outputs(xf, idx, route)
+    editor._decide, editor._route = decide, None
+    try:
+        yield
+    finally:
+        del editor._decide
+        editor._route = None
+
+
+def own_memory_quality(editor, requests: list[EditRequest], baselines: list[ItemBaseline]) -> dict:
+    """Rel and Gen of each record through its own edit's memory (routing aside), and the share of
+    its rephrasings the workspace's routing sends there (on the prompt alone): whether Gen is lost
+    to routing or to what the memory learnt."""
+    memory_of = {(e["prompt"], e["target"]): e["memory"] for e in editor.edits}
+    groups: dict[int, list] = {}
+    for r, b in zip(requests, baselines):
+        groups.setdefault(memory_of[(r.prompt, r.target_new)], []).append((r, b))
+    rows = []
+    for m, items in groups.items():
+        with own_memory(editor, m):
+            rows += measure_items(editor.loaded, [r for r, _ in items], [b for _, b in items])
+    out = summarise(rows)
+    rephrases = [(p, memory_of[(r.prompt, r.target_new)]) for r in requests for p in r.rephrases]
+    routed, idx, _ = decisions(editor, [p for p, _ in rephrases], nullcontext)
+    own = torch.tensor([m for _, m in rephrases])
+    out["rephrases_routed"] = float(routed.float().mean())
+    out["rephrases_routed_to_own_memory"] = float((routed & (idx == own)).float().mean())
+    return out
+
+
 def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list[float] = (),
-            gates: list[float | None] = (), subjects: list[float] = ()) -> dict:
+            gates: list[float | None] = (), subjects: list[float] = (), own: bool = False) -> dict:
     """Rel/Gen/Loc (TF and EM) of the run's last-point records under each routing, under the
     workspace's own routing with each act_ratio of `ratios`, under each key_gate of `gates`, and
-    under the workspace's key_gate (0.6 where it has none) with each subject_gate of `subjects`."""
+    under the workspace's key_gate (0.6 where it has none) with each subject_gate of `subjects`;
+    with `own`, through each record's own edit's memory (own_memory_quality)."""
     plan = json.loads((run / "run.json").read_text(encoding="utf-8"))
     base = json.loads((run / "baseline.json").read_text(encoding="utf-8"))["items"]
     sampled = plan.get("sampled")
@@ -151,6 +191,8 @@ def quality(editor, run: Path, applied: int, candidates: list[int], ratios: list
     for sg in subjects:
         with key_gate(editor, gate, sg):
             out[f"key_gate {gate}, subject_gate {sg}"] = summarise(measure_items(editor.loaded, requests, baselines))
+    if own:
+        out["own memory"] = own_memory_quality(editor, requests, baselines)
     return out
 
 
@@ -196,6 +238,9 @@ def main() -> None:
     parser.add_argument("--subject-gates", default="",
                         help="with --run: also measure the records under these subject_gate values (comma-separated), "
                              "with the workspace's key_gate (0.6 where it has none)")
+    parser.add_argument("--own-memory", action="store_true",
+                        help="with --run: also measure each record through its own edit's memory, routing aside "
+                             "(Rel and Gen only), and the share of rephrasings the workspace routes there")
     parser.add_argument("--packed-dtype", choices=["float32", "float16"],
                         help="repack the finished memories in this dtype first (what packed_dtype changes)")
     args = parser.parse_args()
@@ -230,7 +275,8 @@ def main() -> None:
         if args.run:
             ratios = [float(r) for r in args.act_ratios.split(",") if r]
             subjects = [float(v) for v in args.subject_gates.split(",") if v]
-            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios, gates, subjects)
+            result["quality"] = quality(editor, Path(args.run), len(requests), candidates, ratios, gates, subjects,
+                                        args.own_memory)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"wise-routing-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -261,7 +307,12 @@ def markdown(r: dict) -> str:
         lines += ["", f"Quality of the run's {q['records']} measured records under each routing (TF / EM):", "",
                   "| routing | Rel | Gen | Loc unchanged |", "|---|---|---|---|"]
         for name, m in q.items():
-            if name != "records":
+            if name == "own memory":
+                lines.append(f"| each record through its own edit's memory, routing aside | {m['rel_tf']:.3f} / "
+                             f"{m['rel_em']:.3f} | {m['gen_tf']:.3f} / {m['gen_em']:.3f} | - |")
+                lines += ["", f"Rephrasings the workspace's routing sends anywhere: {m['rephrases_routed']:.3f}; "
+                          f"to their own edit's memory: {m['rephrases_routed_to_own_memory']:.3f} (prompt alone)."]
+            elif name != "records":
                 lines.append(f"| {name} | {m['rel_tf']:.3f} / {m['rel_em']:.3f} | {m['gen_tf']:.3f} / "
                              f"{m['gen_em']:.3f} | {m['loc_tf']:.3f} / {m['loc_em']:.3f} |")
     return "\n".join(lines) + "\n"
