@@ -15,6 +15,7 @@ from editkit.plugins.wise.routing import reduce_scores
 from editkit.plugins.wise.rows import make_rows
 from editkit.schemas import EditRequest
 from editkit.session import Session
+from editkit.tokens import subject_position
 
 from conftest import shared_path
 
@@ -458,6 +459,42 @@ def test_stream_negatives_are_other_memories_edits_out_of_scope(tiny_loaded, mon
     assert sorted(seen[2][1]) == prompts[:2]  # memory 1's first edit: memory 0's edits out of scope
     trained, out = seen[5]  # memory 2's second edit: two of memories 0 and 1's four edits
     assert len(out) == 2 and set(out) <= set(prompts[:4]) and prompts[4] in trained
+
+
+def test_subject_gate_leaves_out_the_first_token(tiny_loaded, tiny_family):
+    """A sequence's first token is the attention sink (on the default model its state had cosine
+    0.98-1.00 with every subject key): subject_gate never compares it, an edit whose subject ends
+    on its prompt's first token gets no subject key, and keys saved under an older rule (none
+    recorded in the state) are rebuilt on load."""
+    loaded = tiny_loaded[tiny_family]
+    editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "key_gate": -1.0, "subject_gate": 0.9})
+    editor.attach()
+    try:
+        seeded_apply(editor, EditRequest(prompt="The capital of France is", target_new="Rome", subject="France"))
+        first = EditRequest(prompt="The largest planet is", target_new="Rome", subject="The")
+        assert subject_position(editor.tokenizer, first.prompt, first.subject) == 0  # a one-token subject, first
+        seeded_apply(editor, first, seed=1)
+        assert editor.subject_known.tolist() == [True, False]
+        key = editor.subject_keys[0]
+        # three rows, valid from token 0 or (left-padded) from token 1; the key's state at one token
+        states = torch.randn(3, 4, key.shape[0])
+        valid = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+        states[0, 0] = key * 7  # at the first token: the sink's place
+        states[1, 2] = key * 7  # further in
+        states[2, 1] = key * 7  # the first valid token of a left-padded row
+        editor._subject_x = states
+        sims = editor._subject_check(torch.ones(3, 2), valid)
+        assert sims[:, 0].tolist() == [-2.0, 1.0, -2.0] and sims[:, 1].tolist() == [1.0] * 3
+
+        tensors, meta = editor.state_dict()
+        assert meta["subject_key_rule"] == "no-first-token"
+        old = {k: v for k, v in meta.items() if k != "subject_key_rule"}
+        editor.load_state_dict({**tensors, "subject_keys": torch.zeros_like(tensors["subject_keys"]),
+                                "subject_known": torch.ones_like(tensors["subject_known"])}, old)
+        assert torch.allclose(editor.subject_keys, tensors["subject_keys"], atol=1e-5)
+        assert editor.subject_known.tolist() == [True, False]
+    finally:
+        editor.detach()
 
 
 def test_subject_negatives_are_the_prompt_about_other_subjects(tiny_loaded, monkeypatch):

@@ -269,11 +269,14 @@ class WISEEditor(Routing, Training, StateIO, Editor):
     @torch.no_grad()
     def _subject_keys_of(self, edits: list[dict[str, Any]], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(edits), hidden) subject keys and (len(edits),) whether each edit has one: the unit
-        output of block subject_layer at the last token of the edit's subject in its prompt."""
+        output of block subject_layer at the last token of the edit's subject in its prompt
+        (SUBJECT_KEY_RULE in state.py names this rule)."""
         keys = torch.zeros((len(edits), self.adapter.hidden_size), dtype=torch.float32, device=self.device)
         known = torch.zeros((len(edits),), dtype=torch.bool, device=self.device)
+        # a subject ending on the prompt's first token has no key: that position's state is the
+        # attention sink, alike in every sequence (it matched any prompt at cosine 0.98-1.00)
         found = [(i, pos) for i, e in enumerate(edits)
-                 if (pos := subject_position(self.tokenizer, e["prompt"], e.get("subject"))) is not None]
+                 if (pos := subject_position(self.tokenizer, e["prompt"], e.get("subject"))) is not None and pos > 0]
         for start in range(0, len(found), batch):
             chunk = found[start:start + batch]
             rows = make_rows(self.tokenizer, [(edits[i]["prompt"], None, None) for i, _ in chunk]).to(self.loaded.device)

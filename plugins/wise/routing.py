@@ -176,7 +176,7 @@ class Routing:
 
     def _subject_check(self, sims: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """sims (B, edits) with every edit that has a subject key, none of the sequence's tokens
-        resembling it (cosine < subject_gate at block subject_layer), set below any gate. Only
+        but its first resembling it (cosine < subject_gate at block subject_layer), set below any gate. Only
         edits that pass key_gate for some row are compared."""
         cols = ((sims >= self.config.key_gate).any(0) & self.subject_known).nonzero().squeeze(1)
         if cols.numel() == 0:
@@ -186,7 +186,9 @@ class Routing:
             raise RuntimeError("the subject states of this pass were not captured")
         s = F.normalize(s.to(self.subject_keys.device, torch.float32), dim=-1)  # that block may sit on another device
         near = torch.einsum("bth,nh->btn", s, self.subject_keys[cols])
-        near = near.masked_fill(valid[..., None] <= 0, -2.0).amax(1)  # (B, cols)
+        # each row's first token is left out: its state is the attention sink, near every key
+        first = (valid > 0) & (valid.cumsum(1) == 1)
+        near = near.masked_fill(((valid <= 0) | first)[..., None], -2.0).amax(1)  # (B, cols)
         return _masked_cols(sims, cols, near < self.config.subject_gate)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ import torch
 from editkit.errors import WorkspaceError
 
 STATE_FORMAT = 2  # 2: finished memories packed (MemoryBank); 1 (a dense stack, `memories`) is still read
+# how subject keys are taken; keys saved under another rule are recomputed on load
+# ("no-first-token": a subject ending on the prompt's first token, the attention sink, has none)
+SUBJECT_KEY_RULE = "no-first-token"
 
 
 class StateIO:
@@ -27,7 +30,8 @@ class StateIO:
         meta = {"format": STATE_FORMAT, "layer": self.layer, "shape": list(self.shape),
                 "mode": self.config.mode, "edits": [dict(e) for e in self.edits],
                 "shard_edits": self.shard_edits, "shards": self.shards, "unit": self.unit,
-                "contexts": self.contexts, "subject_block": self.subject_block}
+                "contexts": self.contexts, "subject_block": self.subject_block,
+                "subject_key_rule": SUBJECT_KEY_RULE}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -94,9 +98,10 @@ class StateIO:
             self.edit_keys = tensors["edit_keys"].to(**put).clone()
         elif self.edits:  # saved before edits had keys: the same keys, from their prompts
             self.edit_keys = self._edit_keys_of(self.edits)
-        if "subject_keys" in tensors and meta.get("subject_block") == self.subject_block:
+        if ("subject_keys" in tensors and meta.get("subject_block") == self.subject_block
+                and meta.get("subject_key_rule") == SUBJECT_KEY_RULE):
             self.subject_keys = tensors["subject_keys"].to(**put).clone()
             self.subject_known = tensors["subject_known"].to(self.device, torch.bool).clone()
-        elif self.edits:  # saved before subject keys, or read at another block (subject_layer changed):
+        elif self.edits:  # saved before subject keys, under another rule, or read at another block:
             # from the edits' prompts and subjects (edits saved before subjects were kept have none)
             self.subject_keys, self.subject_known = self._subject_keys_of(self.edits)
