@@ -10,6 +10,11 @@ each block of --blocks and at the edited layer's MLP input (`x`, the states key_
 - a neighbourhood prompt (locality probe) against every edit whose wording gate it passes
   (key_gate): the best cosine over its tokens and those edits (what subject_gate must reject).
 
+Attention sinks (each prompt's first token, and states SINK_RATIO x the point's typical norm over
+the unrelated pool) are left out as subject_gate leaves them out at its block: a sink token is never
+compared, and an edit whose subject ends on one has no key there (so it passes, as the gate lets
+it); --keep-sinks compares every token (the gate before 6df7ea2).
+
 Reported per point: quantiles of both, and for each --gates value the share of rephrasings kept
 and of all neighbourhood prompts that would still pass.
 
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from editkit.plugins.wise.routing import sink_tokens
 from editkit.plugins.wise.rows import make_rows
 from editkit.session import Session
 from editkit.sites import Site
@@ -37,18 +43,47 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
-def token_states(editor, texts: list[str], blocks: list[int], batch: int = 32) -> list[dict]:
-    """Per text: {point: (T, d) unit token states} for each block and `x`, and its key_gate query `q`."""
+def token_states(editor, texts: list[str], blocks: list[int], typical: dict[str, float] | None = None,
+                 batch: int = 32) -> list[dict]:
+    """Per text: {point: (T, d) unit token states} for each block and `x`, with the tokens that are
+    attention sinks at each point given its `typical` norm set to NaN (None: none left out),
+    and its key_gate query `q`."""
     out = []
     points = {"x": (editor.site, "in")} | {f"block {b}": (Site("block", b), "out") for b in blocks}
     for i in range(0, len(texts), batch):
         rows = make_rows(editor.tokenizer, [(t, None, None) for t in texts[i:i + batch]]).to(editor.loaded.device)
         got = editor._capture_at(rows, points)
         q = editor._query(editor._project(got["x"].float()), rows.attn.float())
+        attn = rows.attn.float()
         for b in range(rows.ids.shape[0]):
             valid = rows.attn[b].bool()
-            out.append({**{k: F.normalize(v[b][valid].float(), dim=-1) for k, v in got.items()}, "q": q[b]})
+            entry = {"q": q[b]}
+            for k, v in got.items():
+                unit = F.normalize(v[b].float(), dim=-1)
+                if typical is not None:
+                    unit = unit.masked_fill(sink_tokens(v[b:b + 1].float(), attn[b:b + 1], typical[k])[0][:, None], float("nan"))
+                entry[k] = unit[valid]
+            out.append(entry)
     return out
+
+
+def typical_norms(editor, blocks: list[int]) -> dict[str, float]:
+    """Each point's median token norm over the unrelated pool, first tokens left out (what
+    WISEEditor._typical_subject_norm is at subject_layer)."""
+    points = {"x": (editor.site, "in")} | {f"block {b}": (Site("block", b), "out") for b in blocks}
+    rows = make_rows(editor.tokenizer, [(t, None, None) for t in editor._pool()]).to(editor.loaded.device)
+    got = editor._capture_at(rows, points)
+    attn = rows.attn.float()
+    return {k: float(v.float().norm(dim=-1)[(attn > 0) & ~sink_tokens(v.float(), attn, float("inf"))].median())
+            for k, v in got.items()}
+
+
+def best(states: torch.Tensor, keys: torch.Tensor) -> float:
+    """The best cosine of any non-sink token with any of `keys` (a NaN key: an edit without one,
+    which the gate lets pass)."""
+    if torch.isnan(keys).any(-1).any():
+        return 1.0
+    return float(torch.nan_to_num(states @ keys.T, nan=-2.0).max())
 
 
 def quantile(values: list[float], p: float) -> float | None:
@@ -61,6 +96,8 @@ def main() -> None:
     parser.add_argument("--blocks", default="6,12,18", help="comma-separated block indices to compare at")
     parser.add_argument("--key-gate", type=float, default=0.6, help="the wording gate neighbours must pass")
     parser.add_argument("--gates", default="0.5,0.6,0.7,0.8,0.9", help="subject_gate values to report")
+    parser.add_argument("--keep-sinks", action="store_true",
+                        help="compare every token, attention sinks too (subject_gate before 6df7ea2)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,7 +110,8 @@ def main() -> None:
         requests = [r.request for r in session.history(active_only=True)]
         sampled = plan.get("sampled")
         measured = [i for i in (sampled if sampled is not None else range(len(requests))) if i < len(requests)][:100]
-        states = token_states(editor, [r["prompt"] for r in requests], blocks)
+        typical = None if args.keep_sinks else typical_norms(editor, blocks)
+        states = token_states(editor, [r["prompt"] for r in requests], blocks, typical)
         points = [k for k in states[0] if k != "q"]
         subject_keys, with_subject = {k: [] for k in points}, []
         for i, (r, st) in enumerate(zip(requests, states)):
@@ -93,17 +131,17 @@ def main() -> None:
         for i in measured:
             r = requests[i]
             if i in row_of:
-                for st in token_states(editor, list(r.get("rephrases", [])), blocks):
+                for st in token_states(editor, list(r.get("rephrases", [])), blocks, typical):
                     for k in points:
-                        rephrasings[k].append(float((st[k] @ keys[k][row_of[i]]).max()))
-            for st in token_states(editor, [p["prompt"] for p in r.get("locality", [])], blocks):
+                        rephrasings[k].append(best(st[k], keys[k][row_of[i]][None]))
+            for st in token_states(editor, [p["prompt"] for p in r.get("locality", [])], blocks, typical):
                 n_neighbours += 1
                 passing = [row_of[e] for e in ((edit_keys @ st["q"]).amax(1) >= args.key_gate).nonzero().squeeze(1).tolist()
                            if e in row_of]
                 for k in points:
                     if passing:
-                        neighbours[k].append(float((st[k] @ keys[k][passing].T).max()))
-    result = {"run": str(run), "edits": len(requests), "with_subject": len(with_subject), "records": len(measured),
+                        neighbours[k].append(max(best(st[k], keys[k][j][None]) for j in passing))
+    result = {"run": str(run), "sinks_left_out": not args.keep_sinks, "edits": len(requests), "with_subject": len(with_subject), "records": len(measured),
               "neighbourhood_prompts": n_neighbours, "key_gate": args.key_gate, "points": {}}
     for k in points:
         rv, nv = rephrasings[k], neighbours[k]
@@ -128,7 +166,8 @@ def markdown(r: dict) -> str:
     lines = ["# WISE subject keys: rephrasings against neighbourhood prompts", "",
              f"{r['run']}: {r['edits']} edits ({r['with_subject']} with a subject in their prompt), "
              f"{r['records']} measured records, {r['neighbourhood_prompts']} neighbourhood prompts; "
-             f"neighbours compared with the edits whose wording gate (key_gate {r['key_gate']}) they pass.", "",
+             f"neighbours compared with the edits whose wording gate (key_gate {r['key_gate']}) they pass; "
+             f"attention sinks {'left out' if r['sinks_left_out'] else 'compared too (--keep-sinks)'}.", "",
              "| point | rephrasings: q10 / median cosine | neighbours passing key_gate | their median / q90 | "
              + " | ".join(f"gate {g}: kept / passing" for g in next(iter(r["points"].values()))["gates"]) + " |",
              "|---|---|---|---|" + "---|" * len(next(iter(r["points"].values()))["gates"])]

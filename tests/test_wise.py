@@ -461,11 +461,11 @@ def test_stream_negatives_are_other_memories_edits_out_of_scope(tiny_loaded, mon
     assert len(out) == 2 and set(out) <= set(prompts[:4]) and prompts[4] in trained
 
 
-def test_subject_gate_leaves_out_the_first_token(tiny_loaded, tiny_family):
-    """A sequence's first token is the attention sink (on the default model its state had cosine
-    0.98-1.00 with every subject key): subject_gate never compares it, an edit whose subject ends
-    on its prompt's first token gets no subject key, and keys saved under an older rule (none
-    recorded in the state) are rebuilt on load."""
+def test_subject_gate_leaves_out_attention_sinks(tiny_loaded, tiny_family):
+    """Attention sinks (each sequence's first token, and any state SINK_RATIO x the typical norm
+    at block subject_layer: on the default model their states had cosine 0.98-1.00 with every
+    subject key) are never compared by subject_gate and give an edit no subject key; keys saved
+    under an older rule (none recorded in the state) are rebuilt on load."""
     loaded = tiny_loaded[tiny_family]
     editor = WISEEditor(loaded, {**TINY, "mode": "retrieve", "shard_size": 1, "key_gate": -1.0, "subject_gate": 0.9})
     editor.attach()
@@ -475,24 +475,29 @@ def test_subject_gate_leaves_out_the_first_token(tiny_loaded, tiny_family):
         assert subject_position(editor.tokenizer, first.prompt, first.subject) == 0  # a one-token subject, first
         seeded_apply(editor, first, seed=1)
         assert editor.subject_known.tolist() == [True, False]
+        typical = editor.subject_norm
+        assert typical > 0
         key = editor.subject_keys[0]
-        # three rows, valid from token 0 or (left-padded) from token 1; the key's state at one token
-        states = torch.randn(3, 4, key.shape[0])
-        valid = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
-        states[0, 0] = key * 7  # at the first token: the sink's place
-        states[1, 2] = key * 7  # further in
-        states[2, 1] = key * 7  # the first valid token of a left-padded row
+        # four rows, valid from token 0 or (left-padded) from token 1; the key's direction at one token
+        states = 0.01 * torch.randn(4, 4, key.shape[0])
+        valid = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+        states[0, 0] = key * typical  # at the first token: the sink's place
+        states[1, 2] = key * typical  # further in, a typical norm
+        states[2, 1] = key * typical  # the first valid token of a left-padded row
+        states[3, 2] = key * typical * 10  # further in, a sink's norm
         editor._subject_x = states
-        sims = editor._subject_check(torch.ones(3, 2), valid)
-        assert sims[:, 0].tolist() == [-2.0, 1.0, -2.0] and sims[:, 1].tolist() == [1.0] * 3
+        sims = editor._subject_check(torch.ones(4, 2), valid)
+        assert sims[:, 0].tolist() == [-2.0, 1.0, -2.0, -2.0] and sims[:, 1].tolist() == [1.0] * 4
 
         tensors, meta = editor.state_dict()
-        assert meta["subject_key_rule"] == "no-first-token"
+        assert meta["subject_key_rule"] == "no-sink" and meta["subject_norm"] == typical
         old = {k: v for k, v in meta.items() if k != "subject_key_rule"}
         editor.load_state_dict({**tensors, "subject_keys": torch.zeros_like(tensors["subject_keys"]),
                                 "subject_known": torch.ones_like(tensors["subject_known"])}, old)
         assert torch.allclose(editor.subject_keys, tensors["subject_keys"], atol=1e-5)
         assert editor.subject_known.tolist() == [True, False]
+        editor.subject_norm = 1e-6  # every state a sink's norm: no subject keys
+        assert editor._subject_keys_of(editor.edits)[1].tolist() == [False, False]
     finally:
         editor.detach()
 

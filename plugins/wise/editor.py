@@ -28,7 +28,7 @@ from editkit.unrelated import SUBJECTS
 from .bank import MemoryBank, appended
 from .config import WISEConfig
 from .merge import ties_merge
-from .routing import Routing, reduce_scores
+from .routing import Routing, reduce_scores, sink_tokens
 from .rows import make_rows
 from .state import StateIO
 from .train import EditInputs, Training
@@ -80,6 +80,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         self.subject_keys = torch.zeros((0, self.adapter.hidden_size), **z)
         self.subject_known = torch.zeros((0,), dtype=torch.bool, device=self.device)
         self._subject_x: torch.Tensor | None = None  # block subject_layer's output in the current pass
+        self.subject_norm: float | None = None  # typical state norm at that block (_typical_subject_norm)
         self.mask: torch.Tensor | None = None  # current shard's gradient mask
         self.shard_base = torch.zeros((out_f, in_f), **z)  # merge: side memory when the shard began
         self.merge_base = torch.zeros((out_f, in_f), **z)  # merge: side memory after the last merge
@@ -273,18 +274,31 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         (SUBJECT_KEY_RULE in state.py names this rule)."""
         keys = torch.zeros((len(edits), self.adapter.hidden_size), dtype=torch.float32, device=self.device)
         known = torch.zeros((len(edits),), dtype=torch.bool, device=self.device)
-        # a subject ending on the prompt's first token has no key: that position's state is the
-        # attention sink, alike in every sequence (it matched any prompt at cosine 0.98-1.00)
         found = [(i, pos) for i, e in enumerate(edits)
-                 if (pos := subject_position(self.tokenizer, e["prompt"], e.get("subject"))) is not None and pos > 0]
+                 if (pos := subject_position(self.tokenizer, e["prompt"], e.get("subject"))) is not None]
+        typical = self._typical_subject_norm() if found else 0.0
         for start in range(0, len(found), batch):
             chunk = found[start:start + batch]
             rows = make_rows(self.tokenizer, [(edits[i]["prompt"], None, None) for i, _ in chunk]).to(self.loaded.device)
-            got = self._capture_at(rows, {"s": (Site("block", self.subject_block), "out")})
+            got = self._capture_at(rows, {"s": (Site("block", self.subject_block), "out")})["s"].to(keys)
+            sinks = sink_tokens(got, rows.attn.to(keys), typical)
             for j, (i, pos) in enumerate(chunk):
-                keys[i] = F.normalize(got["s"][j, pos].to(keys), dim=-1)
-                known[i] = True
+                if not sinks[j, pos]:  # a subject ending on an attention sink (e.g. the first token) has no key
+                    keys[i] = F.normalize(got[j, pos], dim=-1)
+                    known[i] = True
         return keys, known
+
+    @torch.no_grad()
+    def _typical_subject_norm(self) -> float:
+        """The median state norm at block subject_layer over the unrelated pool's tokens, first
+        tokens left out: what sink_tokens compares a state's norm to (kept with the state)."""
+        if self.subject_norm is None:
+            rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
+            states = self._capture_at(rows, {"s": (Site("block", self.subject_block), "out")})["s"].float()
+            attn = rows.attn.to(states)
+            keep = (attn > 0) & ~sink_tokens(states, attn, float("inf"))  # first tokens out
+            self.subject_norm = float(states.norm(dim=-1)[keep].median())
+        return self.subject_norm
 
     @torch.no_grad()
     def _edit_keys_of(self, edits: list[dict[str, Any]], batch: int = 32) -> torch.Tensor:

@@ -10,8 +10,8 @@ from editkit.errors import WorkspaceError
 
 STATE_FORMAT = 2  # 2: finished memories packed (MemoryBank); 1 (a dense stack, `memories`) is still read
 # how subject keys are taken; keys saved under another rule are recomputed on load
-# ("no-first-token": a subject ending on the prompt's first token, the attention sink, has none)
-SUBJECT_KEY_RULE = "no-first-token"
+# ("no-sink": a subject ending on an attention sink, routing.sink_tokens, has none)
+SUBJECT_KEY_RULE = "no-sink"
 
 
 class StateIO:
@@ -31,7 +31,7 @@ class StateIO:
                 "mode": self.config.mode, "edits": [dict(e) for e in self.edits],
                 "shard_edits": self.shard_edits, "shards": self.shards, "unit": self.unit,
                 "contexts": self.contexts, "subject_block": self.subject_block,
-                "subject_key_rule": SUBJECT_KEY_RULE}
+                "subject_key_rule": SUBJECT_KEY_RULE, "subject_norm": self.subject_norm}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -102,6 +102,7 @@ class StateIO:
                 and meta.get("subject_key_rule") == SUBJECT_KEY_RULE):
             self.subject_keys = tensors["subject_keys"].to(**put).clone()
             self.subject_known = tensors["subject_known"].to(self.device, torch.bool).clone()
+            self.subject_norm = meta.get("subject_norm")
         elif self.edits:  # saved before subject keys, under another rule, or read at another block:
             # from the edits' prompts and subjects (edits saved before subjects were kept have none)
             self.subject_keys, self.subject_known = self._subject_keys_of(self.edits)
