@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from editkit.plugins.wise.routing import sink_tokens
+from editkit.plugins.wise.routing import sink_tokens, typical_norm
 from editkit.plugins.wise.rows import make_rows
 from editkit.session import Session
 from editkit.sites import Site
@@ -68,14 +68,12 @@ def token_states(editor, texts: list[str], blocks: list[int], typical: dict[str,
 
 
 def typical_norms(editor, blocks: list[int]) -> dict[str, float]:
-    """Each point's median token norm over the unrelated pool, first tokens left out (what
-    WISEEditor._typical_subject_norm is at subject_layer)."""
+    """Each point's typical norm over the unrelated pool (what WISEEditor._typical_subject_norm
+    is at subject_layer)."""
     points = {"x": (editor.site, "in")} | {f"block {b}": (Site("block", b), "out") for b in blocks}
     rows = make_rows(editor.tokenizer, [(t, None, None) for t in editor._pool()]).to(editor.loaded.device)
     got = editor._capture_at(rows, points)
-    attn = rows.attn.float()
-    return {k: float(v.float().norm(dim=-1)[(attn > 0) & ~sink_tokens(v.float(), attn, float("inf"))].median())
-            for k, v in got.items()}
+    return {k: typical_norm(v.float(), rows.attn.float()) for k, v in got.items()}
 
 
 def best(states: torch.Tensor, keys: torch.Tensor) -> float:

@@ -28,7 +28,7 @@ from editkit.unrelated import SUBJECTS
 from .bank import MemoryBank, appended
 from .config import WISEConfig
 from .merge import ties_merge
-from .routing import Routing, reduce_scores, sink_tokens
+from .routing import Routing, reduce_scores, sink_tokens, typical_norm
 from .rows import make_rows
 from .state import StateIO
 from .train import EditInputs, Training
@@ -295,9 +295,7 @@ class WISEEditor(Routing, Training, StateIO, Editor):
         if self.subject_norm is None:
             rows = make_rows(self.tokenizer, [(p, None, None) for p in self._pool()]).to(self.loaded.device)
             states = self._capture_at(rows, {"s": (Site("block", self.subject_block), "out")})["s"].float()
-            attn = rows.attn.to(states)
-            keep = (attn > 0) & ~sink_tokens(states, attn, float("inf"))  # first tokens out
-            self.subject_norm = float(states.norm(dim=-1)[keep].median())
+            self.subject_norm = typical_norm(states, rows.attn.to(states))
         return self.subject_norm
 
     @torch.no_grad()

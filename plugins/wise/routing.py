@@ -25,6 +25,13 @@ def sink_tokens(states: torch.Tensor, valid: torch.Tensor, typical: float) -> to
     return first | (states.norm(dim=-1) > SINK_RATIO * typical)
 
 
+def typical_norm(states: torch.Tensor, valid: torch.Tensor) -> float:
+    """The median state norm over the valid tokens of (B, T, H) `states`, first tokens left out:
+    the `typical` norm sink_tokens compares to."""
+    keep = (valid > 0) & ~sink_tokens(states, valid, float("inf"))
+    return float(states.norm(dim=-1)[keep].median())
+
+
 def reduce_scores(token_norms: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T) per-token distances and 0/1 weights -> (B,) sequence scores."""
     weight = weight.to(token_norms.dtype)
