@@ -4,7 +4,7 @@ code to its name when it reads everything in one input.
 
     python benchmarks/reweave_recipe.py --data passkey --variant '{"value_from": "next"}' --variant '{}'
     python benchmarks/reweave_recipe.py --data counterfact --variant '{}' --reconstruction 0.1
-    python benchmarks/reweave_recipe.py --binding-heads 40
+    python benchmarks/reweave_recipe.py --binding-heads 40 --binding-content 60
     python benchmarks/reweave_recipe.py --trained reweave.safetensors --facts counterfact-dev
 
 --data passkey: 2-digit passkeys with one distractor code per chunk, trained at one and two
@@ -131,6 +131,65 @@ def binding_heads(loaded, n: int) -> dict:
                         "right": float(right[layer, int(gap[layer].argmax())] / max(1, used))} for layer in range(layers)]}
 
 
+@torch.no_grad()
+def binding_content(loaded, n: int) -> dict:
+    """Chunk and question read in separate passes, as the memory sees them: per layer, how often
+    content alone picks the right code over the distractor. 'head': the best head's query at the
+    question's last token against its keys at each code's first digit (before any rotary
+    position); 'last->name' / 'name->name': cosine (states centred per pass pair) of the
+    question's last token / its mention of the name against the chunk's mention of each name."""
+    from editkit.plugins.reweave import passkeys
+    from editkit.sites import Site
+
+    tok, adapter = loaded.tokenizer, loaded.adapter
+    layers, heads = adapter.num_layers, adapter.num_heads
+    slices = [adapter.qkv_slices(layer, h) for layer in range(layers) for h in range(heads)]
+    wins = torch.zeros(layers, heads)
+    cos = {"last->name": torch.zeros(layers), "name->name": torch.zeros(layers)}
+    used = 0
+
+    def run(ids):
+        seen = {}
+        hooks = [mod.register_forward_hook(lambda m, a, out, mod=mod: seen.__setitem__(mod, out[0].float()))
+                 for mod in {s[part][0] for s in slices for part in ("q", "k")}]
+        try:
+            points = {layer: (Site("block", layer), "out") for layer in range(layers)}
+            states, _ = adapter.capture({"input_ids": torch.tensor([ids], device=loaded.device)}, points)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen, {layer: states[layer][0].float() for layer in range(layers)}
+
+    for ep in passkeys(n, seed=5, distance=1, digits=2, distractors=1):
+        chunk, question = tok(ep.chunks[0]).input_ids, tok(ep.query + " ").input_ids
+        names = [tok.decode([t]) for t in chunk]
+        starts = [i + 1 for i in range(len(chunk) - 1) if names[i + 1].strip().isdigit() and not names[i].strip().isdigit()]
+        codes = re.findall(r"is (\d+)\.", ep.chunks[0])
+        asked = [i for i, t in enumerate(question) if tok.decode([t]).strip() == "?"]
+        if len(starts) != 2 or len(codes) != 2 or not asked:
+            continue
+        mentions = [max(i for i in range(s) if names[i].strip() == "is") - 1 for s in starts]
+        used += 1
+        right = codes.index(ep.answer.strip())
+        wrong = 1 - right
+        (cq, cs), (qq, qs) = run(chunk), run(question)
+        for idx, sl in enumerate(slices):
+            layer, h = divmod(idx, heads)
+            q = qq[sl["q"][0]][-1, sl["q"][1]]
+            k = cq[sl["k"][0]][:, sl["k"][1]]
+            wins[layer, h] += float(k[starts[right]] @ q > k[starts[wrong]] @ q)
+        for layer in range(layers):
+            mean = torch.cat([cs[layer], qs[layer]]).mean(0)
+            c = torch.nn.functional.normalize(cs[layer] - mean, dim=-1)
+            q = torch.nn.functional.normalize(qs[layer] - mean, dim=-1)
+            for name, at in (("last->name", -1), ("name->name", asked[-1] - 1)):
+                cos[name][layer] += float(q[at] @ c[mentions[right]] > q[at] @ c[mentions[wrong]])
+    used_ = max(1, used)
+    return {"episodes": used, "layers": [
+        {"layer": layer, "head": int(wins[layer].argmax()), "head_right": float(wins[layer].max() / used_),
+         **{name: float(v[layer] / used_) for name, v in cos.items()}} for layer in range(layers)]}
+
+
 def summary(result: dict) -> str:
     lines = [f"# Reweave recipe ({result['args']['data']}, {result['args']['steps']} steps, seed {result['args']['seed']})", ""]
     for run in result.get("runs", []):
@@ -159,6 +218,13 @@ def summary(result: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['layer']} | {r['head']} | {r['right_minus_distractor']:.3f} | {r['right']:.3f} |"
                   for r in bh["layers"] if r["right_minus_distractor"] > 0.01]
+    if "binding_content" in result:
+        bc = result["binding_content"]
+        lines += ["", f"## Binding by content, separate passes ({bc['episodes']} episodes; right code picked over the "
+                  "distractor, chance 0.5)", "", "| layer | best head | head q.k | last->name cosine | name->name cosine |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['head']} | {r['head_right']:.2f} | {r['last->name']:.2f} | {r['name->name']:.2f} |"
+                  for r in bc["layers"]]
     return "\n".join(lines) + "\n"
 
 
@@ -175,6 +241,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reconstruction", type=float, default=0.0, help="weight of the reconstruction objective")
+    parser.add_argument("--binding-content", type=int, default=0, help="episodes for the separate-passes content "
+                        "binding scan (per layer: best head's q.k, cosine of the question's last token / name mention)")
     parser.add_argument("--binding-heads", type=int, default=0, help="episodes for the frozen model's binding-head scan")
     parser.add_argument("--trained", type=Path, default=None, help="a reweaver file (`editkit reweave train --out`) "
                         "to measure on --facts")
@@ -197,6 +265,8 @@ def main() -> None:
         result["trained"] = measure_trained(loaded, args)
     if args.binding_heads:
         result["binding_heads"] = binding_heads(loaded, args.binding_heads)
+    if args.binding_content:
+        result["binding_content"] = binding_content(loaded, args.binding_content)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(summary(result))
