@@ -106,7 +106,8 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
             for r, ((full, start), buf) in enumerate(zip(encoded, buffers)):
                 found = buf.memory(rw.capture_ids)
                 if found is None:
-                    width = rw.adapter.hidden_size * (rw.config.key_window + (1 if rw.module.paired else 0))
+                    per_entry = rw.config.key_window + (rw.config.value_span if rw.module.paired else 0)
+                    width = rw.adapter.hidden_size * per_entry
                     found = (torch.zeros(0, width, device=device),
                              torch.zeros(0, dtype=torch.long, device=device))
                 out.append(Prepared(torch.tensor(full[:-1], device=device), torch.tensor(full[start:], device=device),
