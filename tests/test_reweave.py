@@ -7,7 +7,6 @@ import torch
 
 from editkit.errors import InvalidRequest
 from editkit.plugins.reweave import MemoryReweaving, passkeys, prepare, reweaving, train
-from editkit.plugins.reweave.config import ReweaveConfig
 from editkit.plugins.reweave.train import batch_loss, evaluate, score
 from editkit.session import Session
 from editkit.sites import Site
@@ -118,7 +117,7 @@ def test_padding_is_never_captured(tiny_loaded):
 
 
 VARIANTS = {"default": {}, "next_token": {"value_from": "next_token"}, "key_window": {"key_window": 3},
-            "query_layer": {"query_layer": 1}, "value_span": {"value_span": 3}}
+            "query_layer": {"query_layer": 1}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -312,31 +311,10 @@ def test_token_values_are_input_embeddings(tiny_loaded, value_from):
     assert torch.allclose(states[:-1, 2 * width:], values, atol=1e-6)
 
 
-def test_value_span_stores_the_following_tokens_embeddings(tiny_loaded):
-    """value_span 3: an entry's value is the next three tokens' input embeddings (zeros past
-    the pass's end, except the first slot, which keeps value_span 1's rule); spans need
-    'next_token' values."""
-    loaded = tiny_loaded["gpt2"]
-    ids = loaded.tokenizer("The code for the red door is 4821.", return_tensors="pt").input_ids
-    n, width = ids.shape[1], loaded.model.config.hidden_size
-    embeds = loaded.model.get_input_embeddings()(ids)[0]
-    config = {"capture_layers": [1], "reweave_layer": 2, "keep_per_chunk": 64, "capacity": 64, "value_span": 3}
-    with reweaving(loaded, config) as rw, rw.conversation("c") as buf, torch.no_grad():
-        loaded.model(ids)
-        states = buf.layers[1].states
-    assert states.shape == (n, 4 * width)
-    for j in (1, 2, 3):
-        assert torch.allclose(states[:n - j, j * width:(j + 1) * width], embeds[j:], atol=1e-6)
-    assert torch.equal(states[n - 2:, 3 * width:], torch.zeros(2, width))
-    assert torch.equal(states[n - 1, 2 * width:3 * width], torch.zeros(width))
-    with pytest.raises(ValueError, match="value_span 2 needs value_from 'next_token'"):
-        ReweaveConfig(value_span=2, value_from="token")
-
-
 def test_config_written_before_query_layer_keeps_its_meaning():
     """A complete config written before query_layer and key_window existed (every workspace and
     trained file of that time) reads as it did then, whatever today's defaults are."""
-    from editkit.plugins.reweave.config import FIELDS_BEFORE_QUERY_LAYER
+    from editkit.plugins.reweave.config import FIELDS_BEFORE_QUERY_LAYER, ReweaveConfig
 
     old = {k: v for k, v in ReweaveConfig().model_dump().items() if k in FIELDS_BEFORE_QUERY_LAYER}
     read = ReweaveConfig(**old)

@@ -50,10 +50,6 @@ class ReweaveConfig(BaseModel):
                             "key_window - 1 states before it in the same pass; its key is a learned projection of "
                             "all of them, so a key can name the phrase the token ends ('the code for the red "
                             "locker is'), not the token alone (memory grows by a state per extra token).")
-    value_span: int = Field(1, ge=1, le=16, description="With value_from 'next_token': how many following "
-                            "tokens' input embeddings an entry's value holds (1: the next token). More lets a question's "
-                            "mention of a name read what came a few tokens after the same name in an earlier chunk "
-                            "('red locker' -> ' is 48'): binding by content, which one context does by position.")
     attention_scale: float = Field(
         4.0, gt=0.0, le=100.0, description="Initial multiplier of the attention logits (learned): above 1 the "
         "attention starts sharper than standard scaled dot-product, so a matching context stands out early.")
@@ -76,12 +72,6 @@ class ReweaveConfig(BaseModel):
                 not {"query_layer", "key_window"} & set(data):
             data = {**data, "query_layer": None, "key_window": 1}
         return data
-
-    @model_validator(mode="after")
-    def _span_needs_following_tokens(self):
-        if self.value_span > 1 and self.value_from != "next_token":
-            raise ValueError(f"value_span {self.value_span} needs value_from 'next_token' (not '{self.value_from}')")
-        return self
 
     @field_validator("gate_init")
     @classmethod

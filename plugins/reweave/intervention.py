@@ -61,18 +61,17 @@ class Reweaver(nn.Module):
     """Gated cross-attention from hidden states onto buffered latent states (identity at init)."""
 
     def __init__(self, hidden: int, sources: int, heads: int, head_dim: int, gate_init: float,
-                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1,
-                 value_span: int = 1):
+                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1):
         super().__init__()
         inner = heads * head_dim
-        self.hidden, self.paired, self.key_window, self.value_span = hidden, paired, key_window, value_span
+        self.hidden, self.paired, self.key_window = hidden, paired, key_window
         self.heads, self.head_dim = heads, head_dim
         self.norm_q = nn.LayerNorm(hidden)
         self.norm_m = nn.LayerNorm(hidden)
         self.source = nn.Parameter(torch.zeros(sources, hidden))  # layer tag of each buffered state
         self.q = nn.Linear(hidden, inner, bias=False)
         self.k = nn.Linear(hidden * key_window, inner, bias=False)  # [own | previous | ...] states
-        self.v = nn.Linear(hidden * value_span, inner, bias=False)  # [next | the one after | ...] tokens
+        self.v = nn.Linear(hidden, inner, bias=False)
         self.o = nn.Linear(inner, hidden, bias=False)
         with torch.no_grad():  # keys start as the query projection: attention starts by similarity
             self.k.weight.zero_()  # earlier tokens of the window start without a say
@@ -104,14 +103,8 @@ class Reweaver(nn.Module):
         keys = ((self.norm_m(window) + tag.unsqueeze(-2)) * present).flatten(-2)
         own = memory[..., :self.hidden].float()
         values = memory[..., width:].float() if self.paired else own
-        if self.value_span > 1:  # each following token normed and tagged; past the pass's end: zeros
-            span = values.unflatten(-1, (self.value_span, self.hidden))
-            there = (span != 0).any(-1, keepdim=True)
-            values = ((self.norm_m(span) + tag.unsqueeze(-2)) * there).flatten(-2)
-        else:
-            values = self.norm_m(values) + tag
         k = self.k(keys).view(*lead, m, nh, hd).transpose(-2, -3)
-        v = self.v(values).view(*lead, m, nh, hd).transpose(-2, -3)
+        v = self.v(self.norm_m(values) + tag).view(*lead, m, nh, hd).transpose(-2, -3)
         bias = self.score(memory) if self.scorer is not None else own.new_zeros((*lead, m))
         return k, v, bias
 
@@ -255,16 +248,6 @@ def _window(hidden: torch.Tensor, valid: torch.Tensor | None, window: int) -> to
     return torch.cat(shifted, dim=-1).reshape(-1, window * hidden.shape[-1])
 
 
-def _ahead(following: torch.Tensor, valid: torch.Tensor | None, first: int, last: int) -> torch.Tensor:
-    """Each position's `first`-th to `last`-th following tokens' vectors in the same pass (zeros
-    past its end or at pad positions): (B, T, H) -> (B*T, (last - first + 1) * H)."""
-    if valid is not None:
-        following = following * valid[..., None].to(following.dtype)
-    t = following.shape[1]
-    shifted = [torch.nn.functional.pad(following, (0, 0, 0, j))[:, j:j + t] for j in range(first, last + 1)]
-    return torch.cat(shifted, dim=-1).reshape(-1, (last - first + 1) * following.shape[-1])
-
-
 def _hidden_of(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -303,7 +286,7 @@ class MemoryReweaving(Intervention):
             torch.manual_seed(cfg.seed)
             module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
                               cfg.gate_init, cfg.scorer == "learned", cfg.value_from != "self", cfg.attention_scale,
-                              cfg.key_window, cfg.value_span)
+                              cfg.key_window)
         self.module = module.to(device)
         self.module.requires_grad_(False)
         self.cache_projections = True  # False: project every buffered state at every step (tests)
@@ -469,8 +452,6 @@ class MemoryReweaving(Intervention):
                     has_next &= torch.cat([valid[:, 1:], valid[:, -1:] & False], dim=1)
                 nxt = torch.where(has_next[..., None], nxt, following)
                 flat = torch.cat([own, nxt.reshape(-1, hidden.shape[-1])], dim=-1)
-                if self.config.value_span > 1:  # and the tokens after it
-                    flat = torch.cat([flat, _ahead(following, valid, 2, self.config.value_span)], dim=-1)
             if self.config.key_window > 1:  # [own | previous | ... | value]: keys read the window
                 flat = torch.cat([_window(hidden, valid, self.config.key_window), flat[:, hidden.shape[-1]:]], dim=-1)
             if self.config.scorer == "learned":

@@ -106,8 +106,7 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
             for r, ((full, start), buf) in enumerate(zip(encoded, buffers)):
                 found = buf.memory(rw.capture_ids)
                 if found is None:
-                    per_entry = rw.config.key_window + (rw.config.value_span if rw.module.paired else 0)
-                    width = rw.adapter.hidden_size * per_entry
+                    width = rw.adapter.hidden_size * (rw.config.key_window + (1 if rw.module.paired else 0))
                     found = (torch.zeros(0, width, device=device),
                              torch.zeros(0, dtype=torch.long, device=device))
                 out.append(Prepared(torch.tensor(full[:-1], device=device), torch.tensor(full[start:], device=device),
