@@ -468,3 +468,25 @@ def test_conversations_through_session_and_http(tmp_path, tiny_loaded):
         assert "web-7" not in rw.buffers
         r = client.post("/v1/generate", json={"prompts": [fact], "conversation": "no spaces allowed"})
         assert r.status_code == 422 and "conversation" in r.text
+
+
+def test_binding_content_scan_runs_on_every_family(tiny_loaded, tiny_family):
+    """benchmarks/reweave_recipe.py --binding-content reads chunk and question in separate
+    passes through the adapter (heads' query/key slices of separate, fused and interleaved
+    projections); a token's mention matches its own earlier mention by content at the first
+    block, whatever the weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "reweave_recipe.py"
+    spec = importlib.util.spec_from_file_location("reweave_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    loaded = tiny_loaded[tiny_family]
+    found = recipe.binding_content(loaded, 8)
+    assert found["episodes"] >= 4
+    assert len(found["layers"]) == loaded.adapter.num_layers
+    for row in found["layers"]:
+        assert 0 <= row["head"] < loaded.adapter.num_heads
+        assert all(0.0 <= row[k] <= 1.0 for k in ("head_right", "last->name", "name->name"))
+    assert found["layers"][0]["name->name"] >= 0.75
