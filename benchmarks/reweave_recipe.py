@@ -97,6 +97,15 @@ def measure_trained(loaded, args) -> dict:
                 "frozen": score(rw, prepared, use_memory=False)}
 
 
+def code_starts(tok, chunk_ids: list[int], chunk: str) -> tuple[list[int], list[str], list[str]]:
+    """Of a passkey chunk's tokens: where each code's first digit is, the codes in order, and
+    each token's text."""
+    texts = [tok.decode([t]) for t in chunk_ids]
+    starts = [i + 1 for i in range(len(chunk_ids) - 1)
+              if texts[i + 1].strip().isdigit() and not texts[i].strip().isdigit()]
+    return starts, re.findall(r"is (\d+)\.", chunk), texts
+
+
 @torch.no_grad()
 def binding_heads(loaded, n: int) -> dict:
     """The frozen model reading a passkey chunk and its question in one input: per layer, the
@@ -112,9 +121,7 @@ def binding_heads(loaded, n: int) -> dict:
     for ep in passkeys(n, seed=5, distance=1, digits=2, distractors=1):
         chunk_ids = tok(ep.chunks[0]).input_ids
         ids = tok(ep.chunks[0] + " " + ep.query + " ").input_ids  # ends at the lone space before the digits
-        names = tok.convert_ids_to_tokens(ids)
-        starts = [i + 1 for i in range(len(chunk_ids) - 1) if names[i + 1].isdigit() and not names[i].isdigit()]
-        codes = re.findall(r"is (\d+)\.", ep.chunks[0])
+        starts, codes, _ = code_starts(tok, chunk_ids, ep.chunks[0])
         if len(starts) != 2 or len(codes) != 2:
             continue
         out = model(torch.tensor([ids], device=loaded.device), output_attentions=True)
@@ -162,9 +169,7 @@ def binding_content(loaded, n: int) -> dict:
 
     for ep in passkeys(n, seed=5, distance=1, digits=2, distractors=1):
         chunk, question = tok(ep.chunks[0]).input_ids, tok(ep.query + " ").input_ids
-        names = [tok.decode([t]) for t in chunk]
-        starts = [i + 1 for i in range(len(chunk) - 1) if names[i + 1].strip().isdigit() and not names[i].strip().isdigit()]
-        codes = re.findall(r"is (\d+)\.", ep.chunks[0])
+        starts, codes, names = code_starts(tok, chunk, ep.chunks[0])
         asked = [i for i, t in enumerate(question) if tok.decode([t]).strip() == "?"]
         if len(starts) != 2 or len(codes) != 2 or not asked:
             continue
