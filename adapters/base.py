@@ -164,19 +164,6 @@ class Adapter:
             return {part: (fused, slice(base + i * hd, base + (i + 1) * hd)) for i, part in enumerate("qkv")}
         raise InvalidRequest(f"unknown qkv layout '{self.qkv_layout}'")
 
-    # ---- attention input ---------------------------------------------------------------
-    def attention_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The (normed) hidden states a block passes to its attention module ("attn"), from a
-        forward pre-hook's (args, kwargs): GPT-2 and GPT-NeoX pass them first by position,
-        LLaMA-like models as `hidden_states=`."""
-        return args[0] if args else kwargs["hidden_states"]
-
-    def with_attention_input(self, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-        """(args, kwargs) of the attention module's call with its input replaced by `hidden`."""
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
     # ---- partial forward passes ------------------------------------------------------
     def block_kwargs(self, hidden: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> dict:
         """Keyword arguments a decoder block takes besides the hidden state (no KV cache).
@@ -190,12 +177,10 @@ class Adapter:
         return kwargs
 
     def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, final_norm: bool = True,
-                   end: int | None = None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
         """Run decoder blocks `start`..end on `hidden`, the residual stream entering block
         `start` (B, T, H), as the model's own forward would (right padding, no KV cache); then
-        the final norm. Lets a caller that knows the stream below a layer skip recomputing it.
-        `end`: stop before block `end` and return the stream entering it (no final norm)."""
+        the final norm. Lets a caller that knows the stream below a layer skip recomputing it."""
         from transformers.masking_utils import create_causal_mask
 
         if position_ids is None:
@@ -203,11 +188,10 @@ class Adapter:
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=None, position_ids=position_ids)
         kwargs = self.block_kwargs(hidden, mask, position_ids)
-        first = self.layer_index(start) if start < self.num_layers else start
-        for block in self.blocks()[first:self.num_layers if end is None else end]:
+        for block in self.blocks()[self.layer_index(start) if start < self.num_layers else start:]:
             out = block(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        if final_norm and end is None:
+        if final_norm:
             hidden = self.model.get_submodule(self.final_norm_path)(hidden)
         return hidden
 

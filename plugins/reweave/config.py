@@ -26,13 +26,6 @@ class ReweaveConfig(BaseModel):
         0.65, description="Block whose output forms the cross-attention's queries (at or below reweave_layer; "
         "index, negative index or fraction of depth); None: the reweave block's own output. Mid-depth states "
         "still say what the query is about; at the reweave block they mostly say what comes next.")
-    adapter_layers: list[Union[int, float]] = Field(
-        [], description="Blocks (index, negative index or fraction of depth; not block 0) whose attention input "
-        "gets a trained low-rank update on the passes of a conversation whose memory holds something (none "
-        "otherwise): below the query block it lets the asking token gather what the query is about (a name "
-        "mentioned earlier in the question), above the reweave block it lets tokens read what the memory "
-        "wrote at another position; [] = none. Training then runs every block above the lowest one with grad.")
-    adapter_rank: int = Field(8, ge=1, le=256, description="Rank of each adapter_layers update.")
     heads: int = Field(8, ge=1, le=64, description="Attention heads of the reweaving cross-attention.")
     head_dim: int = Field(32, ge=4, le=256, description="Width of each reweaving head.")
     capacity: int = Field(128, ge=1, le=65536, description="Most latent states kept per capture layer "

@@ -61,8 +61,7 @@ class Reweaver(nn.Module):
     """Gated cross-attention from hidden states onto buffered latent states (identity at init)."""
 
     def __init__(self, hidden: int, sources: int, heads: int, head_dim: int, gate_init: float,
-                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1,
-                 adapters: int = 0, adapter_rank: int = 8):
+                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1):
         super().__init__()
         inner = heads * head_dim
         self.hidden, self.paired, self.key_window = hidden, paired, key_window
@@ -85,17 +84,6 @@ class Reweaver(nn.Module):
         if self.scorer is not None:
             nn.init.zeros_(self.scorer.weight)
             nn.init.zeros_(self.scorer.bias)
-        if adapters:  # low-rank updates of upper blocks' attention input; `up` starts at zero (identity)
-            self.adapter_down = nn.Parameter(torch.randn(adapters, hidden, adapter_rank) / hidden ** 0.5)
-            self.adapter_up = nn.Parameter(torch.zeros(adapters, adapter_rank, hidden))
-
-    def adapt(self, index: int, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention input `hidden` (B, T, H) of adapter `index` with its low-rank update added
-        (only in `rows` (B,) bool, when given)."""
-        update = (hidden.float() @ self.adapter_down[index]) @ self.adapter_up[index]
-        if rows is not None:
-            update = update * rows.to(update.dtype)[:, None, None]
-        return hidden + update.to(hidden.dtype)
 
     def score(self, states: torch.Tensor) -> torch.Tensor:
         """Learned relevance of stored states (..., H or 2H: the key half is scored) -> (...)."""
@@ -289,12 +277,6 @@ class MemoryReweaving(Intervention):
         self.query_id = self.reweave_id if cfg.query_layer is None else adapter.layer_index(cfg.query_layer)
         if self.query_id > self.reweave_id:
             raise InvalidRequest(f"reweave query_layer ({self.query_id}) lies above reweave_layer ({self.reweave_id})")
-        self.adapter_ids = sorted({adapter.layer_index(layer) for layer in cfg.adapter_layers})
-        if self.adapter_ids and self.adapter_ids[0] == 0:
-            raise InvalidRequest("reweave adapter_layers cannot include block 0 (training starts from the stream "
-                                 "entering the lowest adapted block, which block 0 takes from the embeddings)")
-        # Training recomputes, with grad, everything above the frozen output of this block.
-        self.entry_id = min([self.reweave_id] + [layer - 1 for layer in self.adapter_ids])
         if cfg.keep_per_chunk > cfg.capacity:
             raise InvalidRequest(f"reweave keep_per_chunk ({cfg.keep_per_chunk}) exceeds capacity ({cfg.capacity})")
         reweave_block = adapter.module(Site("block", self.reweave_id))
@@ -304,7 +286,7 @@ class MemoryReweaving(Intervention):
             torch.manual_seed(cfg.seed)
             module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
                               cfg.gate_init, cfg.scorer == "learned", cfg.value_from != "self", cfg.attention_scale,
-                              cfg.key_window, len(self.adapter_ids), cfg.adapter_rank)
+                              cfg.key_window)
         self.module = module.to(device)
         self.module.requires_grad_(False)
         self.cache_projections = True  # False: project every buffered state at every step (tests)
@@ -320,8 +302,6 @@ class MemoryReweaving(Intervention):
         for layer in self.capture_ids:
             self.hook(adapter.module(Site("block", layer)), self._make_capture(layer))
         self.hook(reweave_block, self._reweave_hook)
-        for index, layer in enumerate(self.adapter_ids):
-            self.hook(adapter.module(Site("attn", layer)), self._make_adapter(index), pre=True, with_kwargs=True)
         self.attached = True
 
     def detach(self) -> None:
@@ -398,8 +378,6 @@ class MemoryReweaving(Intervention):
     def _on_model_start(self, module, args, kwargs):
         self._pending = {}
         self._local.embedded = self._local.query = None
-        buf = self.buffers.get(self.current) if self.current is not None else None
-        self._local.woven = True if buf is not None and len(buf) else None  # the adapters act on this pass
         mask = kwargs.get("attention_mask")
         self._pad_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
@@ -415,7 +393,6 @@ class MemoryReweaving(Intervention):
                 buf.add(layer, states, scores, self.config.capacity, self.config.eviction, project, weights)
             buf.chunks += 1
         self._pending = {}
-        self._local.woven = None
 
     def _weights_version(self) -> tuple[int, ...] | None:
         """What identifies the reweaver's current weights (in-place optimiser steps and
@@ -520,26 +497,6 @@ class MemoryReweaving(Intervention):
             query = query.to(hidden.device)
         delta = self.module.attend(hidden, k[None], v[None], bias[None], query=query)
         return _with_hidden(output, hidden + delta.to(hidden.dtype))
-
-    @contextmanager
-    def woven_rows(self, rows: torch.Tensor | None):
-        """The adapters act on `rows` (B,) bool of the passes run inside the block (the training
-        path, which runs the adapted blocks itself)."""
-        self._local.woven = rows
-        try:
-            yield
-        finally:
-            self._local.woven = None
-
-    def _make_adapter(self, index: int):
-        def hook(module, args, kwargs):
-            woven = getattr(self._local, "woven", None)
-            if woven is None:
-                return None  # nothing in memory for this pass: the attention runs as the model's own
-            rows = None if woven is True else woven
-            hidden = self.adapter.attention_input(args, kwargs)
-            return self.adapter.with_attention_input(args, kwargs, self.module.adapt(index, hidden, rows))
-        return hook
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -28,14 +28,13 @@ class Prepared:
     ids: torch.Tensor  # (T,) query + answer tokens, without the last one
     targets: torch.Tensor  # (A,) answer tokens scored
     positions: torch.Tensor  # (A,) positions whose next-token prediction is scored
-    hidden: torch.Tensor  # (T, H) frozen output of block rw.entry_id (the reweave block unless adapters sit below it)
+    hidden: torch.Tensor  # (T, H) output of the reweave block, frozen model
     memory: torch.Tensor  # (M, key_window x H), plus H more per entry when values are paired (not 'self')
     sources: torch.Tensor  # (M,)
     # (A, H) the reweave block's output at `positions` when the earlier chunks are in the
     # context (the episode read as one input): what the reconstruction objective aims at
     teacher: torch.Tensor | None = None
-    # (T, H) frozen output of the query block, when it is not the reweave block and lies at or below entry_id
-    query: torch.Tensor | None = None
+    query: torch.Tensor | None = None  # (T, H) output of the query block, when it is not the reweave block
 
 
 def encode(tokenizer, query: str, answer: str) -> tuple[list[int], int]:
@@ -97,9 +96,7 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
                         states, scores = rw.select(seen[layer][r:r + 1], mask[r:r + 1], embeds)
                         buffers[i].add(layer, states, scores, cfg.capacity, cfg.eviction)
             encoded = [encode(tok, ep.query, ep.answer) for ep in group]
-            frozen_query = rw.query_id != rw.reweave_id and rw.query_id <= rw.entry_id
-            seen, _ = _forward_batch(rw, [full[:-1] for full, _ in encoded],
-                                     sorted({rw.entry_id, rw.query_id if frozen_query else rw.entry_id}))
+            seen, _ = _forward_batch(rw, [full[:-1] for full, _ in encoded], sorted({rw.reweave_id, rw.query_id}))
             taught = [None] * len(group)
             if teacher:
                 before = [[t for chunk in ep.chunks for t in tok(chunk).input_ids] for ep in group]
@@ -114,8 +111,8 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
                              torch.zeros(0, dtype=torch.long, device=device))
                 out.append(Prepared(torch.tensor(full[:-1], device=device), torch.tensor(full[start:], device=device),
                                     torch.arange(start - 1, len(full) - 1, device=device),
-                                    seen[rw.entry_id][r, :len(full) - 1].clone(), found[0], found[1], taught[r],
-                                    seen[rw.query_id][r, :len(full) - 1].clone() if frozen_query else None))
+                                    seen[rw.reweave_id][r, :len(full) - 1].clone(), found[0], found[1], taught[r],
+                                    None if rw.query_id == rw.reweave_id else seen[rw.query_id][r, :len(full) - 1].clone()))
             if progress:
                 progress(len(out), len(items))
     finally:
@@ -125,23 +122,13 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
 
 def woven_forward(rw: MemoryReweaving, batch: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
     """The training path's forward of a batch: the reweave block's states with the reweaver
-    applied (B, T, H) and the final-normed states above it (B, T, H). Blocks above
-    rw.entry_id run here, with grad, so adapters below the reweave block train too."""
+    applied (B, T, H) and the final-normed states above it (B, T, H)."""
     hidden, attn = _pad([p.hidden for p in batch])
     memory, mmask = _pad([p.memory for p in batch])
     sources, _ = _pad([p.sources for p in batch])
     queries = None if batch[0].query is None else _pad([p.query for p in batch])[0]
-    run = rw.adapter.run_blocks
-    mask = attn.long()
-    with rw.woven_rows(mmask.any(1)):  # serving adapts only where the memory holds something
-        if rw.entry_id < rw.reweave_id:
-            if rw.query_id != rw.reweave_id and queries is None:
-                queries = run(hidden, rw.entry_id + 1, mask, end=rw.query_id + 1)
-                hidden = run(queries, rw.query_id + 1, mask, end=rw.reweave_id + 1)
-            else:
-                hidden = run(hidden, rw.entry_id + 1, mask, end=rw.reweave_id + 1)
-        woven = rw.module(hidden, memory, sources, mmask, queries)
-        return woven, run(woven, rw.reweave_id + 1, attention_mask=mask)
+    woven = rw.module(hidden, memory, sources, mmask, queries)
+    return woven, rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
 
 
 def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
