@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 
-def datasets(data: str, examples: int, held: int, digits: int, seed: int) -> tuple[list, dict]:
+def datasets(data: str, examples: int, held: int, digits: int, seed: int, echo: bool = False) -> tuple[list, dict]:
     from editkit.plugins.reweave import passkeys
     from editkit.plugins.reweave.data import episodes, fact_episodes
 
     def keys(n, s, distance):
-        return passkeys(n, seed=s, distance=distance, digits=digits, distractors=1)
+        return passkeys(n, seed=s, distance=distance, digits=digits, distractors=1, echo=echo)
 
     held_keys = {"passkey, 1 back": keys(held, 101, 1), "passkey, 2 back": keys(held, 102, 2)}
     if data == "passkey":
@@ -241,6 +241,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1024)
     parser.add_argument("--held-out", type=int, default=64, help="held-out episodes per kind")
     parser.add_argument("--digits", type=int, default=2)
+    parser.add_argument("--echo-question", action="store_true", help="passkey answers restate the chunk's sentence "
+                        "up to the code ('Answer: the code for the red locker is'), a control: the asking token then "
+                        "follows the name as the code does in the chunk")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -262,7 +265,7 @@ def main() -> None:
     result: dict = {"model": loaded.name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "torch_threads": torch.get_num_threads(), "runs": []}
     if args.variant:
-        train_items, held = datasets(args.data, args.examples, args.held_out, args.digits, args.seed)
+        train_items, held = datasets(args.data, args.examples, args.held_out, args.digits, args.seed, args.echo_question)
         for text in args.variant:
             result["runs"].append(run_variant(loaded, json.loads(text), train_items, held, args))
             print(summary(result), flush=True)

@@ -362,6 +362,17 @@ def test_fact_episodes_state_the_fact_and_ask_for_it():
         fact_episodes("wikipedia", 2)
 
 
+def test_passkeys_name_the_code_and_echo_only_rewords_the_answer():
+    """A passkey chunk states the asked code and a distractor's; the echo control (issue 22's
+    binding analysis) changes only the question's answer lead, so both draw the same episodes."""
+    plain, echo = passkeys(20, seed=3, digits=2), passkeys(20, seed=3, digits=2, echo=True)
+    for a, b in zip(plain, echo):
+        name = a.query.split("code for the ", 1)[1].split("?")[0]
+        assert f"The code for the {name} is{a.answer}." in a.chunks[0]
+        assert a.chunks[0].count("The code for the") == 2 and a.query.endswith("Answer: it is")
+        assert (b.chunks, b.answer) == (a.chunks, a.answer) and b.query.endswith(f"Answer: the code for the {name} is")
+
+
 def test_learned_scorer_trains(tiny_loaded):
     loaded = tiny_loaded["llama"]
     items = passkeys(8, seed=2, digits=2)

@@ -46,9 +46,12 @@ def _code(rng: random.Random, digits: int) -> str:
     return "".join(rng.choice("0123456789") for _ in range(digits))
 
 
-def passkey_episode(rng: random.Random, distance: int = 1, digits: int = 4, distractors: int = 1) -> Episode:
+def passkey_episode(rng: random.Random, distance: int = 1, digits: int = 4, distractors: int = 1,
+                    echo: bool = False) -> Episode:
     """The code is stated `distance` chunks before the query; later chunks hold filler and
-    other codes (distractors), so recall needs the key's name, not just the latest number."""
+    other codes (distractors), so recall needs the key's name, not just the latest number.
+    `echo`: the answer restates the chunk's sentence up to the code ("Answer: the code for the
+    red locker is"), so the asking token follows the name as the code does in the chunk."""
     names = rng.sample([(a, o) for a in ADJECTIVES for o in OBJECTS], 1 + distractors * distance)
     target, others = names[0], names[1:]
     code = _code(rng, digits)
@@ -63,13 +66,15 @@ def passkey_episode(rng: random.Random, distance: int = 1, digits: int = 4, dist
             facts.append(fact(target, code))
         rng.shuffle(facts)
         chunks.append(" ".join([rng.choice(FILLER), *facts]))
-    query = f"Question: what is the code for the {target[0]} {target[1]}? Answer: it is"
+    lead = f"the code for the {target[0]} {target[1]} is" if echo else "it is"
+    query = f"Question: what is the code for the {target[0]} {target[1]}? Answer: {lead}"
     return Episode(chunks, query, " " + code, "passkey")
 
 
-def passkeys(n: int, seed: int = 0, distance: int = 1, digits: int = 4, distractors: int = 1) -> list[Episode]:
+def passkeys(n: int, seed: int = 0, distance: int = 1, digits: int = 4, distractors: int = 1,
+             echo: bool = False) -> list[Episode]:
     rng = random.Random(seed)
-    return [passkey_episode(rng, distance, digits, distractors) for _ in range(n)]
+    return [passkey_episode(rng, distance, digits, distractors, echo) for _ in range(n)]
 
 
 def load_facts(source: str) -> list[tuple[str, str]]:
