@@ -139,12 +139,15 @@ def binding_heads(loaded, n: int) -> dict:
 
 
 @torch.no_grad()
-def binding_content(loaded, n: int) -> dict:
+def binding_content(loaded, n: int, echo: bool = False) -> dict:
     """Chunk and question read in separate passes, as the memory sees them: per layer, how often
     content alone picks the right code over the distractor. 'head': the best head's query at the
     question's last token against its keys at each code's first digit (before any rotary
     position); 'last->name' / 'name->name': cosine (states centred per pass pair) of the
-    question's last token / its mention of the name against the chunk's mention of each name."""
+    question's last token / its mention of the name against the chunk's mention of each name;
+    'last->code': of the question's last token against the chunk's token before each code (what
+    precedes the first digit there as the last token precedes it in the answer). `echo`: questions
+    whose answer restates the chunk's sentence up to the code."""
     from editkit.plugins.reweave import passkeys
     from editkit.sites import Site
 
@@ -152,7 +155,7 @@ def binding_content(loaded, n: int) -> dict:
     layers, heads = adapter.num_layers, adapter.num_heads
     slices = [adapter.qkv_slices(layer, h) for layer in range(layers) for h in range(heads)]
     wins = torch.zeros(layers, heads)
-    cos = {"last->name": torch.zeros(layers), "name->name": torch.zeros(layers)}
+    cos = {"last->name": torch.zeros(layers), "name->name": torch.zeros(layers), "last->code": torch.zeros(layers)}
     used = 0
 
     def run(ids):
@@ -167,7 +170,7 @@ def binding_content(loaded, n: int) -> dict:
                 hook.remove()
         return seen, {layer: states[layer][0].float() for layer in range(layers)}
 
-    for ep in passkeys(n, seed=5, distance=1, digits=2, distractors=1):
+    for ep in passkeys(n, seed=5, distance=1, digits=2, distractors=1, echo=echo):
         chunk, question = tok(ep.chunks[0]).input_ids, tok(ep.query + " ").input_ids
         starts, codes, names = code_starts(tok, chunk, ep.chunks[0])
         asked = [i for i, t in enumerate(question) if tok.decode([t]).strip() == "?"]
@@ -189,6 +192,7 @@ def binding_content(loaded, n: int) -> dict:
             q = torch.nn.functional.normalize(qs[layer] - mean, dim=-1)
             for name, at in (("last->name", -1), ("name->name", asked[-1] - 1)):
                 cos[name][layer] += float(q[at] @ c[mentions[right]] > q[at] @ c[mentions[wrong]])
+            cos["last->code"][layer] += float(q[-1] @ c[starts[right] - 1] > q[-1] @ c[starts[wrong] - 1])
     used_ = max(1, used)
     return {"episodes": used, "layers": [
         {"layer": layer, "head": int(wins[layer].argmax()), "head_right": float(wins[layer].max() / used_),
@@ -226,9 +230,9 @@ def summary(result: dict) -> str:
     if "binding_content" in result:
         bc = result["binding_content"]
         lines += ["", f"## Binding by content, separate passes ({bc['episodes']} episodes; right code picked over the "
-                  "distractor, chance 0.5)", "", "| layer | best head | head q.k | last->name cosine | name->name cosine |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['head']} | {r['head_right']:.2f} | {r['last->name']:.2f} | {r['name->name']:.2f} |"
+                  "distractor, chance 0.5)", "", "| layer | best head | head q.k | last->name cosine | name->name cosine | last->code cosine |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['head']} | {r['head_right']:.2f} | {r['last->name']:.2f} | {r['name->name']:.2f} | {r['last->code']:.2f} |"
                   for r in bc["layers"]]
     return "\n".join(lines) + "\n"
 
@@ -274,7 +278,7 @@ def main() -> None:
     if args.binding_heads:
         result["binding_heads"] = binding_heads(loaded, args.binding_heads)
     if args.binding_content:
-        result["binding_content"] = binding_content(loaded, args.binding_content)
+        result["binding_content"] = binding_content(loaded, args.binding_content, args.echo_question)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(summary(result))
