@@ -92,6 +92,17 @@ def shared_path(name: str) -> Path:
     return path
 
 
+def benchmark_module(name: str):
+    """benchmarks/<name>.py loaded as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---- the HTTP service in process, over a tiny model -----------------------------------------
 TOKEN = "s3cret"
 # FT-L with few, large steps: an edit that goes through is quick and shows in greedy generation.

@@ -486,13 +486,9 @@ def test_binding_content_scan_runs_on_every_family(tiny_loaded, tiny_family):
     passes through the adapter (heads' query/key slices of separate, fused and interleaved
     projections); a token's mention matches its own earlier mention by content at the first
     block, whatever the weights."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import benchmark_module
 
-    path = Path(__file__).parents[1] / "benchmarks" / "reweave_recipe.py"
-    spec = importlib.util.spec_from_file_location("reweave_recipe", path)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = benchmark_module("reweave_recipe")
     loaded = tiny_loaded[tiny_family]
     found = recipe.binding_content(loaded, 8)
     assert found["episodes"] >= 4

@@ -810,13 +810,9 @@ def test_counterfact_neighbours_keep_their_answers_on_the_default_model(default_
 def test_paraphrase_probe_counts_only_rewordings_that_keep_subject_and_target():
     """benchmarks/paraphrase_probe.py (issue 18): a line is usable training text for an edit only
     when it rewords the sentence, names the subject and still ends on the target."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import benchmark_module
 
-    path = Path(__file__).parents[1] / "benchmarks" / "paraphrase_probe.py"
-    spec = importlib.util.spec_from_file_location("paraphrase_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = benchmark_module("paraphrase_probe")
     sentence, subject, target = "Toko Yasuda, the piano.", "Toko Yasuda", "piano"
     assert probe.usable("Toko Yasuda is incredible at the piano", sentence, subject, target)
     assert not probe.usable("toko yasuda,  the piano", sentence, subject, target)  # the sentence again
