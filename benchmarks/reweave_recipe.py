@@ -146,7 +146,8 @@ def binding_content(loaded, n: int, echo: bool = False) -> dict:
     position); 'last->name' / 'name->name': cosine (states centred per pass pair) of the
     question's last token / its mention of the name against the chunk's mention of each name;
     'last->code': of the question's last token against the chunk's token before each code (what
-    precedes the first digit there as the last token precedes it in the answer). `echo`: questions
+    precedes the first digit there as the last token precedes it in the answer); 'is->is': of the
+    token before those (" is" before the lone space, in both). `echo`: questions
     whose answer restates the chunk's sentence up to the code."""
     from editkit.plugins.reweave import passkeys
     from editkit.sites import Site
@@ -155,7 +156,7 @@ def binding_content(loaded, n: int, echo: bool = False) -> dict:
     layers, heads = adapter.num_layers, adapter.num_heads
     slices = [adapter.qkv_slices(layer, h) for layer in range(layers) for h in range(heads)]
     wins = torch.zeros(layers, heads)
-    cos = {"last->name": torch.zeros(layers), "name->name": torch.zeros(layers), "last->code": torch.zeros(layers)}
+    cos = {name: torch.zeros(layers) for name in ("last->name", "name->name", "last->code", "is->is")}
     used = 0
 
     def run(ids):
@@ -192,7 +193,8 @@ def binding_content(loaded, n: int, echo: bool = False) -> dict:
             q = torch.nn.functional.normalize(qs[layer] - mean, dim=-1)
             for name, at in (("last->name", -1), ("name->name", asked[-1] - 1)):
                 cos[name][layer] += float(q[at] @ c[mentions[right]] > q[at] @ c[mentions[wrong]])
-            cos["last->code"][layer] += float(q[-1] @ c[starts[right] - 1] > q[-1] @ c[starts[wrong] - 1])
+            for name, back in (("last->code", 1), ("is->is", 2)):
+                cos[name][layer] += float(q[-back] @ c[starts[right] - back] > q[-back] @ c[starts[wrong] - back])
     used_ = max(1, used)
     return {"episodes": used, "layers": [
         {"layer": layer, "head": int(wins[layer].argmax()), "head_right": float(wins[layer].max() / used_),
@@ -230,9 +232,9 @@ def summary(result: dict) -> str:
     if "binding_content" in result:
         bc = result["binding_content"]
         lines += ["", f"## Binding by content, separate passes ({bc['episodes']} episodes; right code picked over the "
-                  "distractor, chance 0.5)", "", "| layer | best head | head q.k | last->name cosine | name->name cosine | last->code cosine |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['head']} | {r['head_right']:.2f} | {r['last->name']:.2f} | {r['name->name']:.2f} | {r['last->code']:.2f} |"
+                  "distractor, chance 0.5)", "", "| layer | best head | head q.k | last->name cosine | name->name cosine | last->code cosine | is->is cosine |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['head']} | {r['head_right']:.2f} | {r['last->name']:.2f} | {r['name->name']:.2f} | {r['last->code']:.2f} | {r['is->is']:.2f} |"
                   for r in bc["layers"]]
     return "\n".join(lines) + "\n"
 

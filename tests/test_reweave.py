@@ -495,5 +495,5 @@ def test_binding_content_scan_runs_on_every_family(tiny_loaded, tiny_family):
     assert len(found["layers"]) == loaded.adapter.num_layers
     for row in found["layers"]:
         assert 0 <= row["head"] < loaded.adapter.num_heads
-        assert all(0.0 <= row[k] <= 1.0 for k in ("head_right", "last->name", "name->name", "last->code"))
+        assert all(0.0 <= row[k] <= 1.0 for k in ("head_right", "last->name", "name->name", "last->code", "is->is"))
     assert found["layers"][0]["name->name"] >= 0.75
