@@ -50,8 +50,6 @@ class ReweaveConfig(BaseModel):
                             "key_window - 1 states before it in the same pass; its key is a learned projection of "
                             "all of them, so a key can name the phrase the token ends ('the code for the red "
                             "locker is'), not the token alone (memory grows by a state per extra token).")
-    query_window: int = Field(1, ge=1, le=16, description="A query reads its token's state and the "
-                              "query_window - 1 states before it in the same pass (learned projection of all).")
     attention_scale: float = Field(
         4.0, gt=0.0, le=100.0, description="Initial multiplier of the attention logits (learned): above 1 the "
         "attention starts sharper than standard scaled dot-product, so a matching context stands out early.")

@@ -61,25 +61,21 @@ class Reweaver(nn.Module):
     """Gated cross-attention from hidden states onto buffered latent states (identity at init)."""
 
     def __init__(self, hidden: int, sources: int, heads: int, head_dim: int, gate_init: float,
-                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1,
-                 query_window: int = 1):
+                 learned_scorer: bool, paired: bool = True, attention_scale: float = 1.0, key_window: int = 1):
         super().__init__()
         inner = heads * head_dim
-        self.hidden, self.paired, self.key_window, self.query_window = hidden, paired, key_window, query_window
+        self.hidden, self.paired, self.key_window = hidden, paired, key_window
         self.heads, self.head_dim = heads, head_dim
         self.norm_q = nn.LayerNorm(hidden)
         self.norm_m = nn.LayerNorm(hidden)
         self.source = nn.Parameter(torch.zeros(sources, hidden))  # layer tag of each buffered state
-        self.q = nn.Linear(hidden * query_window, inner, bias=False)  # [own | previous | ...] states
+        self.q = nn.Linear(hidden, inner, bias=False)
         self.k = nn.Linear(hidden * key_window, inner, bias=False)  # [own | previous | ...] states
         self.v = nn.Linear(hidden, inner, bias=False)
         self.o = nn.Linear(inner, hidden, bias=False)
         with torch.no_grad():  # keys start as the query projection: attention starts by similarity
-            own = nn.Linear(hidden, inner, bias=False).weight  # the own state's share at a window-free scale
-            self.q.weight.zero_()  # earlier tokens of either window start without a say
-            self.q.weight[:, :hidden].copy_(own)
-            self.k.weight.zero_()
-            self.k.weight[:, :hidden].copy_(own)
+            self.k.weight.zero_()  # earlier tokens of the window start without a say
+            self.k.weight[:, :hidden].copy_(self.q.weight)
         nn.init.zeros_(self.o.weight)  # exactly the identity until trained
         self.null_key = nn.Parameter(torch.zeros(heads, head_dim))
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
@@ -121,13 +117,7 @@ class Reweaver(nn.Module):
         nh, hd = self.heads, self.head_dim
         m = k.shape[-2]
         source = hidden if query is None else query
-        if self.query_window > 1:  # each of the window's states normed; before the pass: zeros
-            window = _window(source.float(), None, self.query_window).view(b, t, self.query_window, -1)
-            present = (window != 0).any(-1, keepdim=True)
-            q = self.q((self.norm_q(window) * present).flatten(-2))
-        else:
-            q = self.q(self.norm_q(source.float()))
-        q = q.view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
+        q = self.q(self.norm_q(source.float())).view(b, t, nh, hd).transpose(1, 2)  # B nh T hd
         k = torch.cat([self.null_key.view(1, nh, 1, hd).expand(b, nh, 1, hd), k.expand(b, nh, m, hd)], dim=2)
         v = torch.cat([v.new_zeros(b, nh, 1, hd), v.expand(b, nh, m, hd)], dim=2)
         logits = q @ k.transpose(-1, -2) * (self.log_scale.exp() / hd ** 0.5)  # B nh T (1+M)
@@ -136,9 +126,7 @@ class Reweaver(nn.Module):
         if mask is not None:
             full[:, 1:] = full[:, 1:].masked_fill(~mask, float("-inf"))
         logits = logits + full[:, None, None, :]
-        probs = torch.softmax(logits, dim=-1)
-        self.last_attention = probs  # B nh T (1+M): for a training objective on where queries look
-        out = probs @ v  # B nh T hd
+        out = torch.softmax(logits, dim=-1) @ v  # B nh T hd
         out = out.transpose(1, 2).reshape(b, t, nh * hd)
         scale = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # relative to the residual's size
         return torch.tanh(self.gate) * scale * self.o(out)
@@ -298,7 +286,7 @@ class MemoryReweaving(Intervention):
             torch.manual_seed(cfg.seed)
             module = Reweaver(adapter.hidden_size, len(self.capture_ids), cfg.heads, cfg.head_dim,
                               cfg.gate_init, cfg.scorer == "learned", cfg.value_from != "self", cfg.attention_scale,
-                              cfg.key_window, cfg.query_window)
+                              cfg.key_window)
         self.module = module.to(device)
         self.module.requires_grad_(False)
         self.cache_projections = True  # False: project every buffered state at every step (tests)

@@ -151,22 +151,6 @@ def batch_loss(rw: MemoryReweaving, batch: list[Prepared], reconstruction: float
     cols = torch.cat([p.positions for p in batch])
     logits = rw.adapter.unembed(top[rows, cols]).float()
     loss = torch.nn.functional.cross_entropy(logits, torch.cat([p.targets for p in batch]))
-    import os
-    binding = float(os.environ.get("REWEAVE_BINDING", "0"))
-    if binding:  # attention mass on the entries whose stored value is the token to predict
-        probs = rw.module.last_attention  # B nh T (1+M)
-        embed = rw.model.get_input_embeddings().weight
-        width = rw.adapter.hidden_size * rw.config.key_window
-        terms = []
-        for i, p in enumerate(batch):
-            values = p.memory[:, width:]
-            for pos, target in zip(p.positions.tolist(), p.targets.tolist()):
-                match = (values == embed[target].to(values.dtype)).all(-1)
-                if match.any():
-                    mass = probs[i, :, pos, 1:1 + len(match)][:, match].sum(-1)
-                    terms.append(-(mass + 1e-6).log().mean())
-        if terms:
-            loss = loss + binding * torch.stack(terms).mean()
     if reconstruction:
         target = torch.cat([p.teacher for p in batch]).float()
         rms = target.pow(2).mean(-1, keepdim=True).sqrt()
