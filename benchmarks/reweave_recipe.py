@@ -71,7 +71,7 @@ def run_variant(loaded, variant: dict, train_items, held: dict, args) -> dict:
         held_prepared = {k: prepare(rw, v) for k, v in held.items()}
         prepare_s = time.perf_counter() - started
         stats = train(rw, prepared, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      reconstruction=args.reconstruction,
+                      reconstruction=args.reconstruction, binding=args.binding,
                       progress=lambda s, n, loss: print(f"step {s}/{n} loss {loss:.3f}", flush=True) if s % 100 == 0 else None)
         out = {"variant": variant, "config": rw.config.model_dump(mode="json"), "prepare_seconds": prepare_s,
                "train": stats, "training_episodes": score(rw, prepared[:128]), "held_out": {}}
@@ -255,6 +255,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reconstruction", type=float, default=0.0, help="weight of the reconstruction objective")
+    parser.add_argument("--binding", type=float, default=0.0, help="weight of the binding objective (train.binding_loss)")
     parser.add_argument("--binding-content", type=int, default=0, help="episodes for the separate-passes content "
                         "binding scan (per layer: best head's q.k, cosine of the question's last token / name mention)")
     parser.add_argument("--binding-heads", type=int, default=0, help="episodes for the frozen model's binding-head scan")

@@ -7,7 +7,7 @@ import torch
 
 from editkit.errors import InvalidRequest
 from editkit.plugins.reweave import MemoryReweaving, passkeys, prepare, reweaving, train
-from editkit.plugins.reweave.train import batch_loss, evaluate, score
+from editkit.plugins.reweave.train import batch_loss, evaluate, score, woven_forward
 from editkit.session import Session
 from editkit.sites import Site
 
@@ -497,3 +497,29 @@ def test_binding_content_scan_runs_on_every_family(tiny_loaded, tiny_family):
         assert 0 <= row["head"] < loaded.adapter.num_heads
         assert all(0.0 <= row[k] <= 1.0 for k in ("head_right", "last->name", "name->name", "last->code", "is->is"))
     assert found["layers"][0]["name->name"] >= 0.75
+
+
+def test_binding_objective_pulls_attention_onto_the_entries_holding_the_answer(tiny_loaded, tiny_family):
+    """train(binding=w) adds -log(attention mass on the memory entries whose stored value is the
+    token to predict): training with it lowers that term (the entries are found, the gradient
+    reaches the attention) and is refused where values are not token embeddings."""
+    from editkit.plugins.reweave.train import binding_loss
+
+    loaded = tiny_loaded[tiny_family]
+    items = passkeys(12, seed=1, digits=2)
+    with reweaving(loaded, {"capture_layers": [1], "reweave_layer": 2, "query_layer": 1}) as rw:
+        prepared = prepare(rw, items)
+
+        def term() -> float:
+            attention: list = []
+            with torch.no_grad():
+                woven_forward(rw, prepared, attention)
+                return float(binding_loss(rw, prepared, attention[0]))
+
+        before = term()
+        assert before > 0.5  # entries holding the digits exist, and attention starts spread out
+        train(rw, prepared, steps=30, lr=1e-2, batch_size=6, binding=1.0)
+        assert term() < before - 0.3, (before, term())
+    with reweaving(loaded, {"capture_layers": [1], "reweave_layer": 2, "query_layer": 1, "value_from": "self"}) as rw:
+        with pytest.raises(InvalidRequest, match="binding objective"):
+            train(rw, prepare(rw, items[:2]), steps=1, binding=1.0)

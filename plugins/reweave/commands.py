@@ -50,6 +50,9 @@ def make_app() -> typer.Typer:
             "--reconstruction", min=0.0, help="Weight of the reconstruction objective: the woven states at the answer "
             "positions pulled towards the frozen model's with the earlier chunks in its context (0: answer "
             "cross-entropy only).")] = 0.0,
+        binding: Annotated[float, typer.Option(
+            "--binding", min=0.0, help="Weight of the binding objective: each answer position's attention pulled "
+            "onto the memory entries that hold the token it must predict (0: off; see docs/reweave.md).")] = 0.0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Episodes per step.")] = 16,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         config: ConfigOpt = None,
@@ -82,7 +85,7 @@ def make_app() -> typer.Typer:
                                    teacher=reconstruction > 0)
                 task = bar.add_task("training", total=steps, info="")
                 stats = train(rw, prepared, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                              reconstruction=reconstruction,
+                              reconstruction=reconstruction, binding=binding,
                               progress=lambda s, t, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"))
             report = {"train": stats}
             if test_items:

@@ -109,10 +109,12 @@ class Reweaver(nn.Module):
         return k, v, bias
 
     def attend(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-               mask: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, query: torch.Tensor | None = None, attention: list | None = None
+               ) -> torch.Tensor:
         """What reweaving adds to `hidden` (B, T, H) given projected memory (B or 1, heads, M,
         head_dim), its bias (B or 1, M) and a validity mask (B, M); float32, shaped as hidden.
-        `query` (B, T, H): the states the queries come from (default: hidden)."""
+        `query` (B, T, H): the states the queries come from (default: hidden). `attention`: a
+        list that receives the attention weights (B, heads, T, 1 + M; slot 0 the null key)."""
         b, t, _ = hidden.shape
         nh, hd = self.heads, self.head_dim
         m = k.shape[-2]
@@ -126,20 +128,24 @@ class Reweaver(nn.Module):
         if mask is not None:
             full[:, 1:] = full[:, 1:].masked_fill(~mask, float("-inf"))
         logits = logits + full[:, None, None, :]
-        out = torch.softmax(logits, dim=-1) @ v  # B nh T hd
+        probs = torch.softmax(logits, dim=-1)
+        if attention is not None:
+            attention.append(probs)
+        out = probs @ v  # B nh T hd
         out = out.transpose(1, 2).reshape(b, t, nh * hd)
         scale = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # relative to the residual's size
         return torch.tanh(self.gate) * scale * self.o(out)
 
     def delta(self, hidden: torch.Tensor, memory: torch.Tensor, sources: torch.Tensor,
-              mask: torch.Tensor | None = None, query: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, query: torch.Tensor | None = None,
+              attention: list | None = None) -> torch.Tensor:
         """What reweaving adds to `hidden` (B, T, H), given memory (B, M, H or 2H), its layer
         tags (B, M), a validity mask (B, M) and the query states (default: hidden); float32,
-        same shape as hidden."""
-        return self.attend(hidden, *self.project(memory, sources), mask, query)
+        same shape as hidden (`attention`: see attend)."""
+        return self.attend(hidden, *self.project(memory, sources), mask, query, attention)
 
-    def forward(self, hidden, memory, sources, mask=None, query=None):
-        return hidden + self.delta(hidden, memory, sources, mask, query).to(hidden.dtype)
+    def forward(self, hidden, memory, sources, mask=None, query=None, attention=None):
+        return hidden + self.delta(hidden, memory, sources, mask, query, attention).to(hidden.dtype)
 
 
 def _joined(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editkit.errors import InvalidRequest
 from editkit.sites import Site
 
 from .data import Episode
@@ -120,14 +121,16 @@ def prepare(rw: MemoryReweaving, items: list[Episode], batch_size: int = 16,
     return out
 
 
-def woven_forward(rw: MemoryReweaving, batch: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
+def woven_forward(rw: MemoryReweaving, batch: list[Prepared],
+                  attention: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training path's forward of a batch: the reweave block's states with the reweaver
-    applied (B, T, H) and the final-normed states above it (B, T, H)."""
+    applied (B, T, H) and the final-normed states above it (B, T, H); `attention` receives the
+    reweaver's attention weights (Reweaver.attend)."""
     hidden, attn = _pad([p.hidden for p in batch])
     memory, mmask = _pad([p.memory for p in batch])
     sources, _ = _pad([p.sources for p in batch])
     queries = None if batch[0].query is None else _pad([p.query for p in batch])[0]
-    woven = rw.module(hidden, memory, sources, mmask, queries)
+    woven = rw.module(hidden, memory, sources, mmask, queries, attention)
     return woven, rw.adapter.run_blocks(woven, rw.reweave_id + 1, attention_mask=attn.long())
 
 
@@ -142,11 +145,14 @@ def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def batch_loss(rw: MemoryReweaving, batch: list[Prepared], reconstruction: float = 0.0) -> torch.Tensor:
+def batch_loss(rw: MemoryReweaving, batch: list[Prepared], reconstruction: float = 0.0,
+               binding: float = 0.0) -> torch.Tensor:
     """Mean answer-token cross-entropy with the reweaver applied (grad flows to it only), plus
     `reconstruction` x the mean squared error, relative to the target's RMS, between the woven
-    states and the teacher's (prepare(teacher=True)) at the answer positions."""
-    woven, top = woven_forward(rw, batch)
+    states and the teacher's (prepare(teacher=True)) at the answer positions, plus `binding` x
+    binding_loss."""
+    attention: list = []
+    woven, top = woven_forward(rw, batch, attention if binding else None)
     rows = torch.cat([torch.full_like(p.positions, i) for i, p in enumerate(batch)])
     cols = torch.cat([p.positions for p in batch])
     logits = rw.adapter.unembed(top[rows, cols]).float()
@@ -155,11 +161,36 @@ def batch_loss(rw: MemoryReweaving, batch: list[Prepared], reconstruction: float
         target = torch.cat([p.teacher for p in batch]).float()
         rms = target.pow(2).mean(-1, keepdim=True).sqrt()
         loss = loss + reconstruction * ((woven[rows, cols].float() - target) / rms).pow(2).mean()
+    if binding:
+        loss = loss + binding * binding_loss(rw, batch, attention[0])
     return loss
 
 
+def binding_loss(rw: MemoryReweaving, batch: list[Prepared], attention: torch.Tensor) -> torch.Tensor:
+    """Mean over heads and answer positions of -log(the attention mass on the memory entries
+    whose stored value is the token the position must predict). With values from the next
+    token's embedding those are the entries right before that token in earlier chunks: the
+    answer's cross-entropy reaches the attention only through the blocks above the reweave
+    point and teaches it to copy a token, this teaches it which entry holds the right one.
+    Positions whose token no entry holds are skipped (0 when none has one). `attention`: (B,
+    heads, T, 1 + M) from woven_forward."""
+    embed = rw.model.get_input_embeddings().weight
+    width = rw.adapter.hidden_size * rw.config.key_window
+    terms = []
+    for i, p in enumerate(batch):
+        held = p.memory[:, width:]  # (M, H) each entry's value: a token's input embedding
+        wanted = embed[p.targets].to(held.device, held.dtype)  # (A, H)
+        match = (held[None] == wanted[:, None]).all(-1)  # (A, M)
+        keep = match.any(-1)
+        if keep.any():
+            probs = attention[i][:, p.positions[keep], 1:1 + held.shape[0]]  # heads, A', M
+            mass = (probs * match[keep].to(probs.dtype)).sum(-1)
+            terms.append(-(mass + 1e-6).log().mean())
+    return torch.stack(terms).mean() if terms else attention.new_zeros(())
+
+
 def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: float = 3e-3, batch_size: int = 16,
-          seed: int = 0, clip: float = 1.0, warmup: int = 10, reconstruction: float = 0.0,
+          seed: int = 0, clip: float = 1.0, warmup: int = 10, reconstruction: float = 0.0, binding: float = 0.0,
           progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Adam on the reweaver's parameters; the base model is frozen (its grads are never needed).
     The learning rate warms up linearly over `warmup` steps and decays along a cosine to 0; the
@@ -167,6 +198,9 @@ def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: floa
     several CPU threads the attention backward otherwise sums in a varying order, and this
     training amplifies that noise into runs that differ by tens of recall points (warn_only: on
     CUDA, cuBLAS is deterministic only with CUBLAS_WORKSPACE_CONFIG set; it warns, not fails)."""
+    if binding and not rw.values_are_embeddings:
+        raise InvalidRequest("the binding objective needs values that are token embeddings (value_from "
+                             "'next_token' or 'token')")
     model_params = [p for p in rw.model.parameters() if p.requires_grad]
     for p in model_params:
         p.requires_grad_(False)
@@ -183,7 +217,7 @@ def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: floa
         rw.module.train()
         for step in range(1, steps + 1):
             batch = rng.sample(prepared, min(batch_size, len(prepared)))
-            loss = batch_loss(rw, batch, reconstruction)
+            loss = batch_loss(rw, batch, reconstruction, binding)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
