@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=0, help="other codes per chunk")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--binding", type=float, default=1.0, help="weight of the binding objective (train's default)")
     parser.add_argument("--config", default="{}", help="ReweaveConfig values as JSON")
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (median)")
     parser.add_argument("--long-inputs", default="4,16,64",
@@ -76,6 +77,7 @@ def main() -> None:
                 prepared = prepare(rw, train_items)
                 result["prepare_seconds"] = time.perf_counter() - started
             stats = train(rw, prepared, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
+                          binding=args.binding,
                           progress=lambda s, n, loss: print(f"seed {seed} step {s}/{n} loss {loss:.3f}", flush=True)
                           if s % 50 == 0 else None)
             if "baseline" not in result:  # the frozen model: no conversation, the plugin is inert

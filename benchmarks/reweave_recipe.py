@@ -2,7 +2,7 @@
 breakdown that tells a binding failure from a copying one, and where the frozen model binds a
 code to its name when it reads everything in one input.
 
-    python benchmarks/reweave_recipe.py --data passkey --variant '{"value_from": "next"}' --variant '{}'
+    python benchmarks/reweave_recipe.py --data passkey --binding 0 --variant '{"value_from": "next"}' --variant '{}'
     python benchmarks/reweave_recipe.py --data counterfact --variant '{}' --reconstruction 0.1
     python benchmarks/reweave_recipe.py --binding-heads 40 --binding-content 60
     python benchmarks/reweave_recipe.py --trained reweave.safetensors --facts counterfact-dev
@@ -255,7 +255,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reconstruction", type=float, default=0.0, help="weight of the reconstruction objective")
-    parser.add_argument("--binding", type=float, default=0.0, help="weight of the binding objective (train.binding_loss)")
+    parser.add_argument("--binding", type=float, default=1.0, help="weight of the binding objective (train.binding_loss; "
+                        "0 for the rows measured before it was the default, and for values that are not token embeddings)")
     parser.add_argument("--binding-content", type=int, default=0, help="episodes for the separate-passes content "
                         "binding scan (per layer: best head's q.k, cosine of the question's last token / name mention)")
     parser.add_argument("--binding-heads", type=int, default=0, help="episodes for the frozen model's binding-head scan")

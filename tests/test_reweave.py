@@ -500,9 +500,10 @@ def test_binding_content_scan_runs_on_every_family(tiny_loaded, tiny_family):
 
 
 def test_binding_objective_pulls_attention_onto_the_entries_holding_the_answer(tiny_loaded, tiny_family):
-    """train(binding=w) adds -log(attention mass on the memory entries whose stored value is the
-    token to predict): training with it lowers that term (the entries are found, the gradient
-    reaches the attention) and is refused where values are not token embeddings."""
+    """train() adds, by default, -log(attention mass on the memory entries whose stored value is
+    the token to predict): training with it lowers that term (the entries are found, the gradient
+    reaches the attention); where values are not token embeddings the default is refused with a
+    clear error and binding=0 trains."""
     from editkit.plugins.reweave.train import binding_loss
 
     loaded = tiny_loaded[tiny_family]
@@ -518,8 +519,11 @@ def test_binding_objective_pulls_attention_onto_the_entries_holding_the_answer(t
 
         before = term()
         assert before > 0.5  # entries holding the digits exist, and attention starts spread out
-        train(rw, prepared, steps=30, lr=1e-2, batch_size=6, binding=1.0)
+        train(rw, prepared, steps=30, lr=1e-2, batch_size=6)
         assert term() < before - 0.3, (before, term())
     with reweaving(loaded, {"capture_layers": [1], "reweave_layer": 2, "query_layer": 1, "value_from": "self"}) as rw:
-        with pytest.raises(InvalidRequest, match="binding objective"):
-            train(rw, prepare(rw, items[:2]), steps=1, binding=1.0)
+        prepared = prepare(rw, items[:2])
+        with pytest.raises(InvalidRequest, match="binding=0"):
+            train(rw, prepared, steps=1)
+        assert rw.meta.get("trained_steps", 0) == 0
+        assert train(rw, prepared, steps=1, binding=0.0)["steps"] == 1

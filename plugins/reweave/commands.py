@@ -52,7 +52,8 @@ def make_app() -> typer.Typer:
             "cross-entropy only).")] = 0.0,
         binding: Annotated[float, typer.Option(
             "--binding", min=0.0, help="Weight of the binding objective: each answer position's attention pulled "
-            "onto the memory entries that hold the token it must predict (0: off; see docs/reweave.md).")] = 0.0,
+            "onto the memory entries that hold the token it must predict (0: answer cross-entropy only, needed for "
+            "values that are not token embeddings; see docs/reweave.md).")] = 1.0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Episodes per step.")] = 16,
         seed: Annotated[int, typer.Option("--seed")] = 0,
         config: ConfigOpt = None,

@@ -190,17 +190,20 @@ def binding_loss(rw: MemoryReweaving, batch: list[Prepared], attention: torch.Te
 
 
 def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: float = 3e-3, batch_size: int = 16,
-          seed: int = 0, clip: float = 1.0, warmup: int = 10, reconstruction: float = 0.0, binding: float = 0.0,
+          seed: int = 0, clip: float = 1.0, warmup: int = 10, reconstruction: float = 0.0, binding: float = 1.0,
           progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Adam on the reweaver's parameters; the base model is frozen (its grads are never needed).
     The learning rate warms up linearly over `warmup` steps and decays along a cosine to 0; the
     gradient norm is clipped to `clip`. Runs under torch's deterministic algorithms: with
     several CPU threads the attention backward otherwise sums in a varying order, and this
     training amplifies that noise into runs that differ by tens of recall points (warn_only: on
-    CUDA, cuBLAS is deterministic only with CUBLAS_WORKSPACE_CONFIG set; it warns, not fails)."""
+    CUDA, cuBLAS is deterministic only with CUBLAS_WORKSPACE_CONFIG set; it warns, not fails).
+    The loss is batch_loss: the answer cross-entropy plus `binding` x binding_loss (on by default:
+    without it a distractor's code is copied as often as the named one) plus `reconstruction` x
+    the reconstruction term (off: it measured worse)."""
     if binding and not rw.values_are_embeddings:
-        raise InvalidRequest("the binding objective needs values that are token embeddings (value_from "
-                             "'next_token' or 'token')")
+        raise InvalidRequest("the binding objective (on by default) needs values that are token embeddings "
+                             "(value_from 'next_token' or 'token'); train with binding=0 (--binding 0) for other values")
     model_params = [p for p in rw.model.parameters() if p.requires_grad]
     for p in model_params:
         p.requires_grad_(False)
