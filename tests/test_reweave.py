@@ -7,7 +7,7 @@ import torch
 
 from editkit.errors import InvalidRequest
 from editkit.plugins.reweave import MemoryReweaving, passkeys, prepare, reweaving, train
-from editkit.plugins.reweave.train import batch_loss, evaluate, score, woven_forward
+from editkit.plugins.reweave.train import batch_loss, binding_loss, evaluate, score, woven_forward
 from editkit.session import Session
 from editkit.sites import Site
 
@@ -410,6 +410,8 @@ def test_cli_train_apply_remove(tiny_dirs, tmp_path):
     model = ["--model", str(tiny_dirs["llama"]), "--device", "cpu"]
     small = ["--steps", "3", "--examples", "6", "--held-out", "2", "--config", "capture_layers=[1,2]", "--data", "passkey"]
     out = tmp_path / "rw.safetensors"
+    result = runner.invoke(app, ["reweave", "train", "--out", str(out), *small, "--config", "value_from=next", *model])
+    assert result.exit_code == 1 and "--binding 0" in result.output and not out.exists()
     result = runner.invoke(app, ["reweave", "train", "--out", str(out), "--json", *small, *model])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -504,8 +506,6 @@ def test_binding_objective_pulls_attention_onto_the_entries_holding_the_answer(t
     the token to predict): training with it lowers that term (the entries are found, the gradient
     reaches the attention); where values are not token embeddings the default is refused with a
     clear error and binding=0 trains."""
-    from editkit.plugins.reweave.train import binding_loss
-
     loaded = tiny_loaded[tiny_family]
     items = passkeys(12, seed=1, digits=2)
     with reweaving(loaded, {"capture_layers": [1], "reweave_layer": 2, "query_layer": 1}) as rw:

@@ -68,7 +68,7 @@ def make_app() -> typer.Typer:
         from .data import episodes
         from .files import save_file
         from .intervention import MemoryReweaving
-        from .train import evaluate, prepare, train
+        from .train import check_binding, evaluate, prepare, train
 
         if (workspace is None) == (out is None):
             raise InvalidRequest("give exactly one of --workspace and --out")
@@ -78,6 +78,7 @@ def make_app() -> typer.Typer:
         train_items, test_items = items[:examples], items[examples:]
 
         def run(loaded, rw) -> dict:
+            check_binding(rw, binding)  # before minutes of capture, not after
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console(),
                           transient=True, disable=as_json) as bar:

@@ -189,6 +189,14 @@ def binding_loss(rw: MemoryReweaving, batch: list[Prepared], attention: torch.Te
     return torch.stack(terms).mean() if terms else attention.new_zeros(())
 
 
+def check_binding(rw: MemoryReweaving, binding: float) -> None:
+    """Refuse the binding objective where stored values are not token embeddings (it finds the
+    entries holding the answer by their value); callers check before the costly capture."""
+    if binding and not rw.values_are_embeddings:
+        raise InvalidRequest("the binding objective (on by default) needs values that are token embeddings "
+                             "(value_from 'next_token' or 'token'); train with binding=0 (--binding 0) for other values")
+
+
 def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: float = 3e-3, batch_size: int = 16,
           seed: int = 0, clip: float = 1.0, warmup: int = 10, reconstruction: float = 0.0, binding: float = 1.0,
           progress: Callable[[int, int, float], None] | None = None) -> dict:
@@ -201,9 +209,7 @@ def train(rw: MemoryReweaving, prepared: list[Prepared], *, steps: int, lr: floa
     The loss is batch_loss: the answer cross-entropy plus `binding` x binding_loss (on by default:
     without it a distractor's code is copied as often as the named one) plus `reconstruction` x
     the reconstruction term (off: it measured worse)."""
-    if binding and not rw.values_are_embeddings:
-        raise InvalidRequest("the binding objective (on by default) needs values that are token embeddings "
-                             "(value_from 'next_token' or 'token'); train with binding=0 (--binding 0) for other values")
+    check_binding(rw, binding)
     model_params = [p for p in rw.model.parameters() if p.requires_grad]
     for p in model_params:
         p.requires_grad_(False)
